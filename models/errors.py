@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a user can make (bad spec, bad path, bad input).
+
+Every layer raises it with a single readable sentence; the CLI prints it as `error: ...`
+and the app shows it with `st.error`, never as a traceback.
+"""
+
+
+class InputError(ValueError):
+    """A problem with what the user asked for, stated in one sentence."""

