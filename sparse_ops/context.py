@@ -1,0 +1,55 @@
+"""The per-call state of a sparse run, carried in a ContextVar (see Concurrency in DESIGN.md).
+
+The SparseMLP wrappers are installed once per model and read the active Run from here, so two
+threads (two Streamlit sessions) can run different policies on one shared model at once.
+"""
+from __future__ import annotations
+
+import math
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+
+from .kernels import Kernel
+from .policy import Policy
+from .recorder import Recorder
+
+
+@dataclass
+class Run:
+    policy: Policy
+    kernel: Kernel
+    recorder: Recorder | None = None
+    thresholds: dict[int, float] = field(default_factory=dict)
+    calibrating: bool = False              # fill `thresholds` layer by layer from this pass
+    token_mask: torch.Tensor | None = None  # [N] bool: tokens that count when calibrating (not padding)
+
+    def threshold(self, layer: int, scores: torch.Tensor, rows: torch.Tensor | None = None) -> float:
+        """The layer's threshold; when calibrating and not yet set, the value that keeps a
+        `density` share of `scores` [n, d_ff] (rows: their token positions, to drop padding)."""
+        if self.policy.is_full:
+            return -math.inf
+        if layer not in self.thresholds:
+            if not self.calibrating:
+                raise RuntimeError(f"no calibrated threshold for layer {layer}")
+            if self.token_mask is not None and rows is not None:
+                scores = scores[self.token_mask[rows]]
+            self.thresholds[layer] = quantile_threshold(scores.flatten(), self.policy.density)
+        return self.thresholds[layer]
+
+
+def quantile_threshold(scores: torch.Tensor, density: float) -> float:
+    """t such that round(density * n) of the n scores are > t (up to ties)."""
+    n = scores.numel()
+    k = round(density * n)
+    if n == 0 or k >= n:
+        return -math.inf
+    return float(torch.kthvalue(scores.float(), n - k).values)
+
+
+_RUN: ContextVar[Run | None] = ContextVar("sparse_ops_run", default=None)
+
+
+def current_run() -> Run | None:
+    return _RUN.get()

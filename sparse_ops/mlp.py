@@ -1,0 +1,142 @@
+"""SparseMLP: a wrapper installed once in place of each MLP, keeping the original inside.
+
+Outside a sparse run it calls the original modules, so the model computes exactly as shipped.
+Inside one (see `sparsified`), it selects neurons with the run's policy and computes
+y = W_down[:, S] h_S (+ bias) with the run's kernel, as Deja Vu / CATS / TEAL do. Architecture
+details come from the declarative adapter; no family names here.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import LoadedModel, MLPAdapter, MLPWeights, get_path, mlp_weights
+from models.adapters import set_path
+
+from .context import Run, current_run
+from .kernels import activations
+from .policy import mask_indices, topk_indices
+
+_INSTALL_LOCK = threading.Lock()
+
+
+class Absorbed(nn.Module):
+    """Stands where a module of the MLP chain was (OPT's fc2, BERT's output.dense): the
+    SparseMLP before it already computed the whole MLP, so this passes its input through."""
+
+    def forward(self, x):
+        return x
+
+
+class SparseMLP(nn.Module):
+    def __init__(self, layer: int, adapter: MLPAdapter, dense: nn.Module, tail: list[nn.Module]):
+        super().__init__()
+        self.layer = layer
+        self.adapter = adapter
+        self.dense = dense                   # the original module, as shipped
+        self.tail = nn.ModuleList(tail)      # originals of the absorbed modules, in call order
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, family={self.adapter.family}"
+
+    def resolve(self, path: str) -> nn.Module:
+        """A submodule by its adapter path (relative to the layer), wherever it now lives."""
+        for root, module in ((self.adapter.entry, self.dense), *zip(self.adapter.tail, self.tail)):
+            if path == root:
+                return module
+            if path.startswith(root + "."):
+                return get_path(module, path[len(root) + 1:])
+        raise KeyError(f"adapter path '{path}' is not part of the MLP at '{self.adapter.entry}'")
+
+    def weights(self, expert: int | None = None) -> MLPWeights:
+        return mlp_weights(self.resolve, self.adapter, expert)
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dense(x)
+        for module in self.tail:
+            y = module(y)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        run = current_run()
+        if run is None:
+            return self.dense_forward(x)
+        x2 = x.reshape(-1, x.shape[-1])                                 # [N, d]
+        rows = torch.arange(x2.shape[0], device=x.device)
+        if run.policy.kind == "dense":
+            y = self.dense_forward(x)
+            if run.recorder is not None:
+                self._record_dense(run, x2, rows)
+            return y
+        y = self._moe(run, x2, rows) if self.adapter.is_moe else self._sparse(run, x2, rows, self.weights())
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _record_dense(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> None:
+        if not self.adapter.is_moe:
+            w = self.weights()
+            run.recorder.add(self.layer, rows, None, None, w.d_ff, activations(x2, w).abs().sum(-1))
+            return
+        for e, tok, _ in self._route(run, x2):
+            w = self.weights(e)
+            run.recorder.add(self.layer, rows[tok], None, None, w.d_ff, activations(x2[tok], w).abs().sum(-1))
+
+    def _route(self, run: Run, x2: torch.Tensor):
+        """Route as shipped; record the routing; yield (expert, token rows, slot, weight) per picked expert."""
+        _, top_w, top_e = self.resolve(self.adapter.router)(x2)         # [N, top_k] each
+        if run.recorder is not None:
+            run.recorder.add_routing(self.layer, top_e, top_w)
+        for e in top_e.unique().tolist():
+            tok, pos = torch.where(top_e == e)
+            yield e, tok, top_w[tok, pos, None]
+
+    def _sparse(self, run: Run, x2: torch.Tensor, rows: torch.Tensor, w: MLPWeights,
+                offset: int = 0) -> torch.Tensor:
+        """One MLP (or one expert) on tokens x2 [n, d] at positions `rows`."""
+        policy, h_all = run.policy, None
+        if policy.kind == "topk":
+            h_all = activations(x2, w)                                   # oracle: needs all of h
+            idx = topk_indices(h_all, policy.k(w.d_ff))                  # [n, k]
+        else:                                                            # threshold, CATS score
+            score = w.act(F.linear(x2, w.gate, w.b_gate)).abs()          # [n, d_ff]
+            idx = mask_indices(score > run.threshold(self.layer, score, rows))
+        y, h_sel = run.kernel(x2, idx, w)
+        if run.recorder is not None:
+            h_all = activations(x2, w) if h_all is None else h_all
+            ids = torch.where(idx >= 0, idx + offset, idx)
+            run.recorder.add(self.layer, rows, ids, h_sel, w.d_ff, h_all.abs().sum(-1))
+        return y
+
+    def _moe(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Each picked expert's MLP run sparsely on its tokens, weighted as the router says."""
+        routes = list(self._route(run, x2))
+        if run.policy.kind == "threshold" and run.calibrating and self.layer not in run.thresholds:
+            scores = []                                  # one threshold over all routed experts
+            for e, tok, _ in routes:
+                w = self.weights(e)
+                scores.append(w.act(F.linear(x2[tok], w.gate, w.b_gate)).abs())
+            run.threshold(self.layer, torch.cat(scores), torch.cat([rows[tok] for _, tok, _ in routes]))
+        y = torch.zeros_like(x2)
+        for e, tok, weight in routes:
+            w = self.weights(e)
+            ye = self._sparse(run, x2[tok], rows[tok], w, offset=e * w.d_ff)
+            y.index_add_(0, tok, (ye * weight).to(y.dtype))
+        return y
+
+
+def install(loaded: LoadedModel) -> list[SparseMLP]:
+    """Wrap every MLP of `loaded` once (idempotent, thread-safe); returns the wrappers by layer."""
+    adapter = loaded.adapter
+    with _INSTALL_LOCK:
+        wrappers = []
+        for i, layer in enumerate(loaded.layers):
+            entry = get_path(layer, adapter.entry)
+            if not isinstance(entry, SparseMLP):
+                entry = SparseMLP(i, adapter, entry, [get_path(layer, p) for p in adapter.tail])
+                set_path(layer, adapter.entry, entry)
+                for path in adapter.tail:
+                    set_path(layer, path, Absorbed())
+            wrappers.append(entry)
+        return wrappers

@@ -1,0 +1,64 @@
+"""Which neurons a sparse MLP computes for each token.
+
+`topk` is the oracle of the DESIGN table (exactly k = round(density * d_ff) largest abs(h_j) per
+token, ties to the lower index); `threshold` keeps neurons whose score is above a per-layer
+threshold calibrated to the target density (scores as in CATS: abs(act(W_gate x)) for GLU models,
+abs(h) otherwise).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from models import InputError
+
+POLICIES = ("dense", "topk", "threshold")
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: str = "dense"
+    density: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in POLICIES:
+            raise InputError(f"unknown policy '{self.kind}'; choose one of {', '.join(POLICIES)}")
+        object.__setattr__(self, "density", parse_density(self.density))
+        if self.kind == "dense":
+            object.__setattr__(self, "density", 1.0)
+
+    @property
+    def is_full(self) -> bool:
+        """True when every neuron is computed (dense, or any policy at density 1)."""
+        return self.density >= 1.0
+
+    def k(self, d_ff: int) -> int:
+        return min(d_ff, max(1, round(self.density * d_ff)))
+
+
+def parse_density(value) -> float:
+    """A density from user input (str or number), in (0, 1]; one clear sentence otherwise."""
+    try:
+        d = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"density must be a number in (0, 1], got '{str(value)[:40]}'") from None
+    if not math.isfinite(d) or not 0.0 < d <= 1.0:
+        raise InputError(f"density must be in (0, 1], got {str(value)[:40]}")
+    return d
+
+
+def topk_indices(h: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, d_ff] -> [N, k]: the k largest abs(h) per row, by value, ties to the lower index."""
+    order = torch.sort(h.abs(), dim=-1, descending=True, stable=True).indices
+    return order[:, :k]
+
+
+def mask_indices(mask: torch.Tensor) -> torch.Tensor:
+    """[N, d_ff] bool -> [N, k_max] int64 of the selected neurons in index order, -1 padded."""
+    counts = mask.sum(dim=-1)
+    k_max = int(counts.max()) if mask.numel() else 0
+    order = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k_max]
+    keep = torch.arange(k_max, device=mask.device) < counts[:, None]
+    return torch.where(keep, order, torch.full_like(order, -1))

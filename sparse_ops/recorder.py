@@ -1,0 +1,115 @@
+"""Captures, per layer and per token, which neurons the sparse pass computed and their values.
+
+Stored compactly as CSR rows (one row per token): neuron ids as int16 (int32 when a layer has more
+than 32767 neurons), activation values as fp16. For MoE layers a neuron id is
+`expert * d_ff + j`, and the router's choice per token is kept too.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+_FP16_MAX = 65504.0
+
+
+@dataclass
+class LayerFiring:
+    """One layer of a firing trace. T = number of tokens."""
+    indptr: torch.Tensor              # [T + 1] int32: token t's neurons are ids[indptr[t]:indptr[t+1]]
+    ids: torch.Tensor | None          # [nnz] int16/int32, None when every neuron fired (dense policy)
+    values: torch.Tensor | None       # [nnz] fp16 activation h_j of each fired neuron
+    selected: torch.Tensor            # [T] int32: neurons computed per token
+    possible: torch.Tensor            # [T] int32: neurons the dense model computes per token
+    mass_kept: torch.Tensor           # [T] float32: sum abs(h) over selected neurons
+    mass_total: torch.Tensor          # [T] float32: sum abs(h) over all neurons
+    experts: torch.Tensor | None = None         # [T, top_k] int16 (MoE)
+    expert_weights: torch.Tensor | None = None  # [T, top_k] fp16 (MoE)
+
+    @property
+    def density(self) -> float:
+        return float(self.selected.sum()) / max(1, float(self.possible.sum()))
+
+    @property
+    def mass_kept_share(self) -> float:
+        total = float(self.mass_total.sum())
+        return float(self.mass_kept.sum()) / total if total > 0 else 1.0
+
+    def token(self, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(ids, values) of token t, or None when every neuron fired."""
+        if self.ids is None:
+            return None
+        a, b = int(self.indptr[t]), int(self.indptr[t + 1])
+        return self.ids[a:b], self.values[a:b]
+
+    def nbytes(self) -> int:
+        parts = [self.indptr, self.ids, self.values, self.selected, self.possible, self.mass_kept,
+                 self.mass_total, self.experts, self.expert_weights]
+        return sum(p.numel() * p.element_size() for p in parts if p is not None)
+
+
+@dataclass
+class _Part:
+    rows: torch.Tensor                # [n] token positions
+    ids: torch.Tensor | None          # [n, k] global neuron ids, -1 = none; None = all neurons
+    values: torch.Tensor | None       # [n, k]
+    possible: int                     # neurons possible per row
+    mass_total: torch.Tensor          # [n]
+
+
+@dataclass
+class Recorder:
+    """Filled by the sparse MLPs during one forward pass of one sequence; read with `layers()`."""
+    _parts: dict[int, list[_Part]] = field(default_factory=dict)
+    _routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, layer: int, rows, ids, values, possible: int, mass_total) -> None:
+        part = _Part(rows.detach(), None if ids is None else ids.detach(),
+                     None if values is None else values.detach().float(), possible, mass_total.detach().float())
+        with self._lock:
+            self._parts.setdefault(layer, []).append(part)
+
+    def add_routing(self, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        with self._lock:
+            self._routing[layer] = (experts.detach().to(torch.int16), weights.detach().to(torch.float16))
+
+    def layers(self, n_tokens: int, n_neurons: int) -> list[LayerFiring]:
+        """One LayerFiring per recorded layer, in layer order. n_neurons: ids per layer (E * d_ff for MoE)."""
+        id_dtype = torch.int16 if n_neurons <= torch.iinfo(torch.int16).max else torch.int32
+        out = []
+        for layer in sorted(self._parts):
+            firing = _assemble(self._parts[layer], n_tokens, id_dtype)
+            if layer in self._routing:
+                firing.experts, firing.expert_weights = self._routing[layer]
+            out.append(firing)
+        return out
+
+
+def _assemble(parts: list[_Part], n: int, id_dtype) -> LayerFiring:
+    possible = torch.zeros(n, dtype=torch.int64)
+    mass_total = torch.zeros(n)
+    for p in parts:
+        possible.index_add_(0, p.rows, torch.full_like(p.rows, p.possible))
+        mass_total.index_add_(0, p.rows, p.mass_total)
+    if any(p.ids is None for p in parts):          # dense: every neuron fired, nothing to list
+        return LayerFiring(indptr=torch.zeros(n + 1, dtype=torch.int32), ids=None, values=None,
+                           selected=possible.int(), possible=possible.int(), mass_kept=mass_total.clone(),
+                           mass_total=mass_total)
+    rows, ids, vals = [], [], []
+    for p in parts:
+        valid = p.ids >= 0
+        rows.append(p.rows[:, None].expand_as(p.ids)[valid])
+        ids.append(p.ids[valid])
+        vals.append(p.values[valid])
+    rows, ids, vals = torch.cat(rows), torch.cat(ids), torch.cat(vals)
+    order = torch.sort(rows, stable=True).indices
+    rows, ids, vals = rows[order], ids[order], vals[order]
+    counts = torch.bincount(rows, minlength=n)
+    mass_kept = torch.zeros(n).index_add_(0, rows, vals.abs())
+    indptr = torch.zeros(n + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(counts, 0)
+    return LayerFiring(indptr=indptr.int(), ids=ids.to(id_dtype),
+                       values=vals.clamp(-_FP16_MAX, _FP16_MAX).half(), selected=counts.int(),
+                       possible=possible.int(), mass_kept=mass_kept, mass_total=mass_total)
