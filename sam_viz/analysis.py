@@ -1,0 +1,130 @@
+"""analyze(loaded, spec): the prompt through the dense model and its sparse twin, side by side.
+
+The sparse pass records, per layer and per token, the neurons it computed (a FiringTrace of
+sparse_ops.LayerFiring); the comparison follows the metrics of DESIGN.md: KL(dense || sparse) and
+top-1 agreement of next-token distributions for causal LMs, cosine of mean-pooled embeddings for
+encoders, and the max abs difference of the last hidden state for both.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from models import InputError, LoadedModel
+from sparse_ops import LayerFiring, Recorder, sparsified
+
+from .spec import RunSpec
+
+
+@dataclass
+class Outputs:
+    hidden_states: tuple[torch.Tensor, ...]   # n_layers + 1 of [1, T, d]
+    logits: torch.Tensor | None               # [1, T, vocab] for causal LMs
+
+    @property
+    def last_hidden(self) -> torch.Tensor:
+        return self.hidden_states[-1]
+
+
+@dataclass
+class Analysis:
+    spec: RunSpec
+    kind: str
+    tokens: list[str]
+    n_neurons: int                            # neurons per layer (E * d_ff for MoE)
+    layers: list[LayerFiring]                 # the sparse pass's firing trace, one per layer
+    compare: dict[str, float]
+    layer_divergence: list[float]             # ||h_sparse - h_dense|| / ||h_dense|| after each layer
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def density(self) -> float:
+        """Fraction of all FFN neuron evaluations the sparse pass computed."""
+        sel = sum(float(l.selected.sum()) for l in self.layers)
+        pos = sum(float(l.possible.sum()) for l in self.layers)
+        return sel / pos if pos else 1.0
+
+    def trace_nbytes(self) -> int:
+        return sum(l.nbytes() for l in self.layers)
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.spec.model, "policy": self.spec.policy, "target_density": self.spec.density,
+            "kernel": self.spec.kernel, "tokens": self.tokens, "density": self.density,
+            "layers": [{"layer": i, "density": l.density, "mass_kept": l.mass_kept_share}
+                       for i, l in enumerate(self.layers)],
+            "compare": self.compare,
+        }
+
+
+def encode_prompt(loaded: LoadedModel, prompt: str) -> dict[str, torch.Tensor]:
+    enc = loaded.encode(prompt)
+    n = enc["input_ids"].shape[1]
+    if n > loaded.max_tokens:
+        raise InputError(f"prompt is {n} tokens; the limit for {loaded.spec} is {loaded.max_tokens}")
+    return enc
+
+
+def forward(loaded: LoadedModel, enc: dict[str, torch.Tensor]) -> Outputs:
+    with torch.no_grad():
+        out = loaded.model(**enc, output_hidden_states=True)
+    return Outputs(hidden_states=tuple(out.hidden_states), logits=getattr(out, "logits", None))
+
+
+def sentence_embedding(outputs: Outputs, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean-pooled, L2-normalised last hidden state, as sentence-transformers' MiniLM does. [B, d]"""
+    m = attention_mask[..., None].to(outputs.last_hidden.dtype)
+    pooled = (outputs.last_hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled, dim=-1)
+
+
+def compare_outputs(kind: str, dense: Outputs, sparse: Outputs, attention_mask: torch.Tensor) -> dict[str, float]:
+    result = {}
+    if kind == "causal-lm":
+        logp_d = F.log_softmax(dense.logits[0].double(), dim=-1)        # [T, vocab]
+        logp_s = F.log_softmax(sparse.logits[0].double(), dim=-1)
+        kl = (logp_d.exp() * (logp_d - logp_s)).sum(-1)                # [T]
+        result["kl"] = float(kl.mean().clamp(min=0.0))
+        result["top1_agreement"] = float((logp_d.argmax(-1) == logp_s.argmax(-1)).double().mean())
+    else:
+        cos = (sentence_embedding(dense, attention_mask) * sentence_embedding(sparse, attention_mask)).sum(-1)
+        result["cosine"] = float(cos.mean())
+    result["max_abs_diff"] = float((dense.last_hidden - sparse.last_hidden).abs().max())
+    return result
+
+
+def divergence(dense: Outputs, sparse: Outputs) -> list[float]:
+    out = []
+    for hd, hs in zip(dense.hidden_states[1:], sparse.hidden_states[1:]):
+        out.append(float((hs - hd).norm() / hd.norm().clamp(min=1e-12)))
+    return out
+
+
+def analyze(loaded: LoadedModel, spec: RunSpec) -> Analysis:
+    """Dense pass, sparse pass with capture, and their comparison, for one prompt."""
+    t0 = time.perf_counter()
+    enc = encode_prompt(loaded, spec.prompt)
+    n_tokens = enc["input_ids"].shape[1]
+    t1 = time.perf_counter()
+    dense = forward(loaded, enc)
+    t2 = time.perf_counter()
+    recorder = Recorder()
+    with sparsified(loaded, spec.to_policy(), kernel=spec.kernel, recorder=recorder):
+        t3 = time.perf_counter()
+        sparse = forward(loaded, enc)
+    t4 = time.perf_counter()
+    n_neurons = loaded.d_ff * max(1, loaded.n_experts)
+    layers = recorder.layers(n_tokens, n_neurons)
+    t5 = time.perf_counter()
+    ms = lambda a, b: round((b - a) * 1000, 2)  # noqa: E731
+    return Analysis(
+        spec=spec, kind=loaded.kind, tokens=loaded.token_strings(enc["input_ids"][0]),
+        n_neurons=n_neurons, layers=layers,
+        compare=compare_outputs(loaded.kind, dense, sparse, enc["attention_mask"]),
+        layer_divergence=divergence(dense, sparse),
+        timings_ms={"tokenize": ms(t0, t1), "dense": ms(t1, t2), "calibrate": ms(t2, t3),
+                    "sparse": ms(t3, t4), "trace": ms(t4, t5), "total": ms(t0, time.perf_counter())},
+    )

@@ -1,0 +1,39 @@
+"""RunSpec: everything that determines an analysis, validated once where it is built.
+
+It comes from CLI flags, URL query params or a saved run; all of those are untrusted, so every
+field is checked here and a bad one raises InputError with one sentence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models import DEFAULT_MODEL, InputError
+from sparse_ops import POLICIES, Policy, available_kernels, parse_density
+
+MAX_PROMPT_CHARS = 20_000
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    prompt: str
+    model: str = DEFAULT_MODEL
+    policy: str = "topk"
+    density: float = 0.5
+    kernel: str = "reference"
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InputError("prompt is empty; type some text to analyze")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise InputError(f"prompt is {len(self.prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise InputError("model is empty; name a model spec")
+        if self.policy not in POLICIES:
+            raise InputError(f"unknown policy '{str(self.policy)[:40]}'; choose one of {', '.join(POLICIES)}")
+        if self.kernel not in available_kernels():
+            raise InputError(f"unknown kernel '{str(self.kernel)[:40]}'; available here: "
+                             f"{', '.join(available_kernels())}")
+        object.__setattr__(self, "density", parse_density(self.density))
+
+    def to_policy(self) -> Policy:
+        return Policy(self.policy, self.density)
