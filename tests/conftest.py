@@ -1,0 +1,39 @@
+import functools
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from models import BUILTIN_SPECS, load_model  # noqa: E402
+
+TINY = [s for s in BUILTIN_SPECS if s.startswith("tiny-")]
+ALL_SPECS = list(BUILTIN_SPECS)
+
+# Held-out prompts: none of them is among sparse_ops.SAMPLE_PROMPTS (used for calibration).
+HELD_OUT = (
+    "A lighthouse keeper counted the ships that passed during the long winter storm.",
+    "Quantum computers use qubits, which can hold superpositions of zero and one.",
+    "My grandmother grows tomatoes, beans and sunflowers in her small garden.",
+    "The referee blew the whistle and the crowd rose to its feet in the final minute.",
+    "To reset the router, hold the button for ten seconds and wait for the light.",
+    "Ancient Rome built aqueducts that carried water across valleys for miles.",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def shared(spec: str):
+    """One loaded model per spec for the whole session, as st.cache_resource would share it."""
+    return load_model(spec)
+
+
+@pytest.fixture
+def fresh():
+    """A newly loaded model that no sparse wrapper has touched: the 'as shipped' reference."""
+    return load_model
+
+
+def model_output(loaded, enc):
+    out = loaded.model(**enc)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state

@@ -1,0 +1,177 @@
+"""Sparse MLPs against the equations of DESIGN.md, written here independently of sparse_ops.
+
+h = act(W_gate x) * (W_up x)  (GLU)  or  act(W_in x);  y = W_down[:, S] h_S + b.
+topk: S = the k = round(density * d_ff) largest abs(h_j), ties to the lower index.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ALL_SPECS, HELD_OUT, TINY, model_output, shared
+from sam_viz import RunSpec, analyze
+from sparse_ops import Policy, Recorder, sparsified
+
+PROMPT = "Sparse models compute only a few neurons for each token they read."
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+@pytest.mark.parametrize("policy", [Policy("dense"), Policy("topk", 1.0), Policy("threshold", 1.0)])
+def test_full_density_reproduces_unpatched_model(spec, policy, fresh):
+    unpatched = fresh(spec)
+    m = shared(spec)
+    enc = m.encode(PROMPT)
+    with torch.no_grad():
+        expected = model_output(unpatched, enc)
+        with sparsified(m, policy):
+            got = model_output(m, enc)
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def _keep_topk(h: torch.Tensor, k: int) -> torch.Tensor:
+    """h with all but its k largest abs values (per row; ties to the lower index) set to 0."""
+    order = torch.argsort(-h.abs(), dim=-1, stable=True)
+    mask = torch.zeros_like(h, dtype=torch.bool).scatter_(-1, order[..., :k], True)
+    return h * mask
+
+
+# Where each family's down projection sits: its input is h, so masking that input is exactly
+# y = W_down[:, S] h_S + b.
+DOWN_PROJ = {"tiny-llama": "mlp.down_proj", "tiny-mistral": "mlp.down_proj", "tiny-qwen2": "mlp.down_proj",
+             "tiny-gpt2": "mlp.c_proj", "tiny-opt": "fc2", "tiny-bert": "output.dense", "minilm": "output.dense"}
+
+
+def _masked_dense_hooks(unpatched, density):
+    base = unpatched.model.base_model
+    layers = base.layers if hasattr(base, "layers") else base.h if hasattr(base, "h") else (
+        base.decoder.layers if hasattr(base, "decoder") else base.encoder.layer)
+    handles = []
+    for layer in layers:
+        if unpatched.spec == "tiny-mixtral":
+            handles.append(layer.mlp.register_forward_hook(_moe_by_hand(density)))
+            continue
+        down = layer
+        for part in DOWN_PROJ[unpatched.spec].split("."):
+            down = getattr(down, part)
+        k = round(density * unpatched.d_ff)
+        handles.append(down.register_forward_pre_hook(lambda mod, args, k=k: (_keep_topk(args[0], k),)))
+    return handles
+
+
+def _moe_by_hand(density):
+    """Mixtral block: softmax router, top-2 experts renormalised, each expert a GLU with top-k."""
+    def hook(block, args, output):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        probs = F.softmax(x @ block.gate.weight.T, dim=-1)
+        w, e = torch.topk(probs, 2, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        gu, down = block.experts.gate_up_proj, block.experts.down_proj
+        d_ff = down.shape[-1]
+        k = round(density * d_ff)
+        y = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for slot in range(2):
+                ex = int(e[t, slot])
+                h = F.silu(gu[ex, :d_ff] @ x[t]) * (gu[ex, d_ff:] @ x[t])
+                y[t] += w[t, slot] * (down[ex] @ _keep_topk(h, k))
+        return y.reshape(output.shape)
+    return hook
+
+
+@pytest.mark.parametrize("spec", [*TINY, "minilm"])
+@pytest.mark.parametrize("density", [0.1, 0.25, 0.5])
+def test_topk_equals_masked_dense_by_hand(spec, density, fresh):
+    unpatched = fresh(spec)
+    m = shared(spec)
+    enc = m.encode(PROMPT)
+    handles = _masked_dense_hooks(unpatched, density)
+    try:
+        with torch.no_grad():
+            expected = model_output(unpatched, enc)
+    finally:
+        for h in handles:
+            h.remove()
+    rec = Recorder()
+    with torch.no_grad(), sparsified(m, Policy("topk", density), recorder=rec):
+        got = model_output(m, enc)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # exactly k per token per layer (per picked expert for MoE)
+    k = round(density * m.d_ff) * max(1, m.experts_per_token)
+    n = enc["input_ids"].shape[1]
+    layers = rec.layers(n, m.d_ff * max(1, m.n_experts))
+    assert len(layers) == m.n_layers
+    for layer in layers:
+        assert layer.selected.tolist() == [k] * n
+        assert (layer.indptr[1:] - layer.indptr[:-1]).tolist() == [k] * n
+        for t in range(n):
+            ids, _ = layer.token(t)
+            assert len(set(ids.tolist())) == k
+
+
+@pytest.mark.parametrize("spec", ["minilm", "tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-mixtral"])
+@pytest.mark.parametrize("density", [0.25, 0.5])
+def test_threshold_density_on_held_out_prompts(spec, density):
+    m = shared(spec)
+    selected = possible = 0
+    for prompt in HELD_OUT:
+        result = analyze(m, RunSpec(prompt=prompt, model=spec, policy="threshold", density=density))
+        selected += sum(int(l.selected.sum()) for l in result.layers)
+        possible += sum(int(l.possible.sum()) for l in result.layers)
+    assert abs(selected / possible - density) <= 0.05
+
+
+def test_threshold_is_cats_score_above_a_per_layer_value():
+    """Every neuron kept has abs(act(W_gate x)) above every neuron dropped, within each layer."""
+    m = shared("tiny-llama")
+    enc = m.encode(HELD_OUT[0])
+    captured = []
+    mlps = [layer.mlp for layer in m.layers]
+    hooks = [mlp.register_forward_pre_hook(lambda mod, args: captured.append(args[0][0])) for mlp in mlps]
+    rec = Recorder()
+    try:
+        with torch.no_grad(), sparsified(m, Policy("threshold", 0.3), recorder=rec):
+            m.model(**enc)
+    finally:
+        for h in hooks:
+            h.remove()
+    captured = captured[-m.n_layers:]          # the calibration pass on sample prompts came first
+    for x, layer, firing in zip(captured, m.layers, rec.layers(enc["input_ids"].shape[1], m.d_ff)):
+        dense = layer.mlp.dense
+        score = F.silu(x @ dense.gate_proj.weight.T).abs()                    # [T, d_ff]
+        kept = torch.zeros_like(score, dtype=torch.bool)
+        for t in range(score.shape[0]):
+            kept[t, firing.token(t)[0].long()] = True
+        assert score[kept].min() > score[~kept].max()
+
+
+def test_trace_is_compact():
+    m = shared("minilm")
+    result = analyze(m, RunSpec(prompt=PROMPT, policy="topk", density=0.25))
+    n = len(result.tokens)
+    for layer in result.layers:
+        assert layer.ids.dtype == torch.int16 and layer.values.dtype == torch.float16
+        assert layer.ids.numel() == n * round(0.25 * 1536)
+    assert result.trace_nbytes() < 6 * n * 1536 * 4 / 2   # far below the dense fp32 maps
+
+
+def test_recorded_values_are_the_activations():
+    """The stored fp16 values are h_j of the neurons listed, computed from the layer input by hand."""
+    m = shared("tiny-gpt2")
+    enc = m.encode(PROMPT)
+    captured = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda mod, args: captured.append(args[0][0])) for layer in m.layers]
+    rec = Recorder()
+    try:
+        with torch.no_grad(), sparsified(m, Policy("topk", 0.2), recorder=rec):
+            m.model(**enc)
+    finally:
+        for h in hooks:
+            h.remove()
+    for x, layer, firing in zip(captured, m.layers, rec.layers(enc["input_ids"].shape[1], m.d_ff)):
+        c_fc = layer.mlp.dense.c_fc
+        h = F.gelu(x @ c_fc.weight + c_fc.bias, approximate="tanh")        # GPT-2's gelu_new
+        for t in range(h.shape[0]):
+            ids, vals = firing.token(t)
+            torch.testing.assert_close(vals.float(), h[t, ids.long()], rtol=2e-3, atol=1e-4)
+            mass = h[t].abs()
+            torch.testing.assert_close(firing.mass_kept[t], mass[ids.long()].sum(), rtol=2e-3, atol=1e-4)
+            torch.testing.assert_close(firing.mass_total[t], mass.sum(), rtol=1e-4, atol=1e-5)
