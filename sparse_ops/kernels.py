@@ -32,7 +32,7 @@ def reference(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.
     h_all = activations(x, w)                                        # [N, d_ff]
     valid = idx >= 0
     safe = idx.clamp(min=0)
-    mask = torch.zeros_like(h_all, dtype=torch.bool).scatter_(1, safe, valid)
+    mask = torch.zeros_like(h_all).scatter_add_(1, safe, valid.to(h_all.dtype)) > 0   # padding adds 0
     y = F.linear(h_all * mask, w.down_t.t(), w.b_down)               # [N, d_out]
     return y, torch.gather(h_all, 1, safe) * valid
 

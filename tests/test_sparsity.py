@@ -175,3 +175,38 @@ def test_recorded_values_are_the_activations():
             mass = h[t].abs()
             torch.testing.assert_close(firing.mass_kept[t], mass[ids.long()].sum(), rtol=2e-3, atol=1e-4)
             torch.testing.assert_close(firing.mass_total[t], mass.sum(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
+def test_threshold_output_equals_masked_dense_by_hand(spec, fresh):
+    """With the calibrated thresholds t_l: keep neuron j iff abs(act(W_gate x)_j) > t_l, then
+    y = W_down[:, S] h_S + b, computed here on an untouched model."""
+    m = shared(spec)
+    enc = m.encode(HELD_OUT[3])
+    with torch.no_grad(), sparsified(m, Policy("threshold", 0.35)) as run:
+        got = model_output(m, enc)
+    thresholds = dict(run.thresholds)
+    assert sorted(thresholds) == list(range(m.n_layers))
+
+    unpatched = fresh(spec)
+    base = unpatched.model.base_model
+    layers = base.layers if hasattr(base, "layers") else base.h if hasattr(base, "h") else base.encoder.layer
+    handles = []
+    for i, layer in enumerate(layers):
+        if spec == "tiny-llama":
+            def hook(mlp, args, out, t=thresholds[i]):
+                x = args[0]
+                g = F.silu(x @ mlp.gate_proj.weight.T)
+                return ((g * (x @ mlp.up_proj.weight.T)) * (g.abs() > t)) @ mlp.down_proj.weight.T
+            handles.append(layer.mlp.register_forward_hook(hook))
+        else:  # non-GLU: the score is abs(h) itself, so masking the down projection's input suffices
+            down = layer.mlp.c_proj if spec == "tiny-gpt2" else layer.output.dense
+            handles.append(down.register_forward_pre_hook(
+                lambda mod, args, t=thresholds[i]: (args[0] * (args[0].abs() > t),)))
+    try:
+        with torch.no_grad():
+            expected = model_output(unpatched, enc)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
