@@ -7,14 +7,16 @@ encoders, and the max abs difference of the last hidden state for both.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from models import InputError, LoadedModel
-from sparse_ops import LayerFiring, Recorder, sparsified
+from sparse_ops import LayerFiring, Policy, Recorder, sparsified
 
 from .spec import RunSpec
 
@@ -29,16 +31,43 @@ class Outputs:
         return self.hidden_states[-1]
 
 
+Progress = Callable[[float, str], None]
+ACTIVATION_BUDGET = 32_000_000   # fp16 values of h kept per pass (T * neurons * layers); 64 MB
+TOP_NEXT = 10
+MAX_SENTENCES = 16
+
+
 @dataclass
 class Analysis:
+    """Plain data: everything the pages draw, serialisable without the model."""
     spec: RunSpec
-    kind: str
+    kind: str                                 # "causal-lm" | "encoder"
+    model_type: str
     tokens: list[str]
-    n_neurons: int                            # neurons per layer (E * d_ff for MoE)
+    d_ff: int                                 # neurons per MLP (per expert for MoE)
+    n_experts: int                            # 0 unless MoE
     layers: list[LayerFiring]                 # the sparse pass's firing trace, one per layer
+    dense_layers: list[LayerFiring]           # the dense pass (ids None: every neuron fired)
     compare: dict[str, float]
     layer_divergence: list[float]             # ||h_sparse - h_dense|| / ||h_dense|| after each layer
+    next_tokens: dict[str, list[dict]] | None = None    # causal LMs: top-10 at the last position
+    sentence_cosines: list[dict] | None = None          # encoders: per sentence of the prompt
+    continuation: dict | None = None                    # filled on request: greedy_continuation
+    sweep: list[dict] | None = None                     # filled on request: density_sweep
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_neurons(self) -> int:
+        """Neurons per layer (E * d_ff for MoE)."""
+        return self.d_ff * max(1, self.n_experts)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def has_activations(self) -> bool:
+        return all(l.activations is not None for l in self.layers + self.dense_layers)
 
     @property
     def density(self) -> float:
@@ -48,7 +77,9 @@ class Analysis:
         return sel / pos if pos else 1.0
 
     def trace_nbytes(self) -> int:
-        return sum(l.nbytes() for l in self.layers)
+        """Bytes of the sparse firing trace (ids, values, per-token counts), without activations."""
+        return sum(l.nbytes() - (l.activations.numel() * 2 if l.activations is not None else 0)
+                   for l in self.layers)
 
     def to_json(self) -> dict:
         return {
@@ -103,28 +134,68 @@ def divergence(dense: Outputs, sparse: Outputs) -> list[float]:
     return out
 
 
-def analyze(loaded: LoadedModel, spec: RunSpec) -> Analysis:
+def analyze(loaded: LoadedModel, spec: RunSpec, progress: Progress | None = None) -> Analysis:
     """Dense pass, sparse pass with capture, and their comparison, for one prompt."""
+    step = progress or (lambda frac, text: None)
     t0 = time.perf_counter()
     enc = encode_prompt(loaded, spec.prompt)
     n_tokens = enc["input_ids"].shape[1]
+    n_neurons = loaded.d_ff * max(1, loaded.n_experts)
+    keep = n_tokens * n_neurons * loaded.n_layers <= ACTIVATION_BUDGET
     t1 = time.perf_counter()
-    dense = forward(loaded, enc)
+    step(0.1, "dense pass")
+    dense_rec = Recorder(keep_activations=keep)
+    with sparsified(loaded, Policy("dense"), recorder=dense_rec):
+        dense = forward(loaded, enc)
     t2 = time.perf_counter()
-    recorder = Recorder()
+    step(0.4, f"sparse pass ({spec.policy}, density {spec.density:g})")
+    recorder = Recorder(keep_activations=keep)
     with sparsified(loaded, spec.to_policy(), kernel=spec.kernel, recorder=recorder):
         t3 = time.perf_counter()
         sparse = forward(loaded, enc)
     t4 = time.perf_counter()
-    n_neurons = loaded.d_ff * max(1, loaded.n_experts)
-    layers = recorder.layers(n_tokens, n_neurons)
-    t5 = time.perf_counter()
-    ms = lambda a, b: round((b - a) * 1000, 2)  # noqa: E731
-    return Analysis(
-        spec=spec, kind=loaded.kind, tokens=loaded.token_strings(enc["input_ids"][0]),
-        n_neurons=n_neurons, layers=layers,
+    step(0.8, "comparing")
+    analysis = Analysis(
+        spec=spec, kind=loaded.kind, model_type=loaded.model_type,
+        tokens=loaded.token_strings(enc["input_ids"][0]), d_ff=loaded.d_ff, n_experts=loaded.n_experts,
+        layers=recorder.layers(n_tokens, n_neurons), dense_layers=dense_rec.layers(n_tokens, n_neurons),
         compare=compare_outputs(loaded.kind, dense, sparse, enc["attention_mask"]),
         layer_divergence=divergence(dense, sparse),
-        timings_ms={"tokenize": ms(t0, t1), "dense": ms(t1, t2), "calibrate": ms(t2, t3),
-                    "sparse": ms(t3, t4), "trace": ms(t4, t5), "total": ms(t0, time.perf_counter())},
     )
+    if loaded.kind == "causal-lm":
+        analysis.next_tokens = {name: top_next_tokens(loaded, out.logits[0, -1])
+                                for name, out in (("dense", dense), ("sparse", sparse))}
+    else:
+        analysis.sentence_cosines = sentence_cosines(loaded, spec)
+    t5 = time.perf_counter()
+    ms = lambda a, b: round((b - a) * 1000, 2)  # noqa: E731
+    analysis.timings_ms = {"tokenize": ms(t0, t1), "dense": ms(t1, t2), "calibrate": ms(t2, t3),
+                           "sparse": ms(t3, t4), "compare": ms(t4, t5), "total": ms(t0, t5)}
+    step(1.0, "done")
+    return analysis
+
+
+def top_next_tokens(loaded: LoadedModel, logits: torch.Tensor, k: int = TOP_NEXT) -> list[dict]:
+    probs = F.softmax(logits.double(), dim=-1)
+    top = torch.topk(probs, k)
+    names = loaded.token_strings(top.indices)
+    return [{"token": n, "prob": float(p)} for n, p in zip(names, top.values)]
+
+
+def split_sentences(text: str) -> list[str]:
+    parts = [p.strip() for p in re.split(r"(?<=[.!?])\s+|\n+", text) if p.strip()]
+    return parts[:MAX_SENTENCES]
+
+
+def sentence_cosines(loaded: LoadedModel, spec: RunSpec) -> list[dict]:
+    """Encoders: cosine of each sentence's embedding, dense vs sparse (one padded batch each)."""
+    sentences = split_sentences(spec.prompt)
+    with loaded._tok_lock:
+        enc = loaded.tokenizer(sentences, return_tensors="pt", padding=True, truncation=True,
+                               max_length=loaded.max_tokens)
+    enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    dense = sentence_embedding(forward(loaded, enc), enc["attention_mask"])
+    with sparsified(loaded, spec.to_policy(), kernel=spec.kernel):
+        sparse = sentence_embedding(forward(loaded, enc), enc["attention_mask"])
+    cos = (dense * sparse).sum(-1)
+    return [{"sentence": s, "cosine": float(c)} for s, c in zip(sentences, cos)]

@@ -76,12 +76,11 @@ class SparseMLP(nn.Module):
 
     def _record_dense(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> None:
         if not self.adapter.is_moe:
-            w = self.weights()
-            run.recorder.add(self.layer, rows, None, None, w.d_ff, activations(x2, w).abs().sum(-1))
+            run.recorder.add(self.layer, rows, None, None, activations(x2, self.weights()))
             return
         for e, tok, _ in self._route(run, x2):
             w = self.weights(e)
-            run.recorder.add(self.layer, rows[tok], None, None, w.d_ff, activations(x2[tok], w).abs().sum(-1))
+            run.recorder.add(self.layer, rows[tok], None, None, activations(x2[tok], w), offset=e * w.d_ff)
 
     def _route(self, run: Run, x2: torch.Tensor):
         """Route as shipped; record the routing; yield (expert, token rows, slot, weight) per picked expert."""
@@ -106,7 +105,7 @@ class SparseMLP(nn.Module):
         if run.recorder is not None:
             h_all = activations(x2, w) if h_all is None else h_all
             ids = torch.where(idx >= 0, idx + offset, idx)
-            run.recorder.add(self.layer, rows, ids, h_sel, w.d_ff, h_all.abs().sum(-1))
+            run.recorder.add(self.layer, rows, ids, h_sel, h_all, offset=offset)
         return y
 
     def _moe(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

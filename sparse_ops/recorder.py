@@ -26,6 +26,8 @@ class LayerFiring:
     mass_total: torch.Tensor          # [T] float32: sum abs(h) over all neurons
     experts: torch.Tensor | None = None         # [T, top_k] int16 (MoE)
     expert_weights: torch.Tensor | None = None  # [T, top_k] fp16 (MoE)
+    activations: torch.Tensor | None = None     # [T, n_neurons] fp16 h of every neuron (kept on request;
+                                                # MoE: 0 for experts the router did not pick)
 
     @property
     def density(self) -> float:
@@ -45,7 +47,7 @@ class LayerFiring:
 
     def nbytes(self) -> int:
         parts = [self.indptr, self.ids, self.values, self.selected, self.possible, self.mass_kept,
-                 self.mass_total, self.experts, self.expert_weights]
+                 self.mass_total, self.experts, self.expert_weights, self.activations]
         return sum(p.numel() * p.element_size() for p in parts if p is not None)
 
 
@@ -56,18 +58,28 @@ class _Part:
     values: torch.Tensor | None       # [n, k]
     possible: int                     # neurons possible per row
     mass_total: torch.Tensor          # [n]
+    offset: int = 0                   # first global neuron id of this part (expert * d_ff)
+    h: torch.Tensor | None = None     # [n, d_ff] fp16, when activations are kept
 
 
 @dataclass
 class Recorder:
-    """Filled by the sparse MLPs during one forward pass of one sequence; read with `layers()`."""
+    """Filled by the sparse MLPs during one forward pass of one sequence; read with `layers()`.
+
+    keep_activations: also keep h of every neuron (fp16), for heatmaps and mass-kept curves.
+    """
+    keep_activations: bool = False
     _parts: dict[int, list[_Part]] = field(default_factory=dict)
     _routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, layer: int, rows, ids, values, possible: int, mass_total) -> None:
+    def add(self, layer: int, rows, ids, values, h_all, offset: int = 0) -> None:
+        """rows [n]; ids/values [n, k] (None: all neurons fired); h_all [n, d_ff] every neuron's h."""
+        h_all = h_all.detach()
         part = _Part(rows.detach(), None if ids is None else ids.detach(),
-                     None if values is None else values.detach().float(), possible, mass_total.detach().float())
+                     None if values is None else values.detach().float(), h_all.shape[-1],
+                     h_all.abs().sum(-1).float(), offset,
+                     _to_fp16(h_all) if self.keep_activations else None)
         with self._lock:
             self._parts.setdefault(layer, []).append(part)
 
@@ -81,6 +93,10 @@ class Recorder:
         out = []
         for layer in sorted(self._parts):
             firing = _assemble(self._parts[layer], n_tokens, id_dtype)
+            if self.keep_activations:
+                firing.activations = torch.zeros(n_tokens, n_neurons, dtype=torch.float16)
+                for p in self._parts[layer]:
+                    firing.activations[p.rows, p.offset:p.offset + p.possible] = p.h
             if layer in self._routing:
                 firing.experts, firing.expert_weights = self._routing[layer]
             out.append(firing)
@@ -111,5 +127,9 @@ def _assemble(parts: list[_Part], n: int, id_dtype) -> LayerFiring:
     indptr = torch.zeros(n + 1, dtype=torch.int64)
     indptr[1:] = torch.cumsum(counts, 0)
     return LayerFiring(indptr=indptr.int(), ids=ids.to(id_dtype),
-                       values=vals.clamp(-_FP16_MAX, _FP16_MAX).half(), selected=counts.int(),
+                       values=_to_fp16(vals), selected=counts.int(),
                        possible=possible.int(), mass_kept=mass_kept, mass_total=mass_total)
+
+
+def _to_fp16(t: torch.Tensor) -> torch.Tensor:
+    return t.float().clamp(-_FP16_MAX, _FP16_MAX).half()
