@@ -40,6 +40,7 @@ class LoadedModel:
     n_experts: int = 0                # MoE only
     experts_per_token: int = 0        # MoE only
     max_tokens: int = MAX_TOKENS
+    add_special_tokens: bool = True   # False for tiny causal models borrowing BERT's tokenizer
     _tok_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -49,7 +50,16 @@ class LoadedModel:
     def encode(self, text: str) -> dict[str, torch.Tensor]:
         """Tokenize one prompt ([1, T] tensors); fast tokenizers are not safe to share across threads."""
         with self._tok_lock:
-            enc = self.tokenizer(text, return_tensors="pt", truncation=False)
+            enc = self.tokenizer(text, return_tensors="pt", truncation=False,
+                                 add_special_tokens=self.add_special_tokens)
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def encode_batch(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Tokenize several texts into one right-padded batch ([B, T] tensors)."""
+        with self._tok_lock:
+            enc = self.tokenizer(list(texts), return_tensors="pt", padding=True,
+                                 truncation=max_length is not None, max_length=max_length,
+                                 add_special_tokens=self.add_special_tokens)
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
     def token_strings(self, input_ids: torch.Tensor) -> list[str]:
@@ -112,7 +122,9 @@ def _load_tiny(name: str) -> LoadedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = auto.from_config(config, dtype=torch.float32)
-    return _finish(name, model, tokenizer)
+    loaded = _finish(name, model, tokenizer)
+    loaded.add_special_tokens = loaded.kind == "encoder"      # no [CLS] / [SEP] around a causal prompt
+    return loaded
 
 
 def _checked_dir(spec: str) -> Path:

@@ -190,10 +190,7 @@ def split_sentences(text: str) -> list[str]:
 def sentence_cosines(loaded: LoadedModel, spec: RunSpec) -> list[dict]:
     """Encoders: cosine of each sentence's embedding, dense vs sparse (one padded batch each)."""
     sentences = split_sentences(spec.prompt)
-    with loaded._tok_lock:
-        enc = loaded.tokenizer(sentences, return_tensors="pt", padding=True, truncation=True,
-                               max_length=loaded.max_tokens)
-    enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    enc = loaded.encode_batch(sentences, max_length=loaded.max_tokens)
     dense = sentence_embedding(forward(loaded, enc), enc["attention_mask"])
     with sparsified(loaded, spec.to_policy(), kernel=spec.kernel):
         sparse = sentence_embedding(forward(loaded, enc), enc["attention_mask"])

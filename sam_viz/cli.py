@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
@@ -53,7 +54,7 @@ def cmd_analyze(args) -> int:
     _quiet_libraries()
     result = analyze(load_model(spec.model), spec)
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps(_finite(result.to_json()), allow_nan=False))
         return 0
     print(f"{spec.model}  policy={spec.policy}  target={spec.density:g}  tokens={len(result.tokens)}  "
           f"density={result.density:.4f}")
@@ -62,6 +63,17 @@ def cmd_analyze(args) -> int:
         print(f"{row['layer']:>5}  {row['density']:7.4f}  {row['mass_kept']:9.4f}")
     print("  ".join(f"{k}={v:.6g}" for k, v in result.compare.items()))
     return 0
+
+
+def _finite(obj):
+    """JSON has no NaN / Infinity: non-finite numbers become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,9 +47,7 @@ def calibrate_thresholds(loaded: LoadedModel, density: float, kernel: Kernel,
         cached = _CACHE.get(loaded.model, {}).get(density)
     if cached is not None:
         return cached
-    with loaded._tok_lock:
-        enc = loaded.tokenizer(list(prompts), return_tensors="pt", padding=True)
-    enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    enc = loaded.encode_batch(list(prompts))
     run = Run(policy=Policy("threshold", density), kernel=kernel, calibrating=True,
               token_mask=enc["attention_mask"].reshape(-1).bool())
     token = _RUN.set(run)
