@@ -1,0 +1,203 @@
+"""Saved runs behind share links (`?run=<id>`): an Analysis as bytes, and a SQLite run store.
+
+Format, version 1, no pickle: one safetensors file (Hugging Face's safe tensor format). Tensors are
+named `layers.<i>.<field>` and `dense_layers.<i>.<field>` after LayerFiring's fields; a field that
+is None has no tensor. The header's `__metadata__` holds `format` ("sam-viz-run"), `version` ("1")
+and `analysis`: JSON of every other Analysis field, with the RunSpec as a dict and the layer counts.
+Loading validates structure, types and shapes; anything else is one InputError sentence.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import struct
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from models import InputError
+from sparse_ops import LayerFiring
+
+from .analysis import Analysis
+from .spec import RunSpec
+
+log = logging.getLogger(__name__)
+
+FORMAT, VERSION = "sam-viz-run", "1"
+CORRUPT = "saved run is corrupt or from an incompatible version"
+TRACES = ("layers", "dense_layers")
+LAYER_FIELDS = tuple(f.name for f in fields(LayerFiring))
+PER_TOKEN = ("selected", "possible", "mass_kept", "mass_total")
+META_TYPES = {"kind": str, "model_type": str, "tokens": list, "d_ff": int, "n_experts": int,
+              "compare": dict, "layer_divergence": list, "next_tokens": (dict, type(None)),
+              "sentence_cosines": (list, type(None)), "continuation": (dict, type(None)),
+              "sweep": (list, type(None)), "timings_ms": dict}
+_KERNEL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+DEFAULT_DB = Path("runs") / "runs.sqlite"
+MAX_BLOB_BYTES = 200_000_000
+BUSY_TIMEOUT_S = 30.0
+PREVIEW_CHARS = 80
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{12}")          # secrets.token_urlsafe(9)
+SCHEMA = """CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, created REAL NOT NULL, model TEXT, policy TEXT, density REAL,
+    n_tokens INTEGER, prompt_preview TEXT, blob BLOB NOT NULL)"""
+
+
+def analysis_to_bytes(a: Analysis) -> bytes:
+    """One safetensors file: the firing traces as tensors, everything else as JSON metadata."""
+    tensors = {f"{trace}.{i}.{name}": t.detach().cpu().clone(memory_format=torch.contiguous_format)
+               for trace in TRACES for i, layer in enumerate(getattr(a, trace))
+               for name in LAYER_FIELDS if (t := getattr(layer, name)) is not None}
+    meta = {f.name: getattr(a, f.name) for f in fields(Analysis) if f.name not in TRACES}
+    meta["spec"] = asdict(a.spec)
+    meta["n_layers"] = {trace: len(getattr(a, trace)) for trace in TRACES}
+    return safetensors.torch.save(tensors, metadata={"format": FORMAT, "version": VERSION,
+                                                     "analysis": json.dumps(meta)})
+
+
+def analysis_from_bytes(blob: bytes) -> Analysis:
+    """The Analysis saved by analysis_to_bytes; InputError(CORRUPT) for anything else."""
+    try:
+        return _decode(bytes(blob))
+    except Exception as e:                         # garbage can fail anywhere; the user sees one sentence
+        log.info("rejected a saved run: %r", e)
+        raise InputError(CORRUPT) from None
+
+
+def _decode(blob: bytes) -> Analysis:
+    (n,) = struct.unpack("<Q", blob[:8])             # safetensors: u64 header length, JSON header
+    if not 0 < n <= len(blob) - 8:
+        raise ValueError("header length out of range")
+    head = json.loads(blob[8:8 + n])["__metadata__"]
+    if head["format"] != FORMAT or head["version"] != VERSION:
+        raise ValueError(f"format {head['format']!r} version {head['version']!r}")
+    meta = json.loads(head["analysis"])
+    tensors = safetensors.torch.load(blob)
+    counts = meta.pop("n_layers")
+    traces = {trace: [_layer(tensors, f"{trace}.{i}") for i in range(counts[trace])] for trace in TRACES}
+    if tensors:
+        raise ValueError(f"unexpected tensors {sorted(tensors)[:3]}")
+    for name, kind in META_TYPES.items():
+        if not isinstance(meta[name], kind) or isinstance(meta[name], bool):
+            raise ValueError(f"{name} has type {type(meta[name]).__name__}")
+    a = Analysis(spec=_spec(meta.pop("spec")), **traces, **meta)
+    _check_shapes(a)
+    return a
+
+
+def _layer(tensors: dict[str, torch.Tensor], prefix: str) -> LayerFiring:
+    return LayerFiring(**{name: tensors.pop(f"{prefix}.{name}", None) for name in LAYER_FIELDS})
+
+
+def _spec(d: dict) -> RunSpec:
+    """Validated like any untrusted spec; a kernel this machine lacks is kept as a name (history)."""
+    kernel = d.pop("kernel")
+    if not isinstance(kernel, str) or not _KERNEL_NAME.fullmatch(kernel):
+        raise ValueError("bad kernel name")
+    spec = RunSpec(**d)
+    object.__setattr__(spec, "kernel", kernel)
+    return spec
+
+
+def _check_shapes(a: Analysis) -> None:
+    n_tokens = len(a.tokens)
+    if not all(isinstance(t, str) for t in a.tokens):
+        raise ValueError("tokens must be strings")
+    for layer in a.layers + a.dense_layers:
+        if any(t is None for t in (layer.indptr, layer.selected, layer.possible, layer.mass_kept,
+                                   layer.mass_total)):
+            raise ValueError("a required tensor is missing")
+        if tuple(layer.indptr.shape) != (n_tokens + 1,):
+            raise ValueError("indptr does not match the tokens")
+        if any(tuple(getattr(layer, name).shape) != (n_tokens,) for name in PER_TOKEN):
+            raise ValueError("per-token tensors do not match the tokens")
+        if (layer.ids is None) != (layer.values is None):
+            raise ValueError("ids and values must come together")
+        if layer.ids is not None and not (layer.ids.dim() == 1 and layer.ids.shape == layer.values.shape
+                                          and layer.ids.numel() == int(layer.indptr[-1])):
+            raise ValueError("ids do not match indptr")
+        if layer.activations is not None and tuple(layer.activations.shape) != (n_tokens, a.n_neurons):
+            raise ValueError("activations do not match the tokens and neurons")
+
+
+class RunStore:
+    """Saved runs in SQLite (WAL). One connection per call, so any thread (Streamlit session) may
+    use one shared RunStore. Ids are secrets.token_urlsafe(9): 12 URL-safe, unguessable chars."""
+
+    def __init__(self, path: str | os.PathLike | None = None, max_bytes: int = MAX_BLOB_BYTES):
+        self.path = Path(path or os.environ.get("SAM_VIZ_RUN_DB") or DEFAULT_DB)
+        self.max_bytes = max_bytes
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(SCHEMA)
+
+    @contextmanager
+    def _db(self):
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+        try:
+            with db:                                 # one transaction: commit, or roll back on error
+                yield db
+        finally:
+            db.close()
+
+    def save(self, analysis: Analysis) -> str:
+        blob = analysis_to_bytes(analysis)
+        if len(blob) > self.max_bytes:
+            raise InputError(f"this run is {len(blob) / 1e6:,.1f} MB saved; the limit is "
+                             f"{self.max_bytes / 1e6:,.1f} MB, so try a shorter prompt")
+        spec, preview = analysis.spec, " ".join(analysis.spec.prompt.split())
+        if len(preview) > PREVIEW_CHARS:
+            preview = preview[:PREVIEW_CHARS - 1] + "…"
+        for _ in range(3):                           # an id collision is ~2^-72; retry anyway
+            run_id = secrets.token_urlsafe(9)
+            try:
+                with self._db() as db:
+                    db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               (run_id, time.time(), spec.model, spec.policy, spec.density,
+                                len(analysis.tokens), preview, blob))
+                return run_id
+            except sqlite3.IntegrityError:
+                continue
+        raise RuntimeError("could not allocate a run id")
+
+    def load(self, run_id: str) -> Analysis | None:
+        """The saved run, or None for an unknown or malformed id; InputError if its blob is corrupt."""
+        if not valid_id(run_id):
+            return None
+        with self._db() as db:
+            row = db.execute("SELECT blob FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return None if row is None else analysis_from_bytes(row[0])
+
+    def delete(self, run_id: str) -> bool:
+        if not valid_id(run_id):
+            return False
+        with self._db() as db:
+            return db.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
+
+    def list(self, limit: int = 50) -> list[dict]:
+        """Newest first: id, created (ISO 8601, UTC), model, policy, density, n_tokens, prompt_preview."""
+        limit = max(0, min(int(limit), 10_000))
+        with self._db() as db:
+            rows = db.execute("SELECT id, created, model, policy, density, n_tokens, prompt_preview "
+                              "FROM runs ORDER BY created DESC, rowid DESC LIMIT ?", (limit,)).fetchall()
+        keys = ("id", "created", "model", "policy", "density", "n_tokens", "prompt_preview")
+        return [dict(zip(keys, (r[0], _iso(r[1]), *r[2:]))) for r in rows]
+
+
+def valid_id(run_id) -> bool:
+    return isinstance(run_id, str) and RUN_ID.fullmatch(run_id) is not None
+
+
+def _iso(created: float) -> str:
+    return datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="seconds")
