@@ -1,0 +1,428 @@
+"""Figures for the pages: pure functions, an Analysis (or plain rows) in, a `Plot` out.
+
+The views follow the papers the app studies: per-token neuron firing maps as in Deja Vu's
+contextual-sparsity plots, the magnitude distribution of h and mass kept vs density behind
+TEAL's and CATS' thresholds, and quality-vs-sparsity curves. Every figure keeps to a cell
+budget (`max_cells` array values across all its traces: past it, heatmaps keep the most active
+neurons, then every n-th token) and its `note` says in one sentence what it left out.
+plotly.graph_objects only; no Streamlit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+MAX_CELLS = 200_000
+STYLE_CELLS = 32        # array values a figure may spend on styling (colorscale stops), not data
+MIN_NEURONS = 16        # a reduced firing heatmap keeps at least this many neurons before it drops tokens
+ORDERS = ("index", "frequency", "clustered")
+DENSE, SPARSE, DROPPED = "#1f77b4", "#ff7f0e", "#9e9e9e"
+DROPPED_SCALE = ("#4a6f96", "#e8e8e8")       # firing heatmap, dropped cells: large |h| .. small |h|
+COMPUTED_SCALE = ("#fdbb84", "#8b0000")      # computed cells: small |h| .. large |h|
+METRIC_LABELS = {"kl": "KL(dense || sparse)", "cosine": "embedding cosine vs dense"}
+NO_ACTIVATIONS = ("This run kept no per-neuron activations (the prompt is too long for the activation "
+                  "budget), so this figure cannot be drawn; try a shorter prompt.")
+
+
+@dataclass(frozen=True)
+class Plot:
+    fig: go.Figure
+    note: str = ""       # "" or one sentence on what was left out
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+def _empty(note: str) -> Plot:
+    fig = go.Figure()
+    fig.update_layout(template="plotly_white", height=220, xaxis_visible=False, yaxis_visible=False,
+                      annotations=[dict(text=note, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)])
+    return Plot(fig, note)
+
+
+def _style(fig: go.Figure, title: str, x: str, y: str, **layout) -> go.Figure:
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white",
+                      margin=dict(l=70, r=20, t=70, b=50), **layout)
+    return fig
+
+
+def _index(i: int, n: int, what: str) -> int:
+    if not 0 <= int(i) < n:
+        raise ValueError(f"{what} {i} is out of range: this run has {n} {what}s (0 to {n - 1})")
+    return int(i)
+
+
+def _run_label(analysis) -> str:
+    return f"{analysis.spec.policy} at density {_target(analysis):g}"
+
+
+def _target(analysis) -> float:
+    return 1.0 if analysis.spec.policy == "dense" else analysis.spec.density
+
+
+def _text(s: str) -> str:
+    """Text from the prompt or the vocabulary, escaped: plotly reads labels as a subset of HTML."""
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _token_labels(tokens: list[str], rows: list[int]) -> list[str]:
+    return [f"{t}: {_text(tokens[t])}" for t in rows]
+
+
+def _fit(n_rows: int, n_cols: int, per_cell: int, max_cells: int, min_cols: int) -> tuple[int, int]:
+    """Largest (rows, cols) within (n_rows, n_cols) with per_cell*r*c + r + c + STYLE_CELLS <= max_cells:
+    columns are cut first, down to min_cols, then rows."""
+    room = max_cells - STYLE_CELLS
+    cols = n_cols
+    if per_cell * n_rows * cols + n_rows + cols > room:
+        cols = min(n_cols, max(min_cols, (room - n_rows) // (per_cell * n_rows + 1)))
+    rows = min(n_rows, (room - cols) // (per_cell * cols + 1))
+    if rows < 1:
+        cols, rows = (room - 1) // (per_cell + 1), 1
+    if cols < 1:
+        raise ValueError(f"max_cells={max_cells:,} is too small to draw this figure")
+    return rows, cols
+
+
+def _strided(n: int, keep: int) -> tuple[torch.Tensor, int]:
+    """Every step-th of n positions, so that at most `keep` remain; (positions, step)."""
+    step = math.ceil(n / keep)
+    return torch.arange(0, n, step), step
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def _every(step: int, n: int, word: str) -> str:
+    return "" if step == 1 else f"every {_ordinal(step)} of {n:,} {word}"
+
+
+def _reduced(parts: list[str], max_cells: int) -> str:
+    parts = [p for p in parts if p]
+    return f"Showing {' and '.join(parts)} (cell budget {max_cells:,})." if parts else ""
+
+
+def _selected(lf, n_neurons: int) -> torch.Tensor:
+    """[T, n_neurons] bool: the neurons the pass computed per token, from the CSR trace."""
+    n_tok = lf.selected.shape[0]
+    if lf.ids is None:
+        return torch.ones(n_tok, n_neurons, dtype=torch.bool)
+    mask = torch.zeros(n_tok, n_neurons, dtype=torch.bool)
+    rows = torch.repeat_interleave(torch.arange(n_tok), (lf.indptr[1:] - lf.indptr[:-1]).long())
+    mask[rows, lf.ids.long()] = True
+    return mask
+
+
+def _routed(analysis, lf) -> torch.Tensor | None:
+    """[T, n_neurons] bool: neurons of the experts the router picked per token (None unless MoE)."""
+    if not analysis.n_experts or lf.experts is None:
+        return None
+    n_tok = lf.experts.shape[0]
+    picked = torch.zeros(n_tok, analysis.n_experts, dtype=torch.bool)
+    picked[torch.arange(n_tok)[:, None], lf.experts.long()] = True
+    return picked.repeat_interleave(analysis.d_ff, dim=1)
+
+
+def _token_grid(analysis, z: torch.Tensor, col_word: str, max_cells: int, **heatmap) -> tuple[go.Heatmap, str]:
+    """Heatmap trace of z [T, C] (tokens x a few columns); every n-th token past the cell budget."""
+    n_tok, n_col = z.shape
+    rows, cols = _fit(n_tok, n_col, 1, max_cells, n_col)
+    t_idx, t_step = _strided(n_tok, rows)
+    c_idx, c_step = _strided(n_col, cols)
+    note = _reduced([_every(c_step, n_col, col_word), _every(t_step, n_tok, "tokens")], max_cells)
+    trace = go.Heatmap(z=z[t_idx][:, c_idx].numpy(), x=c_idx.tolist(),
+                       y=_token_labels(analysis.tokens, t_idx.tolist()), **heatmap)
+    return trace, note
+
+
+def _grid_layout(n_rows: int) -> dict:
+    return dict(height=min(900, 220 + 14 * n_rows), xaxis_type="category",
+                yaxis=dict(type="category", autorange="reversed"))
+
+
+# ---------------------------------------------------------------------------------- firing heatmap
+
+def firing_heatmap(analysis, layer: int, order: str = "index", max_cells: int = MAX_CELLS) -> Plot:
+    """Tokens x neurons of |h| in the sparse pass: +|h| (warm) where the sparse model computed the
+    neuron, -|h| (grey-blue) where it dropped it, blank for MoE experts not routed. Past the budget:
+    the neurons of largest total |h|, then every n-th token."""
+    if order not in ORDERS:
+        raise ValueError(f"unknown order '{order}'; choose one of {', '.join(ORDERS)}")
+    lf = analysis.layers[_index(layer, analysis.n_layers, "layer")]
+    if lf.activations is None:
+        return _empty(NO_ACTIVATIONS)
+    h = lf.activations.float()                                           # [T, N]
+    n_tok, n_neu = h.shape
+    sel = _selected(lf, n_neu)
+    rows, cols = _fit(n_tok, n_neu, 3, max_cells, MIN_NEURONS)           # z, customdata, text per cell
+    keep = _neuron_order(h, sel, order, cols)                            # [cols] neuron ids
+    t_idx, t_step = _strided(n_tok, rows)
+    shown_h, shown_sel = h[t_idx][:, keep], sel[t_idx][:, keep]          # [rows, cols]
+    z = torch.where(shown_sel, shown_h.abs(), -shown_h.abs())
+    status = np.where(shown_sel.numpy(), "computed", "dropped").astype(object)
+    routed = _routed(analysis, lf)
+    if routed is not None:                                               # MoE: experts the router skipped
+        skipped = ~routed[t_idx][:, keep]
+        z[skipped] = float("nan")
+        status[skipped.numpy()] = "expert not routed"
+    fig = go.Figure(go.Heatmap(
+        z=z.numpy(), x=keep.tolist(), y=_token_labels(analysis.tokens, t_idx.tolist()),
+        customdata=shown_h.numpy(), text=status, **_firing_colors(z),
+        hovertemplate="token %{y}<br>neuron %{x}<br>h = %{customdata:.4g}<br>%{text}<extra></extra>"))
+    by = {"index": "neuron index", "frequency": "tokens that selected it, most first",
+          "clustered": "similar firing patterns side by side"}[order]
+    ids = f" = expert × {analysis.d_ff} + index" if analysis.n_experts else ""
+    _style(fig, f"Layer {layer}: which neurons the sparse model computed ({_run_label(analysis)})",
+           f"neuron{ids} (ordered by {by})", "token", **_grid_layout(len(t_idx)))
+    note = _reduced([f"the {cols:,} most active of {n_neu:,} neurons" if cols < n_neu else "",
+                     _every(t_step, n_tok, "tokens")], max_cells)
+    return Plot(fig, note)
+
+
+def _firing_colors(z: torch.Tensor) -> dict:
+    """A colour scale that steps at 0: dropped cells (z < 0) grey-blue, computed cells (z > 0) orange to
+    red, each side scaled to its own 99th percentile of |h| so that small computed values read as computed."""
+    def top(x):
+        return max(float(torch.quantile(x, 0.99)) if x.numel() else 0.0, 1e-6)
+    lo, hi = top(-z[z < 0]), top(z[z > 0])
+    p = lo / (lo + hi)
+    scale = [[0.0, DROPPED_SCALE[0]], [p, DROPPED_SCALE[1]], [p, COMPUTED_SCALE[0]], [1.0, COMPUTED_SCALE[1]]]
+    ticks = dict(tickvals=[-lo, 0, hi], ticktext=[f"{lo:.2g} dropped", "0", f"{hi:.2g} computed"])
+    return dict(colorscale=scale, zmin=-lo, zmax=hi, colorbar=dict(title="|h|", **ticks))
+
+
+def _neuron_order(h: torch.Tensor, sel: torch.Tensor, order: str, n_keep: int) -> torch.Tensor:
+    """Ids of the n_keep neurons of largest total |h|, in the order asked for."""
+    mass = h.abs().sum(0)                                                # [N]
+    if n_keep >= mass.numel():
+        keep = torch.arange(mass.numel())
+    else:
+        keep = torch.topk(mass, n_keep).indices.sort().values
+    if order == "frequency":
+        keep = keep[torch.sort(-sel[:, keep].sum(0), stable=True).indices]   # ties: lower index first
+    elif order == "clustered":
+        keep = keep[_seriate(h[:, keep].abs())]
+    return keep
+
+
+def _seriate(x: torch.Tensor) -> torch.Tensor:
+    """Order of the columns of x [T, c] along the leading eigenvector of their centred cosine
+    similarity (the first principal axis of the unit-norm columns): a cheap seriation."""
+    if x.shape[1] < 3:
+        return torch.arange(x.shape[1])
+    unit = x / x.norm(dim=0).clamp(min=1e-12)                            # [T, c]
+    centred = unit - unit.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred.double(), full_matrices=False)   # vh [min(T, c), c]
+    return torch.sort(vh[0], stable=True).indices
+
+
+# ---------------------------------------------------------------------------------- one token
+
+def token_neurons(analysis, layer: int, token: int, top: int = 20) -> Plot:
+    """One token's `top` neurons by dense |h|: dense h next to the h the sparse model used
+    (0 where it dropped the neuron; those are grey, hatched and labelled "(dropped)")."""
+    layer = _index(layer, analysis.n_layers, "layer")
+    token = _index(token, len(analysis.tokens), "token")
+    dense_lf, sparse_lf = analysis.dense_layers[layer], analysis.layers[layer]
+    if dense_lf.activations is None:
+        return _empty(NO_ACTIVATIONS)
+    hd = dense_lf.activations[token].float()                             # [N]
+    ids = torch.topk(hd.abs(), min(max(1, top), hd.numel())).indices
+    hs, computed = _sparse_row(analysis, sparse_lf, token, hd.numel())
+    comp = computed[ids].tolist()
+    labels = [_neuron_name(analysis, j) + ("" if c else " (dropped)") for j, c in zip(ids.tolist(), comp)]
+    fig = go.Figure([
+        go.Bar(name="dense h", y=labels, x=hd[ids].tolist(), customdata=ids.tolist(), orientation="h",
+               marker=dict(color=[DENSE if c else DROPPED for c in comp],
+                           pattern_shape=["" if c else "/" for c in comp]),
+               hovertemplate="%{y}<br>dense h = %{x:.4g}<extra></extra>"),
+        go.Bar(name="sparse h (0 if dropped)", y=labels, x=hs[ids].tolist(), orientation="h",
+               marker_color=SPARSE, hovertemplate="%{y}<br>sparse h = %{x:.4g}<extra></extra>"),
+    ])
+    title = (f"Layer {layer}, token {token} '{_text(analysis.tokens[token])}': top {len(ids)} neurons by "
+             "dense |h| (grey hatched = dropped by the sparse model)")
+    return Plot(_style(fig, title, "activation h", "neuron", barmode="group", height=max(350, 120 + 28 * len(ids)),
+                       yaxis=dict(type="category", autorange="reversed")))
+
+
+def _sparse_row(analysis, lf, token: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h the sparse pass used [n], 0 where not computed; computed [n] bool) for one token."""
+    computed = _selected(lf, n)[token]
+    routed = _routed(analysis, lf)
+    if routed is not None:
+        computed &= routed[token]
+    row = lf.token(token)
+    if row is None:
+        hs = lf.activations[token].float() if lf.activations is not None else torch.zeros(n)
+        return hs * computed, computed
+    hs = torch.zeros(n)
+    hs[row[0].long()] = row[1].float()
+    return hs, computed
+
+
+def _neuron_name(analysis, j: int) -> str:
+    if analysis.n_experts:
+        return f"expert {j // analysis.d_ff} · neuron {j % analysis.d_ff}"
+    return f"neuron {j}"
+
+
+# ---------------------------------------------------------------------------------- density
+
+def density_tokens_layers(analysis, max_cells: int = MAX_CELLS) -> Plot:
+    """Tokens x layers: the share of its neurons each token computed in each layer."""
+    dens = torch.stack([lf.selected.float() / lf.possible.float().clamp(min=1) for lf in analysis.layers], 1)
+    trace, note = _token_grid(analysis, dens, "layers", max_cells, colorscale="Viridis", zmin=0, zmax=1,
+                              colorbar=dict(title="density"),
+                              hovertemplate="token %{y}<br>layer %{x}<br>density %{z:.3f}<extra></extra>")
+    title = f"Share of neurons computed per token and layer (target {_target(analysis):g})"
+    fig = _style(go.Figure(trace), title, "layer", "token", **_grid_layout(len(trace.y)))
+    return Plot(fig, note)
+
+
+def density_per_layer(analysis) -> Plot:
+    """Per layer: achieved density and mass kept (bars) against the target density (line)."""
+    x = list(range(analysis.n_layers))
+    fig = go.Figure([
+        go.Bar(name="achieved density", x=x, y=[lf.density for lf in analysis.layers], marker_color=SPARSE,
+               hovertemplate="layer %{x}<br>achieved density %{y:.3f}<extra></extra>"),
+        go.Bar(name="mass kept (share of Σ|h|)", x=x, y=[lf.mass_kept_share for lf in analysis.layers],
+               marker_color=DENSE, hovertemplate="layer %{x}<br>mass kept %{y:.3f}<extra></extra>"),
+        go.Scatter(name=f"target density {_target(analysis):g}", x=x, y=[_target(analysis)] * len(x),
+                   mode="lines+markers", line=dict(color="black", dash="dash")),
+    ])
+    return Plot(_style(fig, f"Density and mass kept per layer ({_run_label(analysis)})", "layer",
+                       "share (0 to 1)", barmode="group", yaxis_range=[0, 1.05], xaxis_dtick=1))
+
+
+def activation_histogram(analysis, dense: bool = True, bins: int = 60) -> Plot:
+    """Distribution of |h| per layer on log-spaced bins, one line per layer (counted here, not in the
+    browser: bins x layers points)."""
+    layers = analysis.dense_layers if dense else analysis.layers
+    if any(lf.activations is None for lf in layers):
+        return _empty(NO_ACTIVATIONS)
+    logs, zero_share = _log_abs(analysis, layers)
+    if not any(x.numel() for x in logs):
+        return _empty("Every activation in this run is exactly 0, so there is no distribution to draw.")
+    lo = min(float(x.min()) for x in logs if x.numel())
+    hi = max(max(float(x.max()) for x in logs if x.numel()), lo + 1e-6)
+    edges = torch.linspace(lo, hi, max(1, bins) + 1)
+    centres = (10 ** ((edges[:-1] + edges[1:]) / 2)).tolist()
+    fig = go.Figure([go.Scatter(x=centres, y=(torch.histc(x, len(centres), lo, hi) / max(1, x.numel())).tolist(),
+                                mode="lines", name=f"layer {i}",
+                                hovertemplate="|h| ≈ %{x:.3g}<br>%{y:.2%} of values")
+                     for i, x in enumerate(logs)])
+    _style(fig, f"How large |h| is, per layer ({'dense' if dense else 'sparse'} pass)", "|h| (log scale)",
+           "share of the layer's values", xaxis_type="log", yaxis_tickformat=".0%")
+    zeros = f"{zero_share:.1%} of the values are exactly 0 and are left out of the log-scale histogram."
+    return Plot(fig, zeros if zero_share else "")
+
+
+def _log_abs(analysis, layers) -> tuple[list[torch.Tensor], float]:
+    """log10 |h| of the nonzero values of each layer (MoE: only experts that ran), and the share of 0s."""
+    logs, zeros, total = [], 0, 0
+    for lf in layers:
+        a = lf.activations.float().abs()                                 # [T, N]
+        routed = _routed(analysis, lf)
+        a = a[routed] if routed is not None else a.flatten()
+        total, zeros = total + a.numel(), zeros + int((a == 0).sum())
+        logs.append(torch.log10(a[a > 0]))
+    return logs, zeros / max(1, total)
+
+
+def mass_curve_plot(curve: list[list[float]], densities) -> Plot:
+    """Mass kept vs density, one line per layer; the diagonal is what evenly spread |h| would give."""
+    if not curve:
+        return _empty("No mass curve to draw: it needs the captured activations of a run.")
+    x = [float(d) for d in densities]
+    fig = go.Figure([go.Scatter(x=x, y=list(row), mode="lines+markers", name=f"layer {i}")
+                     for i, row in enumerate(curve)])
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="evenly spread (y = x)",
+                             line=dict(color="grey", dash="dot"), hoverinfo="skip"))
+    return Plot(_style(fig, "Share of Σ|h| kept by each token's top neurons, vs density",
+                       "density (share of neurons kept per token)", "share of Σ|h| kept",
+                       xaxis_range=[0, 1.02], yaxis_range=[0, 1.02]))
+
+
+# ---------------------------------------------------------------------------------- quality
+
+def sweep_plot(rows: list[dict]) -> Plot:
+    """Output quality vs target density, one line per policy (rows of explore.density_sweep)."""
+    if not rows:
+        return _empty("No sweep yet: run the density sweep to see quality vs density.")
+    metric = rows[0]["metric"]
+    fig = go.Figure()
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        pr = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["density"])
+        fig.add_trace(go.Scatter(
+            x=[r["density"] for r in pr], y=[r["value"] for r in pr], mode="lines+markers", name=policy,
+            customdata=[r["achieved_density"] for r in pr],
+            hovertemplate="target density %{x:g}<br>achieved %{customdata:.3f}<br>value %{y:.4g}"))
+    better = "lower" if metric == "kl" else "higher"
+    return Plot(_style(fig, f"Output quality vs density ({better} is better)", "target density",
+                       METRIC_LABELS.get(metric, metric)))
+
+
+def divergence_plot(analysis) -> Plot:
+    """Relative error of the hidden state after each layer, sparse vs dense."""
+    x = list(range(analysis.n_layers))
+    fig = go.Figure(go.Bar(x=x, y=list(analysis.layer_divergence), marker_color=SPARSE,
+                           hovertemplate="layer %{x}<br>relative error %{y:.2%}<extra></extra>"))
+    return Plot(_style(fig, "How far the sparse model's hidden state drifts from the dense one", "layer",
+                       "‖h_sparse − h_dense‖ / ‖h_dense‖", yaxis_tickformat=".0%", xaxis_dtick=1))
+
+
+def next_token_plot(analysis) -> Plot:
+    """Causal LMs: dense vs sparse top-10 next tokens; encoders: embedding cosine per sentence."""
+    if analysis.next_tokens:
+        return Plot(_next_tokens(analysis.next_tokens))
+    if analysis.sentence_cosines:
+        return Plot(_sentence_cosines(analysis.sentence_cosines))
+    return _empty("This run recorded no output comparison to draw.")
+
+
+def _next_tokens(nt: dict[str, list[dict]]) -> go.Figure:
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("dense model", "sparse model"), horizontal_spacing=0.25)
+    for col, (name, other, color) in ((1, ("dense", "sparse", DENSE)), (2, ("sparse", "dense", SPARSE))):
+        theirs = {it["token"] for it in nt[other]}
+        labels = [f"{i + 1}. {_text(it['token'])}" for i, it in enumerate(nt[name])]
+        fig.add_trace(go.Bar(x=[it["prob"] for it in nt[name]], y=labels, orientation="h", name=name,
+                             marker_color=[color if it["token"] in theirs else DROPPED for it in nt[name]],
+                             hovertemplate="%{y}: %{x:.4g}"), row=1, col=col)
+        fig.update_yaxes(type="category", autorange="reversed", row=1, col=col)
+        fig.update_xaxes(title_text="probability", row=1, col=col)
+    return _style(fig, "Next token at the last position: top 10 (grey = not in the other model's top 10)",
+                  "probability", "", showlegend=False, height=420)
+
+
+def _sentence_cosines(rows: list[dict]) -> go.Figure:
+    short = [r["sentence"] if len(r["sentence"]) <= 40 else r["sentence"][:39] + "…" for r in rows]
+    fig = go.Figure(go.Bar(x=[f"{i + 1}. {_text(s)}" for i, s in enumerate(short)], y=[r["cosine"] for r in rows],
+                           customdata=[_text(r["sentence"]) for r in rows], marker_color=SPARSE,
+                           hovertemplate="%{customdata}<br>cosine %{y:.4f}<extra></extra>"))
+    return _style(fig, "Sentence embedding, sparse vs dense: cosine per sentence (1 = identical)", "sentence",
+                  "embedding cosine vs dense", xaxis_tickangle=-30, xaxis_type="category",
+                  yaxis_range=[min(0.0, *(r["cosine"] for r in rows)), 1.0])
+
+
+# ---------------------------------------------------------------------------------- MoE routing
+
+def expert_heatmap(analysis, layer: int, max_cells: int = MAX_CELLS) -> Plot:
+    """MoE: tokens x experts of the router's weight (0 where the expert was not picked)."""
+    if not analysis.n_experts:
+        return _empty("This model has no experts: expert routing exists only in mixture-of-experts models.")
+    lf = analysis.layers[_index(layer, analysis.n_layers, "layer")]
+    if lf.experts is None:
+        return _empty(f"No expert routing was recorded for layer {layer}.")
+    weights = torch.zeros(lf.experts.shape[0], analysis.n_experts)      # [T, E]
+    weights.scatter_(1, lf.experts.long(), lf.expert_weights.float())
+    trace, note = _token_grid(analysis, weights, "experts", max_cells, colorscale="Oranges", zmin=0,
+                              colorbar=dict(title="router weight"),
+                              hovertemplate="token %{y}<br>expert %{x}<br>weight %{z:.3f}<extra></extra>")
+    title = f"Layer {layer}: which experts the router picked per token, and their weight"
+    fig = _style(go.Figure(trace), title, "expert", "token", **_grid_layout(len(trace.y)))
+    return Plot(fig, note)
