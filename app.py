@@ -1,7 +1,7 @@
-"""sam-viz: Streamlit entry. Thin: page config, navigation over pages/, the shared sidebar."""
+"""sam-viz: Streamlit entry. Thin: page config and navigation over pages/; each page draws the
+shared sidebar (pages/_shared.py) and reads its analysis from the library."""
 import streamlit as st
 
-st.set_page_config(page_title="sam-viz", layout="wide")
+from pages._shared import navigation
 
-page = st.navigation([st.Page("pages/overview.py", title="Overview", default=True)])
-page.run()
+navigation().run()

@@ -1,14 +1,156 @@
-"""The app runs: AppTest of the entry script and its page (Streamlit's own testing harness)."""
+"""AppTest of every page on minilm and tiny-llama; URL state; hostile query params; saved runs
+reopened in a new process without any model being loaded."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+PAGES = {"firing": "pages/firing.py", "density": "pages/density.py", "compare": "pages/compare.py",
+         "runs": "pages/runs.py"}
+PROMPT = "The lighthouse keeper counted ships. The storm lasted all night."
 
 
-def test_overview_page_runs_on_minilm():
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+@pytest.fixture(autouse=True)
+def run_db(tmp_path, monkeypatch):
+    db = tmp_path / "runs.sqlite"
+    monkeypatch.setenv("SAM_VIZ_RUN_DB", str(db))
+    return db
+
+
+def open_app(page="firing", **params) -> AppTest:
+    """Open one page with the URL's query params. (AppTest's switch_page neither reruns the entry
+    script nor keeps bound query params, so each page script is opened directly: every page draws
+    the shared sidebar itself, exactly as it does under app.py's navigation.)"""
+    at = AppTest.from_file(str(ROOT / PAGES[page]), default_timeout=180)
+    for key, value in params.items():
+        at.query_params[key] = value
+    return at.run()
+
+
+def test_entry_script_navigates_to_the_firing_map():
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params["model"] = "tiny-llama"
+    at.run()
+    assert not at.exception and not at.error
+    assert at.session_state["ctx"].analysis.spec.model == "tiny-llama"
+    assert any("which neurons the sparse model computed" in t for t in chart_titles(at))
+
+
+def charts(at) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def chart_titles(at) -> list[str]:
+    out = []
+    for spec in charts(at):
+        title = spec.get("layout", {}).get("title", {})
+        out.append(title.get("text", "") if isinstance(title, dict) else str(title))
+    return out
+
+
+EXPECTED_CHARTS = {"firing": 3, "density": 3, "compare": 2, "runs": 0}
+
+
+@pytest.mark.parametrize("model", ["minilm", "tiny-llama"])
+@pytest.mark.parametrize("page", list(PAGES))
+def test_every_page_runs(page, model):
+    at = open_app(page, model=model, prompt=PROMPT)
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert len(at.get("plotly_chart")) >= EXPECTED_CHARTS[page]
+    assert any("What am I looking at" in e.label for e in at.expander)
+    assert at.session_state["ctx"].analysis.spec.model == model
+
+
+def test_query_params_give_the_same_analysis_as_the_widgets():
+    wanted = dict(model="tiny-llama", prompt=PROMPT, policy="threshold", density="0.3", layer="1")
+    by_url = open_app(**wanted)
+    assert not by_url.exception
+    a_url = by_url.session_state["ctx"].analysis
+
+    by_widgets = open_app()
+    by_widgets.selectbox(key="model").set_value("tiny-llama").run()
+    by_widgets.text_area(key="prompt").set_value(PROMPT).run()
+    by_widgets.selectbox(key="policy").set_value("threshold").run()
+    by_widgets.slider(key="density").set_value(0.3).run()
+    by_widgets.number_input(key="layer").set_value(1).run()
+    assert not by_widgets.exception
+    a_widgets = by_widgets.session_state["ctx"].analysis
+    assert a_widgets.spec == a_url.spec
+    assert a_widgets.to_json() == a_url.to_json()
+    assert by_widgets.number_input(key="layer").value == by_url.number_input(key="layer").value == 1
+    assert charts(by_widgets) == charts(by_url)
+
+
+@pytest.mark.parametrize("params,expect_error", [
+    ({"density": "abc"}, None),
+    ({"density": "7"}, None),
+    ({"density": "-1"}, None),
+    ({"model": "/etc/passwd"}, "outside the allowed roots"),
+    ({"model": "../../x"}, "outside the allowed roots"),
+    ({"model": "hf:../../etc"}, "not a valid Hugging Face model name"),
+    ({"model": "tiny-llama", "layer": "999"}, None),
+    ({"model": "tiny-llama", "token": "-5"}, None),
+    ({"policy": "rm -rf"}, None),
+    ({"run": "nonexistent"}, "no saved run"),
+    ({"run": "' OR 1=1 --"}, "no saved run"),
+    ({"model": "tiny-llama", "prompt": "word " * 20_000}, "tokens; the limit for tiny-llama is 512"),
+    ({"model": "tiny-llama", "prompt": "x" * 100_000}, None),     # cut to 20,000 chars: one [UNK] token
+])
+def test_hostile_query_params(params, expect_error):
+    at = open_app(**params)
+    assert not at.exception, at.exception
+    errors = " ".join(e.value for e in at.error)
+    if expect_error:
+        assert expect_error in errors
+    else:
+        assert not errors
+        a = at.session_state["ctx"].analysis
+        assert 0 < a.spec.density <= 1 and a.spec.policy in ("topk", "threshold", "dense")
+        assert 0 <= at.number_input(key="layer").value < a.n_layers
+
+
+def test_saved_run_reopens_after_restart_without_a_forward_pass(run_db):
+    at = open_app("runs", model="tiny-llama", prompt=PROMPT, policy="threshold", density="0.4")
+    save = next(b for b in at.button if b.label == "Save run")
+    save.click().run()
     assert not at.exception
-    assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 6
-    at.text_area[0].set_value("").run()
-    assert not at.exception and "prompt is empty" in at.error[0].value
+    run_id = at.success[0].value.split("`")[1]
+    live = open_app("firing", run=run_id)
+    assert not live.exception and not live.error
+    expected = charts(open_app("firing", model="tiny-llama", prompt=PROMPT, policy="threshold", density="0.4"))
+    assert charts(live) == expected
+
+    script = textwrap.dedent(f"""
+        import json, sys
+        import models.loading, pages._shared, sam_viz.analysis
+        def forbidden(*a, **k):
+            raise AssertionError("a model was loaded or run")
+        models.loading.load_model = pages._shared.load_model = forbidden
+        sam_viz.analysis.forward = forbidden
+        from streamlit.testing.v1 import AppTest
+        at = AppTest.from_file({APP!r}, default_timeout=120)
+        at.query_params["run"] = {run_id!r}
+        at.run()
+        assert not at.exception, at.exception
+        print(json.dumps([json.loads(el.proto.spec) for el in at.get("plotly_chart")]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SAM_VIZ_RUN_DB": str(run_db), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reopened = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert reopened == expected
+
+
+def test_library_still_imports_no_streamlit():
+    code = ("import sys, sam_viz, sam_viz.plots, sam_viz.store, sam_viz.export, models, sparse_ops; "
+            "assert 'streamlit' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,48 @@
+"""Dense vs sparse: where and how much the sparse model's computation departs from the dense one."""
+import html
+
+import streamlit as st
+
+from pages._shared import page_context, explain, show
+from sam_viz import greedy_continuation, plots
+
+ctx = page_context()
+a = ctx.analysis
+st.header("Dense vs sparse")
+explain("""
+- **Divergence per layer**: after each layer, how far the sparse model's hidden state is from the
+  dense model's, relative to its size. Errors made early are carried (and often grow) later.
+- **Next-token distributions** (language models): the ten most likely next tokens for each model.
+  **Embedding cosine per sentence** (sentence encoders): 1.0 means the sparse model's sentence
+  embedding points exactly where the dense one does.
+- **Greedy continuation** (language models): both models write N more tokens, always picking the
+  most likely one. The first token where they part ways is highlighted.
+""")
+m1, m2, m3 = st.columns(3)
+for col, (name, value) in zip((m1, m2, m3), a.compare.items()):
+    col.metric(name.replace("_", " "), f"{value:.4g}")
+
+c1, c2 = st.columns(2)
+with c1:
+    show(plots.divergence_plot(a), key="divergence")
+with c2:
+    show(plots.next_token_plot(a), key="next_tokens")
+
+if a.kind == "causal-lm":
+    st.subheader("Greedy continuation")
+    if ctx.run_id is None:
+        n_new = st.number_input("Tokens to generate", 1, 64, 16)
+        if st.button("Continue with both models"):
+            with st.spinner(f"Generating {n_new} tokens twice..."):
+                a.continuation = greedy_continuation(ctx.model(), ctx.spec, int(n_new))
+    if a.continuation:
+        first = a.continuation["first_divergence"]
+
+        def render(tokens):
+            return " ".join(f"<mark>{html.escape(t)}</mark>" if i == first else html.escape(t)
+                            for i, t in enumerate(tokens))
+
+        st.markdown(f"**Dense:** {render(a.continuation['dense'])}", unsafe_allow_html=True)
+        st.markdown(f"**Sparse:** {render(a.continuation['sparse'])}", unsafe_allow_html=True)
+        st.caption("The two continuations agree." if first is None else
+                   f"They first differ at generated token {first + 1}.")

@@ -1,0 +1,43 @@
+"""Density: how many neurons each layer computed, how the activations are distributed, and what
+quality each density buys."""
+import streamlit as st
+
+from pages._shared import page_context, explain, show
+from sam_viz import SWEEP_DENSITIES, density_sweep, mass_curve, plots
+
+ctx = page_context()
+a = ctx.analysis
+st.header("Density")
+explain("""
+- **Target vs achieved**: the density you asked for and the share of neurons each layer really
+  computed, with the share of activation mass (sum of |h|) the selected neurons kept.
+- **Distribution of |h|**: most neurons are close to zero for most tokens; that is what makes
+  sparsity possible. A long tail of large values carries most of the signal.
+- **Mass kept vs density**: if every token kept only its top-k neurons, how much of its total |h|
+  would survive? A curve far above the diagonal means activations are concentrated in few neurons.
+- **Density sweep**: run the sparse model at many densities and measure how far its output moves
+  from the dense model's (KL divergence for next-token models, lower is better; embedding cosine
+  for sentence encoders, higher is better).
+""")
+
+c1, c2 = st.columns(2)
+with c1:
+    show(plots.density_per_layer(a), key="density_per_layer")
+with c2:
+    if a.has_activations:
+        show(plots.activation_histogram(a), key="activation_histogram")
+    else:
+        st.info("This run is too large to keep every activation, so the distribution is not shown.")
+if a.has_activations:
+    show(plots.mass_curve_plot(mass_curve(a, SWEEP_DENSITIES), SWEEP_DENSITIES), key="mass_curve")
+
+st.subheader("Density sweep")
+if a.sweep is None and ctx.run_id is None:
+    if st.button("Run the sweep", help=f"{2 * len(SWEEP_DENSITIES)} sparse passes of this prompt"):
+        bar = st.progress(0.0, text="Starting the sweep...")
+        a.sweep = density_sweep(ctx.model(), ctx.spec, progress=lambda f, t: bar.progress(f, text=t))
+        bar.empty()
+if a.sweep:
+    show(plots.sweep_plot(a.sweep), key="sweep")
+elif ctx.run_id:
+    st.info("This saved run has no sweep.")

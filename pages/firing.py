@@ -1,0 +1,43 @@
+"""Firing map: which neurons each token used, layer by layer."""
+import streamlit as st
+
+from pages._shared import page_context, explain, layer_picker, show, token_picker
+from sam_viz import plots
+
+ctx = page_context()
+a = ctx.analysis
+st.header("Firing map")
+st.caption(f"{a.spec.model} · {a.spec.policy} at density {a.spec.density:g} · {len(a.tokens)} tokens · "
+           f"{a.n_layers} layers × {a.n_neurons} neurons" + (" · saved run " + ctx.run_id if ctx.run_id else ""))
+explain(f"""
+Every token passes through each layer's MLP, a block of **{a.n_neurons} neurons**. A dense model computes
+all of them for every token. A *sparse* model computes only a fraction, chosen per token: here
+**{a.spec.policy}** at density **{a.spec.density:g}**.
+
+- **Heatmap**: one row per token, one column per neuron. The colour's strength is the neuron's
+  activation |h|; **warm colours are neurons the sparse model computed, cool colours the ones it
+  skipped**. A good policy skips only neurons that were small anyway.
+- **Token detail**: for one token, its strongest neurons in the dense model next to the values the
+  sparse model computed (0 when it skipped them).
+- **Density per token and layer**: how many neurons each token used. With `topk` every cell is the
+  same; with `threshold` tokens differ.
+""")
+
+left, mid, right = st.columns([1, 1, 2])
+with left:
+    layer = layer_picker(a)
+with mid:
+    order = st.radio("Neuron order", ["index", "frequency", "clustered"], horizontal=True, key="order",
+                     bind="query-params", help="index: neuron number; frequency: most often selected first; "
+                     "clustered: neurons that fire together side by side")
+with right:
+    token = token_picker(a)
+
+show(plots.firing_heatmap(a, layer, order=order), key="firing_heatmap")
+c1, c2 = st.columns(2)
+with c1:
+    show(plots.token_neurons(a, layer, token), key="token_neurons")
+with c2:
+    show(plots.density_tokens_layers(a), key="density_tokens_layers")
+if a.n_experts:
+    show(plots.expert_heatmap(a, layer), key="expert_heatmap")

@@ -1,0 +1,46 @@
+"""Runs and sharing: links that reproduce a view, saved runs, and exports."""
+import pandas as pd
+import streamlit as st
+
+from pages._shared import page_context, explain, run_store, share_url
+from sam_viz import export
+from sam_viz.report import report_plots
+
+ctx = page_context()
+a = ctx.analysis
+st.header("Runs and sharing")
+explain("""
+- **Link to this view**: the URL holds every setting (model, prompt, policy, density, layer...), so
+  whoever opens it sees the same analysis, computed again on their side.
+- **Save run**: stores this analysis on the server under a short id; `?run=<id>` reopens it exactly,
+  without running the model again, also after the server restarts.
+- **Export**: one HTML file whose charts work offline, or the numbers as CSV / JSON.
+""")
+
+st.subheader("Link to this view")
+st.code(share_url(ctx), language=None, wrap_lines=True)
+
+st.subheader("Save this run")
+if ctx.run_id:
+    st.success(f"This is saved run `{ctx.run_id}`.")
+elif st.button("Save run", type="primary"):
+    run_id = run_store().save(a)
+    st.success(f"Saved as `{run_id}`. Share this link:")
+    st.code(share_url(ctx, run_id=run_id), language=None, wrap_lines=True)
+
+st.subheader("Saved runs")
+runs = run_store().list(limit=50)
+if runs:
+    df = pd.DataFrame(runs)
+    df["open"] = "?run=" + df["id"]
+    st.dataframe(df, hide_index=True, column_config={"open": st.column_config.LinkColumn("open")})
+else:
+    st.caption("No saved runs yet.")
+
+st.subheader("Export")
+stem = f"sam-viz-{a.spec.model.replace('/', '_')}-{a.spec.policy}-{a.spec.density:g}"
+c1, c2, c3 = st.columns(3)
+c1.download_button("HTML report", lambda: export.to_html(a, report_plots(a, st.session_state.get("layer") or 0)), f"{stem}.html",
+                   "text/html", on_click="ignore")
+c2.download_button("CSV", lambda: export.to_csv(a), f"{stem}.csv", "text/csv", on_click="ignore")
+c3.download_button("JSON", lambda: export.to_json(a), f"{stem}.json", "application/json", on_click="ignore")

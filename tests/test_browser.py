@@ -1,0 +1,123 @@
+"""A real browser: start the app on localhost, open a share URL in Debian's Chromium (driven by
+Playwright), wait for the firing heatmap and the density chart, and take screenshots."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = os.environ.get("SAM_VIZ_SCREENSHOTS")        # keep screenshots here when set (for a look by eye)
+
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (apt-get install chromium); browser test skipped"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "SAM_VIZ_RUN_DB": str(tmp_path_factory.mktemp("runs") / "runs.sqlite")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the Streamlit server did not start: " + proc.stdout.read().decode()[-2000:])
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield b
+        b.close()
+
+
+def _open(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    page.goto(url)
+    try:   # Streamlit's first load after start can come back blank: wait, and load once more if so
+        page.wait_for_selector("[data-testid='stSidebar']", timeout=60_000)
+    except Exception:  # noqa: BLE001 - retried once below
+        page.reload()
+        page.wait_for_selector("[data-testid='stSidebar']", timeout=60_000)
+    return page
+
+
+def _wait_for_titles(page, titles, timeout=120_000):
+    for title in titles:
+        page.wait_for_selector(f".js-plotly-plot .gtitle:has-text('{title}')", timeout=timeout)
+
+
+def _shot(page, tmp_path, name):
+    path = Path(SHOTS or tmp_path) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+@pytest.mark.parametrize("name", ["density", "compare", "runs"])
+def test_other_pages_render(server, browser, tmp_path, name):
+    """Runs first on a fresh server: a deep link before app.py has ever run (Streamlit's legacy
+    pages/ router is still on then)."""
+    query = urlencode({"model": "tiny-llama", "prompt": "One two three four five six.", "policy": "threshold",
+                       "density": "0.4"})
+    page = _open(browser, f"{server}/{name}?{query}")
+    page.wait_for_selector("h2", timeout=120_000)
+    if name != "runs":
+        page.wait_for_selector(".js-plotly-plot", timeout=120_000)
+    page.wait_for_timeout(1500)
+    _shot(page, tmp_path, name)
+    assert page.locator("[data-testid='stException']").count() == 0
+    assert page.get_by_text("Page not found").count() == 0
+    nav = page.locator("[data-testid='stSidebarNav']").inner_text()      # the app's navigation,
+    assert "Firing map" in nav and "Runs and sharing" in nav and "shared" not in nav  # not pages/ files
+    page.close()
+
+
+def test_share_url_shows_firing_heatmap_and_density_chart(server, browser, tmp_path):
+    query = urlencode({"model": "minilm", "prompt": "The quick brown fox jumps over the lazy dog. It ran away.",
+                       "policy": "topk", "density": "0.25", "layer": "2"})
+    page = _open(browser, f"{server}/?{query}")
+    _wait_for_titles(page, ["which neurons the sparse model computed", "Share of neurons computed per token"])
+    _shot(page, tmp_path, "firing")
+    assert page.locator(".js-plotly-plot").count() >= 3
+    nav = page.locator("[data-testid='stSidebarNav']").inner_text()
+    assert "Firing map" in nav and "Runs and sharing" in nav and "shared" not in nav
+    assert page.locator("[data-testid='stException']").count() == 0
+    assert page.get_by_text("Page not found").count() == 0
+    page.close()
