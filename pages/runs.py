@@ -32,7 +32,7 @@ st.subheader("Saved runs")
 runs = run_store().list(limit=50)
 if runs:
     df = pd.DataFrame(runs)
-    df["open"] = "?run=" + df["id"]
+    df["open"] = [share_url(ctx, run_id=run_id) for run_id in df["id"]]
     st.dataframe(df, hide_index=True, column_config={"open": st.column_config.LinkColumn("open")})
 else:
     st.caption("No saved runs yet.")

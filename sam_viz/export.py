@@ -79,8 +79,8 @@ text-align:left}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:.6em}}.not
 
 
 def to_html(a: Analysis, figures) -> str:
-    """One standalone HTML file that works offline. figures: (title, plotly Figure) pairs, or objects
-    with `.fig` (and optional `.title`, `.note`, shown under the figure)."""
+    """One standalone HTML file that works offline. figures: (title, figure) pairs or bare figures,
+    where a figure is a plotly Figure or a sam_viz.plots.Plot (its `.note` is shown under it)."""
     s = a.spec
     body = [f"<h1>sam-viz run: {_e(s.model)}</h1>",
             _table(("model", "policy", "density", "kernel", "tokens", "density achieved"),
@@ -102,9 +102,9 @@ def to_html(a: Analysis, figures) -> str:
 
 
 def _unpack(item):
-    if hasattr(item, "fig"):
-        return getattr(item, "title", ""), item.fig, getattr(item, "note", "")
-    title, fig = item
+    title, fig = item if isinstance(item, tuple) else (getattr(item, "title", ""), item)
+    if hasattr(fig, "fig"):                                   # a Plot: figure plus its note
+        return title, fig.fig, getattr(fig, "note", "")
     return title, fig, ""
 
 

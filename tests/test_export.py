@@ -1,6 +1,7 @@
 """Exports: JSON parses and matches the trace, CSV has one row per (layer, token), the HTML report is
 one offline file with plotly.js inlined once and the user's text escaped."""
 import csv
+from html import escape as html_escape
 import io
 import json
 import re
@@ -118,3 +119,20 @@ def test_store_and_export_import_without_streamlit():
     code = "import sys, sam_viz.store, sam_viz.export; print('streamlit' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_html_report_of_the_app_figures(tmp_path):
+    """The runs page's HTML export: sam_viz.report's (title, Plot) list, notes shown, JS inlined once."""
+    from sam_viz.report import report_plots
+
+    m = shared("tiny-mixtral")
+    a = analyze(m, RunSpec(prompt="Experts route tokens. Some fire often.", model="tiny-mixtral",
+                           policy="threshold", density=0.3))
+    plots = report_plots(a, layer=1)
+    html = to_html(a, plots)
+    assert html.count("Plotly.newPlot(") == len(plots)
+    assert "<script src=" not in html
+    for title, plot in plots:
+        assert title in html
+        if plot.note:
+            assert html_escape(plot.note) in html
