@@ -1,61 +1,316 @@
-"""Per-layer thresholds for the `threshold` policy, calibrated as in CATS / TEAL: for each layer,
-the value of abs(act(W_gate x)) above which a target share of neurons lies on sample prompts.
+"""Calibration on the project's own text (sparse_ops/data/calibration.json, train split):
 
-Calibration is sequential in one forward pass: layer l is calibrated on inputs that already went
-through the thresholded layers before it, so the density holds on the sparse model as run.
+- thresholds for the `threshold` policy, as in CATS / TEAL: per layer, the value of
+  abs(act(W_gate x)) above which the target share of neurons lies. Calibrated sequentially in one
+  forward pass: layer l sees inputs that already went through the thresholded layers before it.
+- per MLP unit (a layer, or one expert of an MoE layer): a low-rank predictor d -> r -> d_ff
+  trained to score the oracle top-k set from the MLP input (Deja Vu), and how often each neuron is
+  in the oracle top-k (the `static` policy's ranking).
+
+Trained data is stored as safetensors (never pickle) under SAM_VIZ_CACHE_DIR (default
+~/.cache/sam-viz), keyed by a fingerprint of the model's weights, the settings and the texts.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
 import threading
+import time
 import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from models import LoadedModel
 
 from .context import _RUN, Run
-from .kernels import Kernel
+from .kernels import Kernel, reference
+from .mlp import install
 from .policy import Policy
 
-SAMPLE_PROMPTS = (
-    "The quick brown fox jumps over the lazy dog near the river bank.",
-    "In 1969, astronauts landed on the Moon and walked on its dusty surface.",
-    "Photosynthesis converts sunlight, water and carbon dioxide into sugar and oxygen.",
-    "She opened the old wooden box and found a stack of letters tied with ribbon.",
-    "The stock market fell sharply after the central bank raised interest rates again.",
-    "def add(a, b):\n    return a + b  # a tiny Python function",
-    "Mix the flour, sugar and eggs, then bake the cake for forty minutes.",
-    "The committee will meet on Tuesday to discuss the budget for next year.",
-    "Neurons in the brain communicate through electrical and chemical signals.",
-    "He missed the last train home and had to walk through the rain.",
-    "Mount Everest is the highest mountain above sea level on Earth.",
-    "Please remember to water the plants while I am away on holiday.",
-    "The violinist played a haunting melody that filled the empty concert hall.",
-    "Large language models predict the next token from the tokens before it.",
-    "Children were laughing and chasing each other around the playground.",
-    "The recipe calls for two cups of rice and a pinch of salt.",
-)
+DATA = Path(__file__).with_name("data") / "calibration.json"
+GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))     # densities the app offers: 0.05 ... 1.0
+TRAIN_DENSITIES = (0.1, 0.25, 0.5)                          # the predictor's soft targets
+FORMAT = "sam-viz-calibration/1"
+THRESHOLD_TOKENS = 3000        # real tokens used to calibrate thresholds (one padded batch)
+UNIT_TOKENS = 8192             # most tokens kept per unit for predictor / static training
+log = logging.getLogger(__name__)
+Progress = Callable[[float, str], None]
+Unit = tuple[int, int]         # (layer, expert); expert -1 for a dense MLP
 
-_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[float, dict[int, float]]]" = weakref.WeakKeyDictionary()
+
+@functools.cache
+def calibration_texts() -> dict[str, tuple[str, ...]]:
+    data = json.loads(DATA.read_text())
+    return {"train": tuple(data["train"]), "held_out": tuple(data["held_out"])}
+
+
+@dataclass(frozen=True)
+class Settings:
+    rank: int = 0              # 0: d_model / 8, between 8 and 256 (Deja Vu uses about d / 12)
+    steps: int = 300
+    lr: float = 3e-3
+    batch: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class Calibration:
+    fingerprint: str
+    settings: Settings
+    predictors: dict[Unit, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # A [r, d], B [d_ff, r], b [d_ff]
+    counts: dict[Unit, torch.Tensor]          # [len(GRID), d_ff] int32: tokens with neuron j in the top-k
+    thresholds: dict[float, dict[int, float]] = field(default_factory=dict)
+    n_tokens: int = 0                         # calibration tokens seen (train split)
+
+    def scores(self, unit: Unit, x: torch.Tensor) -> torch.Tensor:
+        """Predicted importance of every neuron of `unit` for inputs x [n, d] -> [n, d_ff]."""
+        a, b, bias = self.predictors[unit]
+        return F.linear(F.linear(x, a), b, bias)
+
+    def static_ids(self, unit: Unit, density: float, k: int) -> torch.Tensor:
+        """The k neurons most often in the oracle top-k at the grid density nearest `density`."""
+        row = min(range(len(GRID)), key=lambda i: abs(GRID[i] - density))
+        return torch.sort(-self.counts[unit][row].long(), stable=True).indices[:k]
+
+    def predictor_cost(self, unit: Unit) -> tuple[int, int]:
+        """(FLOPs, parameters) of one predictor call for one token."""
+        a, b, bias = self.predictors[unit]
+        return 2 * (a.numel() + b.numel()) + bias.numel(), a.numel() + b.numel() + bias.numel()
+
+
+# ---------------------------------------------------------------------------------- thresholds
+
+_THRESHOLDS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[float, dict[int, float]]]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
-def calibrate_thresholds(loaded: LoadedModel, density: float, kernel: Kernel,
-                         prompts: tuple[str, ...] = SAMPLE_PROMPTS) -> dict[int, float]:
-    """{layer: threshold} reaching `density` on `prompts`; cached per model and density."""
+def calibrate_thresholds(loaded: LoadedModel, density: float, kernel: Kernel = reference) -> dict[int, float]:
+    """{layer: threshold} reaching `density` on the train texts; cached per model and density."""
     with _LOCK:
-        cached = _CACHE.get(loaded.model, {}).get(density)
+        cached = _THRESHOLDS.get(loaded.model, {}).get(density)
     if cached is not None:
         return cached
-    enc = loaded.encode_batch(list(prompts))
+    enc = loaded.encode_batch(_texts_within(loaded, calibration_texts()["train"], THRESHOLD_TOKENS))
     run = Run(policy=Policy("threshold", density), kernel=kernel, calibrating=True,
               token_mask=enc["attention_mask"].reshape(-1).bool())
+    _forward_with(loaded, enc, run)
+    with _LOCK:
+        _THRESHOLDS.setdefault(loaded.model, {})[density] = dict(run.thresholds)
+    return run.thresholds
+
+
+def _texts_within(loaded: LoadedModel, texts, budget: int) -> list[str]:
+    out, used = [], 0
+    for t in texts:
+        n = len(loaded.encode(t)["input_ids"][0])
+        if used + n > budget and out:
+            break
+        out.append(t)
+        used += n
+    return out
+
+
+def _forward_with(loaded: LoadedModel, enc: dict, run: Run) -> None:
     token = _RUN.set(run)
     try:
         with torch.no_grad():
             loaded.model(**enc)
     finally:
         _RUN.reset(token)
+
+
+# ---------------------------------------------------------------------------------- predictors
+
+class Collector:
+    """Gathers (MLP input x, activations h) of real tokens per unit during dense passes."""
+
+    def __init__(self, limit: int = UNIT_TOKENS):
+        self.limit = limit
+        self.x: dict[Unit, list[torch.Tensor]] = {}
+        self.h: dict[Unit, list[torch.Tensor]] = {}
+        self.count: dict[Unit, int] = {}
+
+    def add(self, unit: Unit, x: torch.Tensor, h: torch.Tensor) -> None:
+        room = self.limit - self.count.get(unit, 0)
+        if room <= 0 or len(x) == 0:
+            return
+        self.x.setdefault(unit, []).append(x[:room].detach().clone())
+        self.h.setdefault(unit, []).append(h[:room].detach().clone())
+        self.count[unit] = self.count.get(unit, 0) + min(room, len(x))
+
+    def data(self, unit: Unit) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat(self.x[unit]), torch.cat(self.h[unit])
+
+
+def collect(loaded: LoadedModel, texts, progress: Progress, chunk: int = 16) -> tuple[Collector, int]:
+    install(loaded)                                  # the wrappers are what feed the collector
+    collector, n_tokens = Collector(), 0
+    for i in range(0, len(texts), chunk):
+        progress(0.25 * i / len(texts), f"reading calibration text {i + 1}-{min(i + chunk, len(texts))}")
+        enc = loaded.encode_batch(texts[i:i + chunk], max_length=loaded.max_tokens)
+        mask = enc["attention_mask"].reshape(-1).bool()
+        n_tokens += int(mask.sum())
+        _forward_with(loaded, enc, Run(policy=Policy("dense"), kernel=reference, collector=collector,
+                                       token_mask=mask))
+    return collector, n_tokens
+
+
+def oracle_targets(h: torch.Tensor) -> torch.Tensor:
+    """Soft label per neuron: the share of TRAIN_DENSITIES at which it is in the token's top-k."""
+    order = torch.sort(h.abs(), dim=-1, descending=True, stable=True).indices
+    y = torch.zeros_like(h)
+    for d in TRAIN_DENSITIES:
+        k = max(1, round(d * h.shape[-1]))
+        y.scatter_add_(1, order[:, :k], torch.full(order[:, :k].shape, 1.0 / len(TRAIN_DENSITIES)))
+    return y
+
+
+def topk_counts(h: torch.Tensor) -> torch.Tensor:
+    """[len(GRID), d_ff] int32: how many tokens have each neuron in their top-k, at each grid density."""
+    order = torch.sort(h.abs(), dim=-1, descending=True, stable=True).indices
+    d_ff = h.shape[-1]
+    return torch.stack([torch.bincount(order[:, :max(1, round(g * d_ff))].flatten(), minlength=d_ff)
+                        for g in GRID]).int()
+
+
+def train_predictor(x: torch.Tensor, h: torch.Tensor, s: Settings) -> tuple[torch.Tensor, ...]:
+    """Low-rank d -> r -> d_ff scorer, BCE against the oracle soft labels."""
+    gen = torch.Generator().manual_seed(s.seed)
+    d, d_ff = x.shape[-1], h.shape[-1]
+    r = min(s.rank or max(8, min(256, round(d / 8))), d, d_ff)
+    a = (torch.randn(r, d, generator=gen) / math.sqrt(d)).requires_grad_()
+    b = (torch.randn(d_ff, r, generator=gen) / math.sqrt(r)).requires_grad_()
+    bias = torch.zeros(d_ff, requires_grad=True)
+    y = oracle_targets(h)
+    opt = torch.optim.Adam([a, b, bias], lr=s.lr)
+    with torch.enable_grad():
+        for _ in range(s.steps):
+            rows = torch.randint(0, len(x), (min(s.batch, len(x)),), generator=gen)
+            loss = F.binary_cross_entropy_with_logits(F.linear(F.linear(x[rows], a), b, bias), y[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return a.detach(), b.detach(), bias.detach()
+
+
+def calibrate(loaded: LoadedModel, settings: Settings = Settings(), progress: Progress | None = None,
+              thresholds: bool = True) -> Calibration:
+    """Train predictors and static counts for every unit (and thresholds on the density grid)."""
+    step = progress or (lambda frac, text: None)
+    collector, n_tokens = collect(loaded, calibration_texts()["train"], step)
+    units = sorted(collector.x)
+    if not units:
+        raise RuntimeError(f"no MLP activations were collected from {loaded.spec}")
+    cal = Calibration(fingerprint(loaded, settings), settings, {}, {}, n_tokens=n_tokens)
+    for i, unit in enumerate(units):
+        step(0.25 + 0.6 * i / len(units), f"training the predictor of layer {unit[0]}"
+             + (f", expert {unit[1]}" if unit[1] >= 0 else ""))
+        x, h = collector.data(unit)
+        cal.predictors[unit] = train_predictor(x, h, settings)
+        cal.counts[unit] = topk_counts(h)
+    if thresholds:
+        for j, g in enumerate(GRID):
+            step(0.85 + 0.15 * j / len(GRID), f"calibrating thresholds at density {g:g}")
+            cal.thresholds[g] = dict(calibrate_thresholds(loaded, g))
+    step(1.0, "done")
+    return cal
+
+
+# ---------------------------------------------------------------------------------- storage
+
+_CALIBRATIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Calibration]" = weakref.WeakKeyDictionary()
+_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SAM_VIZ_CACHE_DIR") or Path.home() / ".cache" / "sam-viz") / "calibration"
+
+
+def weights_digest(loaded: LoadedModel) -> str:
+    """Order-independent digest of every parameter and buffer (names change when MLPs are wrapped)."""
     with _LOCK:
-        _CACHE.setdefault(loaded.model, {})[density] = dict(run.thresholds)
-    return run.thresholds
+        if loaded.model in _FINGERPRINTS:
+            return _FINGERPRINTS[loaded.model]
+    parts = sorted(hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + t.detach().contiguous().cpu()
+                                  .view(torch.uint8).numpy().tobytes()).hexdigest()
+                   for t in [*loaded.model.parameters(), *loaded.model.buffers()])
+    digest = hashlib.sha256("".join(parts).encode()).hexdigest()
+    with _LOCK:
+        _FINGERPRINTS[loaded.model] = digest
+    return digest
+
+
+def fingerprint(loaded: LoadedModel, settings: Settings) -> str:
+    text = hashlib.sha256(DATA.read_bytes()).hexdigest()
+    key = json.dumps([FORMAT, weights_digest(loaded), settings.__dict__, text, GRID, TRAIN_DENSITIES])
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def path_for(loaded: LoadedModel, settings: Settings = Settings()) -> Path:
+    return cache_dir() / f"{loaded.model_type}-{fingerprint(loaded, settings)}.safetensors"
+
+
+def save(cal: Calibration, path: Path) -> None:
+    tensors = {}
+    for (layer, expert), (a, b, bias) in cal.predictors.items():
+        tensors.update({f"pred.{layer}.{expert}.a": a, f"pred.{layer}.{expert}.b": b,
+                        f"pred.{layer}.{expert}.bias": bias, f"count.{layer}.{expert}": cal.counts[(layer, expert)]})
+    meta = {"format": FORMAT, "fingerprint": cal.fingerprint, "settings": json.dumps(cal.settings.__dict__),
+            "n_tokens": str(cal.n_tokens),
+            "thresholds": json.dumps({str(g): {str(k): v for k, v in t.items()} for g, t in cal.thresholds.items()})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> Calibration:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file")
+    tensors = load_file(str(path))
+    units = {tuple(int(p) for p in k.split(".")[1:3]) for k in tensors if k.startswith("pred.")}
+    predictors = {u: (tensors[f"pred.{u[0]}.{u[1]}.a"], tensors[f"pred.{u[0]}.{u[1]}.b"],
+                      tensors[f"pred.{u[0]}.{u[1]}.bias"]) for u in units}
+    counts = {u: tensors[f"count.{u[0]}.{u[1]}"] for u in units}
+    thresholds = {float(g): {int(k): float(v) for k, v in t.items()}
+                  for g, t in json.loads(meta.get("thresholds", "{}")).items()}
+    return Calibration(meta["fingerprint"], Settings(**json.loads(meta["settings"])), predictors, counts,
+                       thresholds, int(meta.get("n_tokens", 0)))
+
+
+def get_calibration(loaded: LoadedModel, progress: Progress | None = None, train: bool = True,
+                    settings: Settings = Settings()) -> Calibration | None:
+    """The model's calibration: from memory, else from disk, else trained (when `train`) and stored.
+    Trained here (first use of `predictor` / `static`), thresholds are left to on-demand calibration
+    per density; `python -m sam_viz calibrate` also stores them for the density grid."""
+    with _LOCK:
+        cal = _CALIBRATIONS.get(loaded.model)
+    if cal is not None:
+        return cal
+    path = path_for(loaded, settings)
+    if path.is_file():
+        cal = load(path)
+    elif not train:
+        return None
+    else:
+        t0 = time.perf_counter()
+        cal = calibrate(loaded, settings, progress, thresholds=False)
+        save(cal, path)
+        log.info("calibrated %s in %.1f s -> %s", loaded.spec, time.perf_counter() - t0, path)
+    with _LOCK:
+        _CALIBRATIONS[loaded.model] = cal
+        _THRESHOLDS.setdefault(loaded.model, {}).update(cal.thresholds)
+    return cal

@@ -24,6 +24,8 @@ class Run:
     thresholds: dict[int, float] = field(default_factory=dict)
     calibrating: bool = False              # fill `thresholds` layer by layer from this pass
     token_mask: torch.Tensor | None = None  # [N] bool: tokens that count when calibrating (not padding)
+    calibration: object | None = None       # sparse_ops.calibration.Calibration (predictor, static)
+    collector: object | None = None         # sparse_ops.calibration.Collector: gathers (x, h) per unit
 
     def threshold(self, layer: int, scores: torch.Tensor, rows: torch.Tensor | None = None) -> float:
         """The layer's threshold; when calibrating and not yet set, the value that keeps a

@@ -68,44 +68,55 @@ class SparseMLP(nn.Module):
         rows = torch.arange(x2.shape[0], device=x.device)
         if run.policy.kind == "dense":
             y = self.dense_forward(x)
-            if run.recorder is not None:
+            if run.recorder is not None or run.collector is not None:
                 self._record_dense(run, x2, rows)
             return y
         y = self._moe(run, x2, rows) if self.adapter.is_moe else self._sparse(run, x2, rows, self.weights())
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _record_dense(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> None:
-        if not self.adapter.is_moe:
-            run.recorder.add(self.layer, rows, None, None, activations(x2, self.weights()))
-            return
-        for e, tok, _ in self._route(run, x2):
-            w = self.weights(e)
-            run.recorder.add(self.layer, rows[tok], None, None, activations(x2[tok], w), offset=e * w.d_ff)
+        units = self._route(run, x2) if self.adapter.is_moe else [(-1, rows, None)]
+        for e, tok, _ in units:
+            w = self.weights(None if e < 0 else e)
+            h = activations(x2[tok], w)
+            if run.recorder is not None:
+                run.recorder.add(self.layer, rows[tok], None, None, h, offset=max(e, 0) * w.d_ff)
+            if run.collector is not None:                      # calibration: real tokens only
+                real = run.token_mask[rows[tok]] if run.token_mask is not None else slice(None)
+                run.collector.add((self.layer, e), x2[tok][real], h[real])
 
     def _route(self, run: Run, x2: torch.Tensor):
         """Route as shipped; record the routing; yield (expert, token rows, slot, weight) per picked expert."""
-        _, top_w, top_e = self.resolve(self.adapter.router)(x2)         # [N, top_k] each
+        logits, top_w, top_e = self.resolve(self.adapter.router)(x2)    # [N, E], [N, top_k], [N, top_k]
         if run.recorder is not None:
-            run.recorder.add_routing(self.layer, top_e, top_w)
+            run.recorder.add_routing(self.layer, top_e, top_w, logits)
         for e in top_e.unique().tolist():
             tok, pos = torch.where(top_e == e)
             yield e, tok, top_w[tok, pos, None]
 
     def _sparse(self, run: Run, x2: torch.Tensor, rows: torch.Tensor, w: MLPWeights,
-                offset: int = 0) -> torch.Tensor:
+                expert: int = -1) -> torch.Tensor:
         """One MLP (or one expert) on tokens x2 [n, d] at positions `rows`."""
-        policy, h_all = run.policy, None
-        if policy.kind == "topk":
+        policy, h_all, n, k = run.policy, None, x2.shape[0], run.policy.k(w.d_ff)
+        if policy.is_full:
+            idx = torch.arange(w.d_ff, device=x2.device).expand(n, w.d_ff)
+        elif policy.kind == "topk":
             h_all = activations(x2, w)                                   # oracle: needs all of h
-            idx = topk_indices(h_all, policy.k(w.d_ff))                  # [n, k]
-        else:                                                            # threshold, CATS score
+            idx = topk_indices(h_all, k)                                 # [n, k]
+        elif policy.kind == "threshold":                                 # CATS score
             score = w.act(F.linear(x2, w.gate, w.b_gate)).abs()          # [n, d_ff]
             idx = mask_indices(score > run.threshold(self.layer, score, rows))
+        elif policy.kind == "predictor":                                 # before any MLP weight is read
+            scores = run.calibration.scores((self.layer, expert), x2)    # [n, d_ff]
+            idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+        else:                                                            # static: one set for all tokens
+            idx = run.calibration.static_ids((self.layer, expert), policy.density, k).expand(n, k)
         y, h_sel = run.kernel(x2, idx, w)
         if run.recorder is not None:
             h_all = activations(x2, w) if h_all is None else h_all
+            offset = max(expert, 0) * w.d_ff
             ids = torch.where(idx >= 0, idx + offset, idx)
-            run.recorder.add(self.layer, rows, ids, h_sel, h_all, offset=offset)
+            run.recorder.add(self.layer, rows, ids, h_sel, h_all, offset=offset, oracle_k=k)
         return y
 
     def _moe(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -120,7 +131,7 @@ class SparseMLP(nn.Module):
         y = torch.zeros_like(x2)
         for e, tok, weight in routes:
             w = self.weights(e)
-            ye = self._sparse(run, x2[tok], rows[tok], w, offset=e * w.d_ff)
+            ye = self._sparse(run, x2[tok], rows[tok], w, expert=e)
             y.index_add_(0, tok, (ye * weight).to(y.dtype))
         return y
 

@@ -3,7 +3,9 @@
 `topk` is the oracle of the DESIGN table (exactly k = round(density * d_ff) largest abs(h_j) per
 token, ties to the lower index); `threshold` keeps neurons whose score is above a per-layer
 threshold calibrated to the target density (scores as in CATS: abs(act(W_gate x)) for GLU models,
-abs(h) otherwise).
+abs(h) otherwise); `predictor` keeps the k neurons a low-rank network scores highest from the MLP
+input, before any MLP weight is read (Deja Vu); `static` keeps the same k neurons for every token,
+those most often in the oracle top-k on calibration text (the pruning baseline).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 
 from models import InputError
 
-POLICIES = ("dense", "topk", "threshold")
+POLICIES = ("dense", "topk", "threshold", "predictor", "static")
+CALIBRATED = ("predictor", "static")       # need sparse_ops.calibration data for the model
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,10 @@ def topk_indices(h: torch.Tensor, k: int) -> torch.Tensor:
 
 def mask_indices(mask: torch.Tensor) -> torch.Tensor:
     """[N, d_ff] bool -> [N, k_max] int64 of the selected neurons in index order, -1 padded."""
-    counts = mask.sum(dim=-1)
+    counts = mask.sum(dim=-1)                                            # [N]
     k_max = int(counts.max()) if mask.numel() else 0
-    order = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k_max]
-    keep = torch.arange(k_max, device=mask.device) < counts[:, None]
-    return torch.where(keep, order, torch.full_like(order, -1))
+    rows, cols = mask.nonzero(as_tuple=True)                             # row-major: rows ascending
+    starts = torch.cumsum(counts, 0) - counts
+    idx = torch.full((mask.shape[0], k_max), -1, dtype=torch.long, device=mask.device)
+    idx[rows, torch.arange(rows.numel(), device=mask.device) - starts[rows]] = cols
+    return idx

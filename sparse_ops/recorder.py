@@ -28,6 +28,23 @@ class LayerFiring:
     expert_weights: torch.Tensor | None = None  # [T, top_k] fp16 (MoE)
     activations: torch.Tensor | None = None     # [T, n_neurons] fp16 h of every neuron (kept on request;
                                                 # MoE: 0 for experts the router did not pick)
+    router_entropy: torch.Tensor | None = None  # [T] float32: entropy (nats) of the router's distribution (MoE)
+    oracle: torch.Tensor | None = None          # [T] int32: size of the oracle top-k set at the run's density
+    hits: torch.Tensor | None = None            # [T] int32: selected neurons that are in the oracle set
+
+    @property
+    def recall(self) -> float | None:
+        """Share of the oracle top-k neurons the policy selected (None when not measured)."""
+        if self.oracle is None:
+            return None
+        return float(self.hits.sum()) / max(1, float(self.oracle.sum()))
+
+    @property
+    def precision(self) -> float | None:
+        """Share of the selected neurons that are in the oracle top-k (None when not measured)."""
+        if self.hits is None:
+            return None
+        return float(self.hits.sum()) / max(1, float(self.selected.sum()))
 
     @property
     def density(self) -> float:
@@ -47,7 +64,8 @@ class LayerFiring:
 
     def nbytes(self) -> int:
         parts = [self.indptr, self.ids, self.values, self.selected, self.possible, self.mass_kept,
-                 self.mass_total, self.experts, self.expert_weights, self.activations]
+                 self.mass_total, self.experts, self.expert_weights, self.activations, self.oracle, self.hits,
+                 self.router_entropy]
         return sum(p.numel() * p.element_size() for p in parts if p is not None)
 
 
@@ -60,6 +78,8 @@ class _Part:
     mass_total: torch.Tensor          # [n]
     offset: int = 0                   # first global neuron id of this part (expert * d_ff)
     h: torch.Tensor | None = None     # [n, d_ff] fp16, when activations are kept
+    oracle: torch.Tensor | None = None  # [n] oracle top-k size
+    hits: torch.Tensor | None = None    # [n] selected neurons in the oracle set
 
 
 @dataclass
@@ -70,22 +90,34 @@ class Recorder:
     """
     keep_activations: bool = False
     _parts: dict[int, list[_Part]] = field(default_factory=dict)
-    _routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _routing: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, layer: int, rows, ids, values, h_all, offset: int = 0) -> None:
-        """rows [n]; ids/values [n, k] (None: all neurons fired); h_all [n, d_ff] every neuron's h."""
+    def add(self, layer: int, rows, ids, values, h_all, offset: int = 0, oracle_k: int | None = None) -> None:
+        """rows [n]; ids/values [n, k] global ids (-1 = none; None: all neurons fired); h_all [n, d_ff]
+        every neuron's h. With oracle_k, also count how many selected ids are in the top-oracle_k by |h|."""
         h_all = h_all.detach()
+        oracle = hits = None
+        if oracle_k is not None and ids is not None:
+            top = torch.sort(h_all.abs(), dim=-1, descending=True, stable=True).indices[:, :oracle_k]
+            in_oracle = torch.zeros_like(h_all, dtype=torch.bool).scatter_(1, top, True)      # [n, d_ff]
+            valid = ids >= 0
+            local = torch.where(valid, ids - offset, 0)
+            picked = torch.zeros_like(h_all).scatter_add_(1, local, valid.to(h_all.dtype)) > 0
+            hits = (picked & in_oracle).sum(-1).int()                                        # [n]
+            oracle = torch.full_like(hits, oracle_k)
         part = _Part(rows.detach(), None if ids is None else ids.detach(),
                      None if values is None else values.detach().float(), h_all.shape[-1],
                      h_all.abs().sum(-1).float(), offset,
-                     _to_fp16(h_all) if self.keep_activations else None)
+                     _to_fp16(h_all) if self.keep_activations else None, oracle, hits)
         with self._lock:
             self._parts.setdefault(layer, []).append(part)
 
-    def add_routing(self, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
+    def add_routing(self, layer: int, experts: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor) -> None:
+        logp = torch.log_softmax(logits.detach().float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
         with self._lock:
-            self._routing[layer] = (experts.detach().to(torch.int16), weights.detach().to(torch.float16))
+            self._routing[layer] = (experts.detach().to(torch.int16), weights.detach().to(torch.float16), entropy)
 
     def layers(self, n_tokens: int, n_neurons: int) -> list[LayerFiring]:
         """One LayerFiring per recorded layer, in layer order. n_neurons: ids per layer (E * d_ff for MoE)."""
@@ -93,12 +125,16 @@ class Recorder:
         out = []
         for layer in sorted(self._parts):
             firing = _assemble(self._parts[layer], n_tokens, id_dtype)
+            parts = self._parts[layer]
+            if all(p.oracle is not None for p in parts):
+                firing.oracle = _per_token([p.oracle for p in parts], parts, n_tokens)
+                firing.hits = _per_token([p.hits for p in parts], parts, n_tokens)
             if self.keep_activations:
                 firing.activations = torch.zeros(n_tokens, n_neurons, dtype=torch.float16)
                 for p in self._parts[layer]:
                     firing.activations[p.rows, p.offset:p.offset + p.possible] = p.h
             if layer in self._routing:
-                firing.experts, firing.expert_weights = self._routing[layer]
+                firing.experts, firing.expert_weights, firing.router_entropy = self._routing[layer]
             out.append(firing)
         return out
 
@@ -129,6 +165,13 @@ def _assemble(parts: list[_Part], n: int, id_dtype) -> LayerFiring:
     return LayerFiring(indptr=indptr.int(), ids=ids.to(id_dtype),
                        values=_to_fp16(vals), selected=counts.int(),
                        possible=possible.int(), mass_kept=mass_kept, mass_total=mass_total)
+
+
+def _per_token(values: list[torch.Tensor], parts: list[_Part], n: int) -> torch.Tensor:
+    out = torch.zeros(n, dtype=torch.int64)
+    for v, p in zip(values, parts):
+        out.index_add_(0, p.rows, v.long())
+    return out.int()
 
 
 def _to_fp16(t: torch.Tensor) -> torch.Tensor:

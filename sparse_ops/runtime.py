@@ -10,22 +10,27 @@ from typing import Iterator
 
 from models import LoadedModel
 
-from .calibration import calibrate_thresholds
+from .calibration import Progress, calibrate_thresholds, get_calibration
 from .context import _RUN, Run
 from .kernels import get_kernel
 from .mlp import install
-from .policy import Policy
+from .policy import CALIBRATED, Policy
 from .recorder import Recorder
 
 
 @contextmanager
 def sparsified(loaded: LoadedModel, policy: Policy, *, kernel: str = "reference",
-               recorder: Recorder | None = None) -> Iterator[Run]:
+               recorder: Recorder | None = None, progress: Progress | None = None) -> Iterator[Run]:
+    """Run `loaded` sparsely inside the block. `predictor` and `static` need the model's calibration:
+    loaded from disk, or trained first (with `progress`) when nothing is stored."""
     kern = get_kernel(kernel)
     install(loaded)
     run = Run(policy=policy, kernel=kern, recorder=recorder)
     if policy.kind == "threshold" and not policy.is_full:
+        get_calibration(loaded, train=False)              # stored thresholds, if `calibrate` ran
         run.thresholds = dict(calibrate_thresholds(loaded, policy.density, kern))
+    if policy.kind in CALIBRATED and not policy.is_full:
+        run.calibration = get_calibration(loaded, progress)
     token = _RUN.set(run)
     try:
         yield run

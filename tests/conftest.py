@@ -3,6 +3,9 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# calibrations (predictors, static sets) trained by tests go to a fresh folder, never ~/.cache
+os.environ["SAM_VIZ_CACHE_DIR"] = os.environ.get("SAM_VIZ_TEST_CACHE_DIR") or __import__("tempfile").mkdtemp(
+    prefix="sam-viz-test-cache-")
 
 import pytest  # noqa: E402
 
@@ -11,7 +14,7 @@ from models import BUILTIN_SPECS, load_model  # noqa: E402
 TINY = [s for s in BUILTIN_SPECS if s.startswith("tiny-")]
 ALL_SPECS = list(BUILTIN_SPECS)
 
-# Held-out prompts: none of them is among sparse_ops.SAMPLE_PROMPTS (used for calibration).
+# Held-out prompts for the tests: none of them is in the calibration texts' train split.
 HELD_OUT = (
     "A lighthouse keeper counted the ships that passed during the long winter storm.",
     "Quantum computers use qubits, which can hold superpositions of zero and one.",
