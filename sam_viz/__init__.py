@@ -2,11 +2,12 @@
 from models import BUILTIN_SPECS, DEFAULT_MODEL, InputError, LoadedModel, load_model
 
 from .analysis import Analysis, Outputs, analyze, compare_outputs, encode_prompt, forward, sentence_embedding
-from .explore import SWEEP_DENSITIES, SWEEP_POLICIES, density_sweep, greedy_continuation, mass_curve
+from .explore import (SWEEP_DENSITIES, SWEEP_POLICIES, calibration_counts, density_sweep, firing_counts,
+                      greedy_continuation, mass_curve)
 from .spec import RunSpec
 
 __all__ = [
     "Analysis", "BUILTIN_SPECS", "DEFAULT_MODEL", "InputError", "LoadedModel", "Outputs", "RunSpec",
-    "SWEEP_DENSITIES", "SWEEP_POLICIES", "analyze", "compare_outputs", "density_sweep", "encode_prompt",
+    "SWEEP_DENSITIES", "SWEEP_POLICIES", "analyze", "calibration_counts", "firing_counts", "compare_outputs", "density_sweep", "encode_prompt",
     "forward", "greedy_continuation", "load_model", "mass_curve", "sentence_embedding",
 ]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from models import InputError, LoadedModel
 from sparse_ops import LayerFiring, Policy, Recorder, sparsified
 
+from .cost import mlp_cost
 from .spec import RunSpec
 
 
@@ -55,6 +56,7 @@ class Analysis:
     continuation: dict | None = None                    # filled on request: greedy_continuation
     sweep: list[dict] | None = None                     # filled on request: density_sweep
     timings_ms: dict[str, float] = field(default_factory=dict)
+    cost: dict[str, float] | None = None                # per token, see sam_viz.cost (predictor included)
 
     @property
     def n_neurons(self) -> int:
@@ -85,8 +87,8 @@ class Analysis:
         return {
             "model": self.spec.model, "policy": self.spec.policy, "target_density": self.spec.density,
             "kernel": self.spec.kernel, "tokens": self.tokens, "density": self.density,
-            "layers": [{"layer": i, "density": l.density, "mass_kept": l.mass_kept_share}
-                       for i, l in enumerate(self.layers)],
+            "layers": [{"layer": i, "density": l.density, "mass_kept": l.mass_kept_share,
+                        "recall": l.recall, "precision": l.precision} for i, l in enumerate(self.layers)],
             "compare": self.compare,
         }
 
@@ -150,7 +152,8 @@ def analyze(loaded: LoadedModel, spec: RunSpec, progress: Progress | None = None
     t2 = time.perf_counter()
     step(0.4, f"sparse pass ({spec.policy}, density {spec.density:g})")
     recorder = Recorder(keep_activations=keep)
-    with sparsified(loaded, spec.to_policy(), kernel=spec.kernel, recorder=recorder):
+    calibrating = lambda frac, text: step(0.4, f"first use of {spec.policy} on this model: {text}")  # noqa: E731
+    with sparsified(loaded, spec.to_policy(), kernel=spec.kernel, recorder=recorder, progress=calibrating) as run:
         t3 = time.perf_counter()
         sparse = forward(loaded, enc)
     t4 = time.perf_counter()
@@ -162,6 +165,7 @@ def analyze(loaded: LoadedModel, spec: RunSpec, progress: Progress | None = None
         compare=compare_outputs(loaded.kind, dense, sparse, enc["attention_mask"]),
         layer_divergence=divergence(dense, sparse),
     )
+    analysis.cost = _cost(loaded, spec, analysis.layers, n_tokens, run.calibration)
     if loaded.kind == "causal-lm":
         analysis.next_tokens = {name: top_next_tokens(loaded, out.logits[0, -1])
                                 for name, out in (("dense", dense), ("sparse", sparse))}
@@ -173,6 +177,17 @@ def analyze(loaded: LoadedModel, spec: RunSpec, progress: Progress | None = None
                            "sparse": ms(t3, t4), "compare": ms(t4, t5), "total": ms(t0, t5)}
     step(1.0, "done")
     return analysis
+
+
+def _cost(loaded: LoadedModel, spec: RunSpec, layers: list[LayerFiring], n_tokens: int, calibration) -> dict:
+    d_model = loaded.model.config.hidden_size
+    params = calls = 0
+    if calibration is not None and spec.policy == "predictor":
+        units = list(calibration.predictors)
+        params = calibration.predictor_cost(units[0])[1]
+        calls = loaded.n_layers * max(1, loaded.experts_per_token)
+    glu = loaded.adapter.up is not None or loaded.adapter.gate_up is not None or loaded.adapter.is_moe
+    return mlp_cost(layers, spec.policy, d_model, glu, n_tokens, params, calls)
 
 
 def top_next_tokens(loaded: LoadedModel, logits: torch.Tensor, k: int = TOP_NEXT) -> list[dict]:

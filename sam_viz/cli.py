@@ -27,10 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="run a prompt densely and sparsely and compare")
     a.add_argument("--model", default=DEFAULT_MODEL, help="minilm, tiny-*, a checkpoint dir, or hf:org/name")
     a.add_argument("--prompt", required=True)
-    a.add_argument("--policy", default="topk", help="dense, topk or threshold")
+    a.add_argument("--policy", default="topk", help="dense, topk, threshold, predictor or static")
     a.add_argument("--density", default="0.5", help="share of MLP neurons computed per token, in (0, 1]")
     a.add_argument("--kernel", default="reference")
     a.add_argument("--json", action="store_true", help="print one JSON object")
+    c = sub.add_parser("calibrate", help="train and store thresholds, predictors and static sets for a model")
+    c.add_argument("--model", default=DEFAULT_MODEL)
+    c.add_argument("--force", action="store_true", help="train again even if a calibration is stored")
     return parser
 
 
@@ -52,16 +55,55 @@ def cmd_analyze(args) -> int:
     spec = RunSpec(prompt=args.prompt, model=args.model, policy=args.policy, density=args.density,
                    kernel=args.kernel)
     _quiet_libraries()
-    result = analyze(load_model(spec.model), spec)
+
+    def progress(frac: float, text: str) -> None:        # only the slow first-use calibration is worth a line
+        if text.startswith("first use") and "training" in text:
+            print(text, file=sys.stderr, flush=True)
+
+    result = analyze(load_model(spec.model), spec, progress=progress)
     if args.json:
         print(json.dumps(_finite(result.to_json()), allow_nan=False))
         return 0
     print(f"{spec.model}  policy={spec.policy}  target={spec.density:g}  tokens={len(result.tokens)}  "
           f"density={result.density:.4f}")
-    print("layer  density  mass_kept")
+    print("layer  density  mass_kept  recall  precision")
     for row in result.to_json()["layers"]:
-        print(f"{row['layer']:>5}  {row['density']:7.4f}  {row['mass_kept']:9.4f}")
+        print(f"{row['layer']:>5}  {row['density']:7.4f}  {row['mass_kept']:9.4f}  "
+              f"{_fmt(row['recall'])}  {_fmt(row['precision'])}")
     print("  ".join(f"{k}={v:.6g}" for k, v in result.compare.items()))
+    return 0
+
+
+def _fmt(x) -> str:
+    return f"{x:6.4f}" if x is not None else "     -"
+
+
+def cmd_calibrate(args) -> int:
+    import time
+
+    from models import load_model
+    from sparse_ops import calibration
+
+    _quiet_libraries()
+    loaded = load_model(args.model)
+    path = calibration.path_for(loaded)
+    if path.is_file() and not args.force:
+        print(f"{args.model}: already calibrated ({path}); --force trains again")
+        return 0
+    t0 = time.perf_counter()
+    last = [-1]
+
+    def progress(frac: float, text: str) -> None:
+        if int(frac * 20) != last[0]:
+            last[0] = int(frac * 20)
+            print(f"[{frac:4.0%}] {text}", file=sys.stderr, flush=True)
+
+    cal = calibration.calibrate(loaded, progress=progress)
+    calibration.save(cal, path)
+    print(f"{args.model}: calibrated on {cal.n_tokens} tokens in {time.perf_counter() - t0:.1f} s: "
+          f"{len(cal.predictors)} predictors (rank {next(iter(cal.predictors.values()))[0].shape[0]}), "
+          f"static sets and thresholds "
+          f"for {len(cal.thresholds)} densities -> {path}")
     return 0
 
 
@@ -79,7 +121,7 @@ def _finite(obj):
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"analyze": cmd_analyze}[args.command](args)
+        return {"analyze": cmd_analyze, "calibrate": cmd_calibrate}[args.command](args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -88,3 +88,25 @@ def mass_curve(analysis: Analysis, densities=SWEEP_DENSITIES, dense_pass: bool =
 
 
 
+
+
+def firing_counts(analysis: Analysis, layer: int) -> torch.Tensor:
+    """[n_neurons]: for how many of the prompt's tokens the sparse pass computed each neuron."""
+    lf = analysis.layers[layer]
+    if lf.ids is None:
+        return torch.full((analysis.n_neurons,), len(analysis.tokens), dtype=torch.long)
+    return torch.bincount(lf.ids.long(), minlength=analysis.n_neurons)
+
+
+def calibration_counts(loaded: LoadedModel, layer: int, density: float) -> tuple[torch.Tensor, int] | None:
+    """([n_neurons] oracle top-k counts over the calibration text, tokens), or None when the model
+    has no stored calibration (nothing is trained here)."""
+    from sparse_ops import GRID, get_calibration
+
+    cal = get_calibration(loaded, train=False)
+    if cal is None:
+        return None
+    row = min(range(len(GRID)), key=lambda i: abs(GRID[i] - density))
+    units = sorted(u for u in cal.counts if u[0] == layer)
+    counts = torch.cat([cal.counts[u][row].long() for u in units])
+    return counts, cal.n_tokens

@@ -25,7 +25,8 @@ def test_json_has_the_design_keys_for_an_encoder():
     assert out["model"] == "minilm" and out["policy"] == "topk" and out["target_density"] == 0.5
     assert out["density"] == pytest.approx(0.5)
     assert [l["layer"] for l in out["layers"]] == list(range(6))
-    assert all(set(l) == {"layer", "density", "mass_kept"} and 0.5 < l["mass_kept"] < 1 for l in out["layers"])
+    assert all(set(l) == {"layer", "density", "mass_kept", "recall", "precision"} and 0.5 < l["mass_kept"] < 1
+               and l["recall"] == 1.0 for l in out["layers"])          # topk is the oracle itself
     assert set(out["compare"]) == {"cosine", "max_abs_diff"}
     assert 0.8 < out["compare"]["cosine"] < 1
 
@@ -42,7 +43,7 @@ def test_json_for_a_causal_lm(capsys):
 def test_table_output(capsys):
     assert main(["analyze", "--model", "tiny-bert", "--prompt", "hello there", "--policy", "dense"]) == 0
     out = capsys.readouterr().out
-    assert "layer  density  mass_kept" in out and "cosine=1" in out
+    assert "layer  density  mass_kept  recall  precision" in out and "cosine=1" in out
 
 
 BAD = {

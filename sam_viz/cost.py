@@ -1,0 +1,41 @@
+"""What the sparse pass costs per token, as a batch-1 decoder would pay it: MLP weight bytes read
+and FLOPs, summed over layers, including what the policy itself needs to choose the neurons.
+
+- dense: every neuron (for MoE: every neuron of the experts the router picked).
+- topk: the oracle must compute every h_j to rank them, so it saves only the down projection of
+  the dropped neurons; it is an upper bound on quality, not a way to save work.
+- threshold (CATS): the gate (GLU) or input projection of every neuron to score it, then up and
+  down only for the selected ones.
+- predictor (Deja Vu): the low-rank predictor, then the selected neurons only.
+- static: the selected neurons only.
+"""
+from __future__ import annotations
+
+from sparse_ops import LayerFiring
+
+
+def mlp_cost(layers: list[LayerFiring], policy: str, d_model: int, glu: bool, n_tokens: int,
+             predictor_params: int = 0, predictor_calls: int = 0, bytes_per_param: int = 4) -> dict:
+    """Per-token averages over the prompt. predictor_params: parameters of one predictor call;
+    predictor_calls: predictor calls per token over all layers (1 per layer, top_k per MoE layer)."""
+    per_neuron = (3 if glu else 2) * d_model            # gate, up, down rows (or in, down)
+    possible = sum(float(l.possible.sum()) for l in layers) / max(1, n_tokens)
+    selected = sum(float(l.selected.sum()) for l in layers) / max(1, n_tokens)
+    dense = possible * per_neuron
+    if policy == "dense":
+        choose, compute = 0.0, dense
+    elif policy == "topk":
+        choose, compute = possible * (per_neuron - d_model), selected * d_model
+    elif policy == "threshold":
+        choose, compute = possible * d_model, selected * (per_neuron - d_model)
+    else:
+        choose, compute = 0.0, selected * per_neuron
+    predictor = float(predictor_params * predictor_calls) if policy == "predictor" else 0.0
+    sparse = choose + compute + predictor
+    return {
+        "dense_params": dense, "sparse_params": sparse, "select_params": choose, "predictor_params": predictor,
+        "dense_bytes": dense * bytes_per_param, "sparse_bytes": sparse * bytes_per_param,
+        "predictor_bytes": predictor * bytes_per_param,
+        "dense_flops": 2 * dense, "sparse_flops": 2 * sparse, "predictor_flops": 2 * predictor,
+        "ratio": sparse / dense if dense else 1.0,
+    }

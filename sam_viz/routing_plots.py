@@ -1,0 +1,125 @@
+"""Figures of how well neurons are routed: recall of each policy against the oracle top-k, hot and
+cold neurons, co-firing of the top neurons, and for MoE models router entropy and expert load.
+Pure functions, bounded like sam_viz.plots (data in, Plot out)."""
+from __future__ import annotations
+
+import html
+
+import plotly.graph_objects as go
+import torch
+
+from .analysis import Analysis
+from .plots import MAX_CELLS, Plot
+
+POLICY_COLORS = {"topk": "#636efa", "threshold": "#ef553b", "predictor": "#00cc96", "static": "#ab63fa",
+                 "dense": "#7f7f7f"}
+MAX_POINTS = 4000
+
+
+def _style(fig: go.Figure, title: str, x: str, y: str, **layout) -> go.Figure:
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white",
+                      margin=dict(l=60, r=20, t=60, b=50), **layout)
+    return fig
+
+
+def recall_by_policy(analyses: dict[str, Analysis]) -> Plot:
+    """Per layer: share of the oracle top-k neurons each policy selected, at one density."""
+    fig = go.Figure()
+    for name, a in analyses.items():
+        recall = [l.recall for l in a.layers]
+        if any(r is None for r in recall):
+            continue
+        fig.add_trace(go.Scatter(x=list(range(len(recall))), y=recall, mode="lines+markers", name=name,
+                                 line=dict(color=POLICY_COLORS.get(name))))
+    density = next(iter(analyses.values())).spec.density if analyses else 0
+    return Plot(_style(fig, f"Recall of the oracle top-k per layer, density {density:g}", "layer",
+                       "recall (share of the oracle's neurons selected)", yaxis_range=[0, 1.02]))
+
+
+def policy_summary(analyses: dict[str, Analysis]) -> Plot:
+    """Mean recall, mass kept and output quality of each policy at the same density."""
+    names = list(analyses)
+    metric = "cosine" if next(iter(analyses.values())).kind == "encoder" else "top1_agreement"
+    rows = {
+        "recall": [_mean([l.recall for l in analyses[n].layers]) for n in names],
+        "mass kept": [_mean([l.mass_kept_share for l in analyses[n].layers]) for n in names],
+        metric.replace("_", " ") + " vs dense": [analyses[n].compare[metric] for n in names],
+        "MLP weights read (share of dense)": [(analyses[n].cost or {}).get("ratio") for n in names],
+    }
+    fig = go.Figure([go.Bar(name=label, x=names, y=values) for label, values in rows.items()])
+    return Plot(_style(fig, "Policies side by side at the same density", "policy", "value (0 to 1)",
+                       barmode="group"))
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def firing_frequency(counts: torch.Tensor, n_tokens: int, title: str) -> Plot:
+    """Neurons sorted by how often they were selected: hot on the left, cold on the right."""
+    order = torch.sort(-counts.double(), stable=True).indices
+    share = (counts.double()[order] / max(1, n_tokens)).tolist()
+    step = max(1, len(share) // MAX_POINTS)
+    xs = list(range(0, len(share), step))
+    fig = go.Figure(go.Scatter(x=xs, y=share[::step], mode="lines", fill="tozeroy",
+                               customdata=order[::step].tolist(),
+                               hovertemplate="rank %{x}<br>neuron %{customdata}<br>fired for %{y:.0%} of tokens"
+                                             "<extra></extra>"))
+    note = f"Every {step}th neuron shown ({len(share):,} in all)." if step > 1 else ""
+    never = int((counts == 0).sum())
+    always = int((counts >= n_tokens).sum())
+    fig.add_annotation(x=0.99, y=0.95, xref="paper", yref="paper", showarrow=False, align="right",
+                       text=f"{always} always on · {never} never on")
+    return Plot(_style(fig, title, "neurons, most often selected first", "share of tokens",
+                       yaxis_range=[0, 1.02], yaxis_tickformat=".0%"), note)
+
+
+def cofiring(a: Analysis, layer: int, top: int = 30, max_cells: int = MAX_CELLS) -> Plot:
+    """Jaccard overlap of the token sets of the `top` most often selected neurons of a layer."""
+    lf = a.layers[layer]
+    if lf.ids is None:
+        return Plot(go.Figure(), "Every neuron fired for every token (dense): nothing to compare.")
+    n = len(a.tokens)
+    fired = torch.zeros(n, a.n_neurons, dtype=torch.bool)
+    for t in range(n):
+        fired[t, lf.token(t)[0].long()] = True
+    top = max(2, min(top, int(max_cells ** 0.5), a.n_neurons))
+    ids = torch.sort(-fired.sum(0), stable=True).indices[:top]
+    f = fired[:, ids].double()                                           # [T, top]
+    inter = f.T @ f
+    union = f.sum(0)[:, None] + f.sum(0)[None, :] - inter
+    jaccard = (inter / union.clamp(min=1)).tolist()
+    labels = [f"n{int(i)}" for i in ids]
+    fig = go.Figure(go.Heatmap(z=jaccard, x=labels, y=labels, colorscale="Viridis", zmin=0, zmax=1,
+                               colorbar=dict(title="Jaccard"),
+                               hovertemplate="%{x} & %{y}: fire together %{z:.0%}<extra></extra>"))
+    return Plot(_style(fig, f"Layer {layer}: co-firing of the {top} most often selected neurons", "neuron",
+                       "neuron", height=520, yaxis_autorange="reversed"))
+
+
+def router_entropy(a: Analysis) -> Plot:
+    """MoE: entropy of the router's distribution per token and layer (0 = certain)."""
+    if not a.n_experts:
+        return Plot(go.Figure(), "Not a mixture-of-experts model: there is no router.")
+    z = torch.stack([l.router_entropy for l in a.layers], dim=1).tolist()  # [T, L]
+    labels = [f"{i}: {html.escape(t)}" for i, t in enumerate(a.tokens)]
+    fig = go.Figure(go.Heatmap(z=z, x=list(range(a.n_layers)), y=labels, colorscale="Magma", zmin=0,
+                               colorbar=dict(title="nats"),
+                               hovertemplate="%{y}, layer %{x}: entropy %{z:.2f} nats<extra></extra>"))
+    return Plot(_style(fig, f"Router entropy per token (max ln {a.n_experts} = "
+                            f"{torch.log(torch.tensor(float(a.n_experts))):.2f} nats)", "layer", "token",
+                       yaxis_autorange="reversed"))
+
+
+def expert_load(a: Analysis) -> Plot:
+    """MoE: share of the prompt's tokens each expert received, per layer."""
+    if not a.n_experts:
+        return Plot(go.Figure(), "Not a mixture-of-experts model: there are no experts.")
+    load = [torch.bincount(l.experts.long().flatten(), minlength=a.n_experts).double() / len(a.tokens)
+            for l in a.layers]
+    fig = go.Figure(go.Heatmap(z=torch.stack(load).tolist(), x=[f"expert {e}" for e in range(a.n_experts)],
+                               y=[f"layer {i}" for i in range(a.n_layers)], colorscale="Blues", zmin=0,
+                               colorbar=dict(title="tokens"),
+                               hovertemplate="%{y}, %{x}: %{z:.0%} of tokens<extra></extra>"))
+    return Plot(_style(fig, "Expert load: share of tokens routed to each expert", "expert", "layer"))
