@@ -23,8 +23,8 @@ PRESETS = {
     "Facts": "Paris is the capital of France. The Nile is the longest river in Africa. Water boils at 100 degrees.",
 }
 DEFAULT_PROMPT = PRESETS["Fox"]
-PAGE_KEYS = ("layer", "token", "order")          # page selections that also live in the URL
-PAGE_PATHS = ("density", "compare", "runs")   # the firing map is the default page, at /
+PAGE_KEYS = ("layer", "token", "order", "freq")          # page selections that also live in the URL
+PAGE_PATHS = ("density", "compare", "routing", "runs")   # the firing map is the default page, at /
 ANALYSIS_CACHE_SIZE = 16
 
 
@@ -49,6 +49,7 @@ def navigation():
         st.Page("pages/firing.py", title="Firing map", icon=":material/grid_on:", default=True),
         st.Page("pages/density.py", title="Density", icon=":material/area_chart:"),
         st.Page("pages/compare.py", title="Dense vs sparse", icon=":material/compare:"),
+        st.Page("pages/routing.py", title="Routing", icon=":material/alt_route:"),
         st.Page("pages/runs.py", title="Runs and sharing", icon=":material/share:"),
     ])
 

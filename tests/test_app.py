@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 PAGES = {"firing": "pages/firing.py", "density": "pages/density.py", "compare": "pages/compare.py",
-         "runs": "pages/runs.py"}
+         "routing": "pages/routing.py", "runs": "pages/runs.py"}
 PROMPT = "The lighthouse keeper counted ships. The storm lasted all night."
 
 
@@ -55,7 +55,7 @@ def chart_titles(at) -> list[str]:
     return out
 
 
-EXPECTED_CHARTS = {"firing": 3, "density": 3, "compare": 2, "runs": 0}
+EXPECTED_CHARTS = {"firing": 3, "density": 3, "compare": 2, "routing": 4, "runs": 0}
 
 
 @pytest.mark.parametrize("model", ["minilm", "tiny-llama"])
@@ -67,6 +67,17 @@ def test_every_page_runs(page, model):
     assert len(at.get("plotly_chart")) >= EXPECTED_CHARTS[page]
     assert any("What am I looking at" in e.label for e in at.expander)
     assert at.session_state["ctx"].analysis.spec.model == model
+
+
+def test_routing_page_compares_all_policies_and_shows_experts():
+    at = open_app("routing", model="tiny-mixtral", prompt=PROMPT, density="0.25")
+    if any(b.label.startswith("Train the predictor") for b in at.button):
+        next(b for b in at.button if b.label.startswith("Train the predictor")).click().run()
+    assert not at.exception and not at.error
+    recall = next(c for c in charts(at) if "Recall of the oracle" in str(c["layout"]["title"]))
+    assert {t["name"] for t in recall["data"]} == {"topk", "threshold", "predictor", "static"}
+    titles = " ".join(chart_titles(at))
+    assert "Router entropy" in titles and "Expert load" in titles and "co-firing" in titles
 
 
 def test_query_params_give_the_same_analysis_as_the_widgets():

@@ -1,0 +1,76 @@
+"""Routing: how well each policy picks the neurons that matter, which neurons are hot or cold,
+which fire together, and for MoE models what the router does."""
+from dataclasses import replace
+
+import streamlit as st
+
+from pages._shared import cached_analysis, explain, layer_picker, page_context, show
+from sam_viz import calibration_counts, firing_counts, plots, routing_plots
+from sparse_ops import get_calibration
+
+ctx = page_context()
+a = ctx.analysis
+st.header("Routing")
+explain("""
+A sparse model has to **choose** its neurons for each token. The best possible choice, the
+**oracle**, keeps the k neurons with the largest |h|, but it must compute every neuron to know
+them. Real policies choose more cheaply:
+
+- **threshold** (CATS, TEAL): keep the neurons whose gate activation is above a calibrated value;
+- **predictor** (Deja Vu): a small network reads the token's input and guesses the oracle set
+  *before* any MLP weight is read; its own cost is counted in the weights read;
+- **static**: the same neurons for every token, the ones most often in the oracle set on
+  calibration text. This is plain pruning, the baseline dynamic sparsity must beat.
+
+**Recall** is the share of the oracle's neurons a policy picked (1 = perfect). **Hot** neurons fire
+for almost every token; **cold** ones almost never. **Co-firing** shows which of the hottest
+neurons tend to fire for the same tokens.
+""")
+
+layer = layer_picker(a)
+st.subheader(f"Policies side by side at density {a.spec.density:g}")
+if ctx.run_id:
+    st.info("This is a saved run: only its own policy is shown.")
+    show(routing_plots.recall_by_policy({a.spec.policy: a}), key="recall")
+else:
+    trained = get_calibration(ctx.model(), train=False) is not None
+    if not trained and not st.button(f"Train the predictor and static sets for {ctx.spec.model}",
+                                     help="Once per model; stored on disk and reused."):
+        st.caption("The predictor and static policies need a one-time calibration on the built-in text.")
+        policies = ["topk", "threshold"]
+    else:
+        policies = ["topk", "threshold", "predictor", "static"]
+    analyses = {p: cached_analysis(replace(ctx.spec, policy=p)) for p in policies}
+    c1, c2 = st.columns(2)
+    with c1:
+        show(routing_plots.recall_by_policy(analyses), key="recall")
+    with c2:
+        show(routing_plots.policy_summary(analyses), key="policy_summary")
+
+st.subheader("Hot and cold neurons")
+source = st.radio("Firing frequency over", ["this prompt", "calibration text"], horizontal=True, key="freq",
+                  bind="query-params")
+calibrated = None if ctx.run_id or source == "this prompt" else calibration_counts(ctx.model(), layer, a.spec.density)
+c1, c2 = st.columns(2)
+with c1:
+    if calibrated is not None:
+        counts, n = calibrated
+        show(routing_plots.firing_frequency(counts, n, f"Layer {layer}: how often each neuron is in the oracle "
+                                            f"top-k on calibration text ({n:,} tokens)"), key="frequency")
+    else:
+        if source == "calibration text":
+            st.caption("No calibration is stored for this model yet; showing this prompt.")
+        show(routing_plots.firing_frequency(firing_counts(a, layer), len(a.tokens),
+                                            f"Layer {layer}: how often the {a.spec.policy} policy selected "
+                                            f"each neuron ({len(a.tokens)} tokens)"), key="frequency")
+with c2:
+    show(routing_plots.cofiring(a, layer), key="cofiring")
+
+if a.n_experts:
+    st.subheader("Experts")
+    show(plots.expert_heatmap(a, layer), key="experts")
+    c1, c2 = st.columns(2)
+    with c1:
+        show(routing_plots.router_entropy(a), key="entropy")
+    with c2:
+        show(routing_plots.expert_load(a), key="load")
