@@ -21,6 +21,17 @@ explain("""
 m1, m2, m3 = st.columns(3)
 for col, (name, value) in zip((m1, m2, m3), a.compare.items()):
     col.metric(name.replace("_", " "), f"{value:.4g}")
+if a.cost:
+    c = a.cost
+    k1, k2, k3 = st.columns(3)
+    k1.metric("MLP weights read per token", f"{c['sparse_bytes'] / 1e6:.2f} MB",
+              f"{c['ratio'] - 1:+.0%} vs dense ({c['dense_bytes'] / 1e6:.2f} MB)", delta_color="inverse")
+    k2.metric("MLP FLOPs per token", f"{c['sparse_flops'] / 1e6:.2f} M", f"dense {c['dense_flops'] / 1e6:.2f} M",
+              delta_color="off")
+    k3.metric("of which the predictor", f"{c['predictor_bytes'] / 1e6:.2f} MB",
+              f"{c['predictor_flops'] / 1e6:.2f} M FLOPs", delta_color="off")
+    st.caption("As a batch-1 decoder pays it (fp32 weights): topk must compute every neuron to rank them; "
+               "threshold reads every gate row to score them; the predictor's own weights are included.")
 
 c1, c2 = st.columns(2)
 with c1:

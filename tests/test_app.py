@@ -67,6 +67,8 @@ def test_every_page_runs(page, model):
     assert len(at.get("plotly_chart")) >= EXPECTED_CHARTS[page]
     assert any("What am I looking at" in e.label for e in at.expander)
     assert at.session_state["ctx"].analysis.spec.model == model
+    if page == "compare":
+        assert "MLP weights read per token" in [m.label for m in at.metric]
 
 
 def test_routing_page_compares_all_policies_and_shows_experts():
