@@ -33,7 +33,8 @@ def recall_by_policy(analyses: dict[str, Analysis]) -> Plot:
                                  line=dict(color=POLICY_COLORS.get(name))))
     density = next(iter(analyses.values())).spec.density if analyses else 0
     return Plot(_style(fig, f"Recall of the oracle top-k per layer, density {density:g}", "layer",
-                       "recall (share of the oracle's neurons selected)", yaxis_range=[0, 1.02]))
+                       "recall (share of the oracle's neurons selected)", yaxis_range=[0, 1.02],
+                       xaxis_dtick=1))
 
 
 def policy_summary(analyses: dict[str, Analysis]) -> Plot:
