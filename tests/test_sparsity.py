@@ -119,22 +119,26 @@ def test_threshold_density_on_held_out_prompts(spec, density):
     assert abs(selected / possible - density) <= 0.05
 
 
-def test_threshold_is_cats_score_above_a_per_layer_value():
-    """Every neuron kept has abs(act(W_gate x)) above every neuron dropped, within each layer."""
-    m = shared("tiny-llama")
-    enc = m.encode(HELD_OUT[0])
+def _sparse_run_with_mlp_inputs(m, policy, text):
+    """Run `text` sparsely with a recorder; return each layer's MLP input [T, d] and its firing."""
+    enc = m.encode(text)
     captured = []
-    mlps = [layer.mlp for layer in m.layers]
-    hooks = [mlp.register_forward_pre_hook(lambda mod, args: captured.append(args[0][0])) for mlp in mlps]
+    hooks = [layer.mlp.register_forward_pre_hook(lambda mod, args: captured.append(args[0][0])) for layer in m.layers]
     rec = Recorder()
     try:
-        with torch.no_grad(), sparsified(m, Policy("threshold", 0.3), recorder=rec):
+        with torch.no_grad(), sparsified(m, policy, recorder=rec):
             m.model(**enc)
     finally:
         for h in hooks:
             h.remove()
-    captured = captured[-m.n_layers:]          # the calibration pass on sample prompts came first
-    for x, layer, firing in zip(captured, m.layers, rec.layers(enc["input_ids"].shape[1], m.d_ff)):
+    captured = captured[-m.n_layers:]          # a calibration pass, if any, came first
+    return zip(captured, m.layers, rec.layers(enc["input_ids"].shape[1], m.d_ff))
+
+
+def test_threshold_is_cats_score_above_a_per_layer_value():
+    """Every neuron kept has abs(act(W_gate x)) above every neuron dropped, within each layer."""
+    m = shared("tiny-llama")
+    for x, layer, firing in _sparse_run_with_mlp_inputs(m, Policy("threshold", 0.3), HELD_OUT[0]):
         dense = layer.mlp.dense
         score = F.silu(x @ dense.gate_proj.weight.T).abs()                    # [T, d_ff]
         kept = torch.zeros_like(score, dtype=torch.bool)
@@ -156,17 +160,7 @@ def test_trace_is_compact():
 def test_recorded_values_are_the_activations():
     """The stored fp16 values are h_j of the neurons listed, computed from the layer input by hand."""
     m = shared("tiny-gpt2")
-    enc = m.encode(PROMPT)
-    captured = []
-    hooks = [layer.mlp.register_forward_pre_hook(lambda mod, args: captured.append(args[0][0])) for layer in m.layers]
-    rec = Recorder()
-    try:
-        with torch.no_grad(), sparsified(m, Policy("topk", 0.2), recorder=rec):
-            m.model(**enc)
-    finally:
-        for h in hooks:
-            h.remove()
-    for x, layer, firing in zip(captured, m.layers, rec.layers(enc["input_ids"].shape[1], m.d_ff)):
+    for x, layer, firing in _sparse_run_with_mlp_inputs(m, Policy("topk", 0.2), PROMPT):
         c_fc = layer.mlp.dense.c_fc
         h = F.gelu(x @ c_fc.weight + c_fc.bias, approximate="tanh")        # GPT-2's gelu_new
         for t in range(h.shape[0]):
