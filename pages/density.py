@@ -3,7 +3,8 @@ quality each density buys."""
 import streamlit as st
 
 from pages._shared import page_context, explain, show
-from sam_viz import SWEEP_DENSITIES, density_sweep, mass_curve, plots
+from sam_viz import SWEEP_DENSITIES, SWEEP_POLICIES, density_sweep, mass_curve, plots
+from sparse_ops import get_calibration
 
 ctx = page_context()
 a = ctx.analysis
@@ -33,9 +34,13 @@ if a.has_activations:
 
 st.subheader("Density sweep")
 if a.sweep is None and ctx.run_id is None:
-    if st.button("Run the sweep", help=f"{2 * len(SWEEP_DENSITIES)} sparse passes of this prompt"):
+    loaded = ctx.model()
+    calibrated = get_calibration(loaded, train=False) is not None     # predictor and static need it
+    policies = SWEEP_POLICIES + (("predictor", "static") if calibrated else ())
+    if st.button("Run the sweep", help=f"{len(policies) * len(SWEEP_DENSITIES)} sparse passes of this prompt "
+                 f"({', '.join(policies)})"):
         bar = st.progress(0.0, text="Starting the sweep...")
-        a.sweep = density_sweep(ctx.model(), ctx.spec, progress=lambda f, t: bar.progress(f, text=t))
+        a.sweep = density_sweep(loaded, ctx.spec, policies=policies, progress=lambda f, t: bar.progress(f, text=t))
         bar.empty()
 if a.sweep:
     show(plots.sweep_plot(a.sweep), key="sweep")

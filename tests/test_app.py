@@ -167,3 +167,19 @@ def test_library_still_imports_no_streamlit():
             "assert 'streamlit' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_on_demand_sweep_and_continuation():
+    at = open_app("density", model="tiny-llama", prompt=PROMPT, density="0.3")
+    next(b for b in at.button if b.label == "Run the sweep").click().run()
+    assert not at.exception
+    sweep = next(c for c in charts(at) if "Output quality vs density" in str(c["layout"]["title"]))
+    assert {t["name"] for t in sweep["data"]} >= {"topk", "threshold"}
+    assert len(sweep["data"][0]["x"]) == 13
+
+    at = open_app("compare", model="tiny-llama", prompt=PROMPT, density="0.3")
+    next(b for b in at.button if b.label == "Continue with both models").click().run()
+    assert not at.exception
+    text = " ".join(m.value for m in at.markdown)
+    assert "**Dense:**" in text and "**Sparse:**" in text
+    assert any("agree" in c.value or "first differ" in c.value for c in at.caption)
