@@ -52,7 +52,7 @@ class LoadedModel:
         with self._tok_lock:
             enc = self.tokenizer(text, return_tensors="pt", truncation=False,
                                  add_special_tokens=self.add_special_tokens)
-        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return _model_inputs(enc)
 
     def encode_batch(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Tokenize several texts into one right-padded batch ([B, T] tensors)."""
@@ -60,11 +60,17 @@ class LoadedModel:
             enc = self.tokenizer(list(texts), return_tensors="pt", padding=True,
                                  truncation=max_length is not None, max_length=max_length,
                                  add_special_tokens=self.add_special_tokens)
-        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return _model_inputs(enc)
 
     def token_strings(self, input_ids: torch.Tensor) -> list[str]:
         with self._tok_lock:
             return self.tokenizer.convert_ids_to_tokens(input_ids.tolist())
+
+
+def _model_inputs(enc) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask only. Segment ids are all zeros for one text, which BERT assumes
+    anyway, and GPT-2 would add wte[token_type_ids] to every position if given them."""
+    return {k: enc[k] for k in ("input_ids", "attention_mask")}
 
 
 def allowed_roots() -> list[Path]:
