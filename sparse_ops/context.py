@@ -26,6 +26,9 @@ class Run:
     token_mask: torch.Tensor | None = None  # [N] bool: tokens that count when calibrating (not padding)
     calibration: object | None = None       # sparse_ops.calibration.Calibration (predictor, static)
     collector: object | None = None         # sparse_ops.calibration.Collector: gathers (x, h) per unit
+    frozen: dict[int, torch.Tensor] | None = None  # layer -> [T, k] ids (-1 pad) per token position: a
+                                                   # fixed selection, e.g. along an attribution path
+    seq_len: int = 0                        # > 0: pass h [B, T, d_ff] through SparseMLP.neurons (captum)
 
     def threshold(self, layer: int, scores: torch.Tensor, rows: torch.Tensor | None = None) -> float:
         """The layer's threshold; when calibrating and not yet set, the value that keeps a

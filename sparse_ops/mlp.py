@@ -38,6 +38,7 @@ class SparseMLP(nn.Module):
         self.adapter = adapter
         self.dense = dense                   # the original module, as shipped
         self.tail = nn.ModuleList(tail)      # originals of the absorbed modules, in call order
+        self.neurons = nn.Identity()         # h [B, T, d_ff] passes here when a run exposes it (attribution)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, family={self.adapter.family}"
@@ -98,7 +99,10 @@ class SparseMLP(nn.Module):
                 expert: int = -1) -> torch.Tensor:
         """One MLP (or one expert) on tokens x2 [n, d] at positions `rows`."""
         policy, h_all, n, k = run.policy, None, x2.shape[0], run.policy.k(w.d_ff)
-        if policy.is_full:
+        if run.frozen is not None and expert < 0:                       # the selection made earlier
+            frozen = run.frozen[self.layer]                              # [T, k] by token position
+            idx = frozen[rows % frozen.shape[0]]
+        elif policy.is_full:
             idx = torch.arange(w.d_ff, device=x2.device).expand(n, w.d_ff)
         elif policy.kind == "topk":
             h_all = activations(x2, w)                                   # oracle: needs all of h
@@ -111,6 +115,8 @@ class SparseMLP(nn.Module):
             idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
         else:                                                            # static: one set for all tokens
             idx = run.calibration.static_ids((self.layer, expert), policy.density, k).expand(n, k)
+        if run.seq_len:
+            return self._exposed(run, x2, idx, w)
         y, h_sel = run.kernel(x2, idx, w)
         if run.recorder is not None:
             h_all = activations(x2, w) if h_all is None else h_all
@@ -118,6 +124,15 @@ class SparseMLP(nn.Module):
             ids = torch.where(idx >= 0, idx + offset, idx)
             run.recorder.add(self.layer, rows, ids, h_sel, h_all, offset=offset, oracle_k=k)
         return y
+
+    def _exposed(self, run: Run, x2: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> torch.Tensor:
+        """Masked dense, with every h_j passing through self.neurons as [B, T, d_ff], so that captum's
+        layer methods can attribute to neurons (the reference kernel's equation, differentiable)."""
+        h = activations(x2, w)                                           # [N, d_ff]
+        h = self.neurons(h.reshape(-1, run.seq_len, w.d_ff)).reshape(-1, w.d_ff)
+        valid = idx >= 0
+        mask = torch.zeros_like(h).scatter_add_(1, idx.clamp(min=0), valid.to(h.dtype)) > 0
+        return F.linear(h * mask, w.down_t.t(), w.b_down)
 
     def _moe(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Each picked expert's MLP run sparsely on its tokens, weighted as the router says."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
+import torch
+
 from models import LoadedModel
 
 from .calibration import Progress, calibrate_thresholds, get_calibration
@@ -20,12 +22,15 @@ from .recorder import Recorder
 
 @contextmanager
 def sparsified(loaded: LoadedModel, policy: Policy, *, kernel: str = "reference",
-               recorder: Recorder | None = None, progress: Progress | None = None) -> Iterator[Run]:
+               recorder: Recorder | None = None, progress: Progress | None = None,
+               frozen: dict[int, torch.Tensor] | None = None, seq_len: int = 0) -> Iterator[Run]:
     """Run `loaded` sparsely inside the block. `predictor` and `static` need the model's calibration:
-    loaded from disk, or trained first (with `progress`) when nothing is stored."""
+    loaded from disk, or trained first (with `progress`) when nothing is stored.
+    frozen: {layer: [T, k] neuron ids per token position} used instead of the policy's choice (MoE
+    experts keep choosing). seq_len > 0: expose h through each SparseMLP.neurons as [B, seq_len, d_ff]."""
     kern = get_kernel(kernel)
     install(loaded)
-    run = Run(policy=policy, kernel=kern, recorder=recorder)
+    run = Run(policy=policy, kernel=kern, recorder=recorder, frozen=frozen, seq_len=seq_len)
     if policy.kind == "threshold" and not policy.is_full:
         get_calibration(loaded, train=False)              # stored thresholds, if `calibrate` ran
         run.thresholds = dict(calibrate_thresholds(loaded, policy.density, kern))
