@@ -31,6 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--density", default="0.5", help="share of MLP neurons computed per token, in (0, 1]")
     a.add_argument("--kernel", default="reference")
     a.add_argument("--json", action="store_true", help="print one JSON object")
+    t = sub.add_parser("attribute", help="token and neuron attribution, dense vs sparse (captum)")
+    t.add_argument("--model", default=DEFAULT_MODEL)
+    t.add_argument("--prompt", required=True)
+    t.add_argument("--policy", default="topk")
+    t.add_argument("--density", default="0.5")
+    t.add_argument("--kernel", default="reference")
+    t.add_argument("--method", default="ig", help="ig (integrated gradients) or ixg (input x gradient, fast)")
+    t.add_argument("--steps", default="50", help="integration steps for ig")
+    t.add_argument("--target", default=None, help="causal LMs: the next token to explain (default: the "
+                   "dense model's top token)")
+    t.add_argument("--json", action="store_true")
     c = sub.add_parser("calibrate", help="train and store thresholds, predictors and static sets for a model")
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--force", action="store_true", help="train again even if a calibration is stored")
@@ -72,6 +83,44 @@ def cmd_analyze(args) -> int:
               f"{_fmt(row['recall'])}  {_fmt(row['precision'])}")
     print("  ".join(f"{k}={v:.6g}" for k, v in result.compare.items()))
     return 0
+
+
+def cmd_attribute(args) -> int:
+    from models import load_model
+
+    from .attribution import attribute
+    from .spec import RunSpec
+
+    spec = RunSpec(prompt=args.prompt, model=args.model, policy=args.policy, density=args.density,
+                   kernel=args.kernel)
+    try:
+        steps = int(args.steps)
+    except ValueError:
+        raise InputError(f"steps must be a whole number, got '{str(args.steps)[:20]}'") from None
+    _quiet_libraries()
+    loaded = load_model(spec.model)
+    target_id = _target_id(loaded, args.target) if args.target is not None else None
+    result = attribute(loaded, spec, method=args.method, steps=steps, target_id=target_id)
+    if args.json:
+        print(json.dumps(_finite(result.to_json()), allow_nan=False))
+        return 0
+    print(f"{spec.model}  {spec.policy} at {spec.density:g}  method={result.method}  target={result.target}")
+    print(f"{'token':>16}  {'dense':>9}  {'sparse':>9}")
+    for tok, d, s in zip(result.tokens, result.dense, result.sparse):
+        print(f"{tok[:16]:>16}  {d:9.4f}  {s:9.4f}")
+    print(f"delta dense={result.delta_dense}  delta sparse={result.delta_sparse}")
+    print("attribution mass lost per layer: " + " ".join(f"{x:.3f}" for x in result.mass_lost))
+    return 0
+
+
+def _target_id(loaded, token: str) -> int:
+    if loaded.kind != "causal-lm":
+        raise InputError("--target is for causal language models; encoders explain the embedding cosine")
+    with loaded._tok_lock:
+        ids = loaded.tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise InputError(f"target '{token[:40]}' is {len(ids)} tokens for this tokenizer; give a single token")
+    return ids[0]
 
 
 def _fmt(x) -> str:
@@ -121,7 +170,7 @@ def _finite(obj):
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"analyze": cmd_analyze, "calibrate": cmd_calibrate}[args.command](args)
+        return {"analyze": cmd_analyze, "attribute": cmd_attribute, "calibrate": cmd_calibrate}[args.command](args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -124,3 +124,16 @@ def expert_load(a: Analysis) -> Plot:
                                colorbar=dict(title="tokens"),
                                hovertemplate="%{y}, %{x}: %{z:.0%} of tokens<extra></extra>"))
     return Plot(_style(fig, "Expert load: share of tokens routed to each expert", "expert", "layer"))
+
+
+def neuron_attribution_plot(attribution, layer: int, top: int = 20) -> Plot:
+    """The layer's `top` neurons by |dense attribution| (summed over tokens): dense next to sparse,
+    each labelled with the number of tokens for which the sparse model computed it."""
+    dense, sparse = attribution.neurons_dense[layer], attribution.neurons_sparse[layer]
+    ids = torch.topk(dense.abs(), min(top, dense.numel())).indices.tolist()[::-1]
+    kept, n = attribution.kept[layer], len(attribution.tokens)
+    labels = [f"neuron {j} · " + ("dropped" if kept[j] == 0 else f"kept {int(kept[j])}/{n}") for j in ids]
+    fig = go.Figure([go.Bar(name="dense", y=labels, x=[float(dense[j]) for j in ids], orientation="h"),
+                     go.Bar(name="sparse", y=labels, x=[float(sparse[j]) for j in ids], orientation="h")])
+    return Plot(_style(fig, f"Layer {layer}: neurons carrying the most attribution", "attribution (sum over tokens)",
+                       "neuron", barmode="group", height=max(360, 110 + 24 * len(ids))))

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 PAGES = {"firing": "pages/firing.py", "density": "pages/density.py", "compare": "pages/compare.py",
-         "routing": "pages/routing.py", "runs": "pages/runs.py"}
+         "routing": "pages/routing.py", "attribution": "pages/attribution.py", "runs": "pages/runs.py"}
 PROMPT = "The lighthouse keeper counted ships. The storm lasted all night."
 
 
@@ -55,7 +55,7 @@ def chart_titles(at) -> list[str]:
     return out
 
 
-EXPECTED_CHARTS = {"firing": 3, "density": 3, "compare": 2, "routing": 4, "runs": 0}
+EXPECTED_CHARTS = {"firing": 3, "density": 3, "compare": 2, "routing": 4, "attribution": 1, "runs": 0}
 
 
 @pytest.mark.parametrize("model", ["minilm", "tiny-llama"])
@@ -69,6 +69,9 @@ def test_every_page_runs(page, model):
     assert at.session_state["ctx"].analysis.spec.model == model
     if page == "compare":
         assert "MLP weights read per token" in [m.label for m in at.metric]
+    if page == "attribution":
+        assert {"delta, dense", "delta, sparse"} <= {m.label for m in at.metric}
+        assert sum("**Dense**" in m.value or "**Sparse**" in m.value for m in at.markdown) >= 2
 
 
 def test_routing_page_compares_all_policies_and_shows_experts():

@@ -90,7 +90,7 @@ def _shot(page, tmp_path, name):
     return path
 
 
-@pytest.mark.parametrize("name", ["density", "compare", "routing", "runs"])
+@pytest.mark.parametrize("name", ["density", "compare", "routing", "attribution", "runs"])
 def test_other_pages_render(server, browser, tmp_path, name):
     """Runs first on a fresh server: a deep link before app.py has ever run (Streamlit's legacy
     pages/ router is still on then)."""
