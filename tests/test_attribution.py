@@ -115,3 +115,29 @@ def test_cli_attribute_bad_input(args, capsys):
     assert main(["attribute", "--prompt", PROMPT, *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_selection_is_frozen_along_the_integration_path():
+    """The documented choice: at any point of the path (here the baseline itself), each token keeps
+    the neurons the sparse model chose on the real input; without freezing, the choice would move."""
+    from sam_viz.attribution import _baseline, _frozen_selection
+    from sparse_ops import Policy, Recorder
+
+    m = shared("tiny-llama")
+    enc = m.encode(PROMPT)
+    n = enc["input_ids"].shape[1]
+    on_input = Recorder()
+    with torch.no_grad(), sparsified(m, Policy("topk", 0.25), recorder=on_input):
+        m.model(**enc)
+    chosen = on_input.layers(n, m.d_ff)
+    frozen = _frozen_selection(chosen, n)
+    base = _baseline(m, enc["input_ids"])
+    on_path, free = Recorder(), Recorder()
+    with torch.no_grad():
+        with sparsified(m, Policy("topk", 0.25), frozen=frozen, recorder=on_path):
+            m.model(input_ids=base, attention_mask=enc["attention_mask"])
+        with sparsified(m, Policy("topk", 0.25), recorder=free):
+            m.model(input_ids=base, attention_mask=enc["attention_mask"])
+    for a, b, c in zip(chosen, on_path.layers(n, m.d_ff), free.layers(n, m.d_ff)):
+        assert torch.equal(a.ids, b.ids)
+        assert not torch.equal(a.ids, c.ids)
