@@ -4,8 +4,9 @@ ALL_ATTENTION_FUNCTIONS).
     kernel(x [N, d], idx [N, k] int64 (-1 = no neuron), w: MLPWeights) -> (y [N, d_out], h [N, k])
 
 y = sum over selected j of h_j * w.down_t[j] (+ b_down); h holds the selected activations
-(0 where idx is -1). Backends: `reference` (plain torch, the oracle in tests). Compiled backends
-register here too; asking for one that cannot run fails with a clear error, never a fallback.
+(0 where idx is -1). Backends: `reference` (plain torch, the oracle in tests) and `cpu` (compiled
+gather-GEMV reading only the selected rows, sparse_ops/cpu.py). Asking for one that cannot run
+fails with a clear error, never a fallback.
 """
 from __future__ import annotations
 
@@ -37,7 +38,13 @@ def reference(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.
     return y, torch.gather(h_all, 1, safe) * valid
 
 
-KERNELS: dict[str, Kernel] = {"reference": reference}
+def _cpu(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    from .cpu import cpu_kernel                # built on first use
+
+    return cpu_kernel(x, idx, w)
+
+
+KERNELS: dict[str, Kernel] = {"reference": reference, "cpu": _cpu}
 
 
 def available_kernels() -> list[str]:
