@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target", default=None, help="causal LMs: the next token to explain (default: the "
                    "dense model's top token)")
     t.add_argument("--json", action="store_true")
+    b = sub.add_parser("bench", help="benchmarks: kernels (sparse MLP vs dense vs the bandwidth floor)")
+    b.add_argument("what", choices=["kernels"])
+    b.add_argument("--quick", action="store_true", help="TinyLlama shape only, fewer calls (under a minute)")
+    b.add_argument("--json", action="store_true")
     c = sub.add_parser("calibrate", help="train and store thresholds, predictors and static sets for a model")
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--force", action="store_true", help="train again even if a calibration is stored")
@@ -123,6 +127,12 @@ def _target_id(loaded, token: str) -> int:
     return ids[0]
 
 
+def cmd_bench(args) -> int:
+    from bench import kernels
+
+    return kernels.main((["--quick"] if args.quick else []) + (["--json"] if args.json else []))
+
+
 def _fmt(x) -> str:
     return f"{x:6.4f}" if x is not None else "     -"
 
@@ -170,7 +180,8 @@ def _finite(obj):
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"analyze": cmd_analyze, "attribute": cmd_attribute, "calibrate": cmd_calibrate}[args.command](args)
+        return {"analyze": cmd_analyze, "attribute": cmd_attribute, "bench": cmd_bench,
+                "calibrate": cmd_calibrate}[args.command](args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

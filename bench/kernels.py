@@ -1,0 +1,96 @@
+"""Sparse MLP kernels at the Llama-7B shape (4096, 11008) and the TinyLlama shape (2048, 5632),
+fp32 and bf16 weights, densities 0.05 / 0.1 / 0.25 / 0.5, batch 1: medians of the dense F.linear
+MLP, the `cpu` backend, and the floor (a compiled loop that reads the same selected rows once).
+Weight copies are rotated so that each call reads from memory, not from a warm cache.
+
+    python -m sam_viz bench kernels [--quick] [--json]
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from models import MLPWeights
+from sparse_ops.cpu import extension, prepare, sparse_mlp_shared
+
+SHAPES = {"llama-7b": (4096, 11008), "tinyllama": (2048, 5632)}
+DENSITIES = (0.05, 0.1, 0.25, 0.5)
+ROTATE_BYTES = 600 * 2**20          # > 2x this machine's L3 (260 MiB)
+
+
+def _copies(d: int, d_ff: int, dtype: torch.dtype, seed: int = 0) -> list[tuple[MLPWeights, object]]:
+    per_copy = 3 * d * d_ff * (4 if dtype == torch.float32 else 2)
+    n = max(2, -(-ROTATE_BYTES // per_copy))
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        w = MLPWeights(gate=(torch.randn(d_ff, d, generator=gen) / d ** 0.5).to(dtype),
+                       up=(torch.randn(d_ff, d, generator=gen) / d ** 0.5).to(dtype),
+                       down_t=(torch.randn(d_ff, d, generator=gen) / d_ff ** 0.5).to(dtype), act=torch.nn.SiLU())
+        out.append((w, prepare(w, dtype)))
+    return out
+
+
+def _interleaved_medians(fns, n_calls: int) -> list[float]:
+    """Median ms of each fn, timed call by call side by side (fn_a(i), fn_b(i), ...), so that a
+    noisy neighbour slows all of them alike and the ratios stay honest."""
+    times = [[] for _ in fns]
+    for i in range(n_calls + 2):
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            fn(i)
+            if i >= 2:                                                   # two warm-up rounds
+                out.append((time.perf_counter() - t0) * 1000)
+    return [statistics.median(t) for t in times]
+
+
+def run(shapes=SHAPES, dtypes=("fp32", "bf16"), densities=DENSITIES, calls: int = 30) -> list[dict]:
+    ext = extension()
+    rows = []
+    for name, (d, d_ff) in shapes.items():
+        for dt in dtypes:
+            dtype = torch.float32 if dt == "fp32" else torch.bfloat16
+            copies = _copies(d, d_ff, dtype)
+            x = torch.randn(1, d)
+            xd = x.to(dtype)
+            down = [w.down_t.t().contiguous() for w, _ in copies]            # F.linear's [d, d_ff]
+
+            def dense(i):
+                w = copies[i % len(copies)][0]
+                F.linear(F.silu(F.linear(xd, w.gate)) * F.linear(xd, w.up), down[i % len(copies)])
+
+            for density in densities:
+                k = round(density * d_ff)
+                sets = [torch.sort(torch.randperm(d_ff)[:k]).values for _ in range(8)]
+
+                def sparse(i):
+                    sparse_mlp_shared(x, sets[i % 8], copies[i % len(copies)][1])
+
+                def floor(i):
+                    p = copies[i % len(copies)][1]
+                    ext.read_rows(p.gu, p.down, sets[i % 8])
+
+                dense_ms, cpu_ms, floor_ms = _interleaved_medians([dense, sparse, floor], calls)
+                rows.append({"backend": "cpu", "shape": name, "dtype": dt, "d": d, "d_ff": d_ff, "density": density,
+                             "ms": cpu_ms, "dense_ms": dense_ms, "floor_ms": floor_ms,
+                             "vs_floor": cpu_ms / floor_ms, "speedup_vs_dense": dense_ms / cpu_ms})
+            del copies, down
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    quick, as_json = "--quick" in argv, "--json" in argv
+    rows = run(shapes={"tinyllama": SHAPES["tinyllama"]} if quick else SHAPES, calls=15 if quick else 40)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"threads {torch.get_num_threads()}; medians of {15 if quick else 40} calls; weights rotated past L3")
+    print("shape      dtype  density  dense_ms  cpu_ms  floor_ms  cpu/floor  speedup_vs_dense")
+    for r in rows:
+        print(f"{r['shape']:10s} {r['dtype']:5s}  {r['density']:7.2f}  {r['dense_ms']:8.2f}  {r['ms']:6.2f}  "
+              f"{r['floor_ms']:8.2f}  {r['vs_floor']:9.2f}  {r['speedup_vs_dense']:16.2f}")
+    return 0
