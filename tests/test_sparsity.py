@@ -57,6 +57,16 @@ def _masked_dense_hooks(unpatched, density):
     return handles
 
 
+def _output_with_hooks(unpatched, enc, handles):
+    """The untouched model's output with the test's own hooks in place; the hooks are removed after."""
+    try:
+        with torch.no_grad():
+            return model_output(unpatched, enc)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _moe_by_hand(density):
     """Mixtral block: softmax router, top-2 experts renormalised, each expert a GLU with top-k."""
     def hook(block, args, output):
@@ -83,13 +93,7 @@ def test_topk_equals_masked_dense_by_hand(spec, density, fresh):
     unpatched = fresh(spec)
     m = shared(spec)
     enc = m.encode(PROMPT)
-    handles = _masked_dense_hooks(unpatched, density)
-    try:
-        with torch.no_grad():
-            expected = model_output(unpatched, enc)
-    finally:
-        for h in handles:
-            h.remove()
+    expected = _output_with_hooks(unpatched, enc, _masked_dense_hooks(unpatched, density))
     rec = Recorder()
     with torch.no_grad(), sparsified(m, Policy("topk", density), recorder=rec):
         got = model_output(m, enc)
@@ -197,10 +201,5 @@ def test_threshold_output_equals_masked_dense_by_hand(spec, fresh):
             down = layer.mlp.c_proj if spec == "tiny-gpt2" else layer.output.dense
             handles.append(down.register_forward_pre_hook(
                 lambda mod, args, t=thresholds[i]: (args[0] * (args[0].abs() > t),)))
-    try:
-        with torch.no_grad():
-            expected = model_output(unpatched, enc)
-    finally:
-        for h in handles:
-            h.remove()
+    expected = _output_with_hooks(unpatched, enc, handles)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
