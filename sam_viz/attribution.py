@@ -25,6 +25,7 @@ from captum.attr import LayerGradientXActivation, LayerIntegratedGradients
 
 from models import InputError, LoadedModel
 from sparse_ops import LayerFiring, Policy, Recorder, install, sparsified
+from sparse_ops.policy import selection_mask
 
 from .analysis import Outputs, Progress, encode_prompt, forward, sentence_embedding
 from .spec import RunSpec
@@ -71,12 +72,9 @@ def _baseline(loaded: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     """Every ordinary token replaced by the unknown token (else pad); special tokens ([CLS], [SEP],
     BOS) kept. Not pad first: its embedding is often all zeros, where RMSNorm is at its most
     non-linear and the integral converges badly."""
-    with loaded._tok_lock:
-        special = torch.tensor(loaded.tokenizer.get_special_tokens_mask(ids[0].tolist(),
-                                                                        already_has_special_tokens=True))
-        tok = loaded.tokenizer
-        neutral = next((i for i in (tok.unk_token_id, tok.pad_token_id) if i is not None), 0)
-    return torch.where(special.bool()[None], ids, torch.full_like(ids, neutral))
+    tok = loaded.tokenizer
+    neutral = next((i for i in (tok.unk_token_id, tok.pad_token_id) if i is not None), 0)
+    return torch.where(loaded.special_tokens_mask(ids[0])[None], ids, torch.full_like(ids, neutral))
 
 
 def _target_fn(loaded: LoadedModel, enc: dict, target_id: int | None, reference: torch.Tensor | None):
@@ -89,17 +87,6 @@ def _target_fn(loaded: LoadedModel, enc: dict, target_id: int | None, reference:
         emb = sentence_embedding(Outputs((out.last_hidden_state,), None), mask.expand(input_ids.shape[0], -1))
         return emb @ reference
     return f
-
-
-def _frozen_selection(layers: list[LayerFiring], n_tokens: int) -> dict[int, torch.Tensor]:
-    out = {}
-    for i, lf in enumerate(layers):
-        counts = (lf.indptr[1:] - lf.indptr[:-1]).long()
-        idx = torch.full((n_tokens, int(counts.max())), -1, dtype=torch.long)
-        for t in range(n_tokens):
-            idx[t, :counts[t]] = lf.token(t)[0].long()
-        out[i] = idx
-    return out
 
 
 def attribute(loaded: LoadedModel, spec: RunSpec, method: str = "ig", steps: int = 50,
@@ -128,7 +115,8 @@ def attribute(loaded: LoadedModel, spec: RunSpec, method: str = "ig", steps: int
     with sparsified(loaded, policy, kernel=spec.kernel, recorder=rec):
         forward(loaded, enc)
     sparse_layers = rec.layers(n, loaded.d_ff * max(1, loaded.n_experts))
-    frozen = None if policy.kind == "dense" or loaded.n_experts else _frozen_selection(sparse_layers, n)
+    frozen = None if policy.kind == "dense" or loaded.n_experts else {
+        i: lf.padded_ids() for i, lf in enumerate(sparse_layers)}
     fn = _target_fn(loaded, enc, target_id, reference)
     baseline = _baseline(loaded, ids)
     emb_layer = loaded.model.get_input_embeddings()
@@ -173,10 +161,7 @@ def _selected_mask(lf: LayerFiring, n_tokens: int, d_ff: int) -> torch.Tensor:
     """[T, d_ff] bool: neurons the sparse pass computed per token (all when dense)."""
     if lf.ids is None:
         return torch.ones(n_tokens, d_ff, dtype=torch.bool)
-    mask = torch.zeros(n_tokens, d_ff, dtype=torch.bool)
-    for t in range(n_tokens):
-        mask[t, lf.token(t)[0].long() % d_ff] = True
-    return mask
+    return selection_mask(lf.padded_ids(), d_ff)
 
 
 def _mass_lost(dense_attr: torch.Tensor, selected: torch.Tensor) -> float:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from models import InputError, MLPWeights
 
+from .policy import selection_mask
+
 Kernel = Callable[[torch.Tensor, torch.Tensor, MLPWeights], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -31,11 +33,8 @@ def activations(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
 def reference(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked dense: compute every h_j, zero the unselected ones, project down. Obviously correct."""
     h_all = activations(x, w)                                        # [N, d_ff]
-    valid = idx >= 0
-    safe = idx.clamp(min=0)
-    mask = torch.zeros_like(h_all).scatter_add_(1, safe, valid.to(h_all.dtype)) > 0   # padding adds 0
-    y = F.linear(h_all * mask, w.down_t.t(), w.b_down)               # [N, d_out]
-    return y, torch.gather(h_all, 1, safe) * valid
+    y = F.linear(h_all * selection_mask(idx, w.d_ff), w.down_t.t(), w.b_down)   # [N, d_out]
+    return y, torch.gather(h_all, 1, idx.clamp(min=0)) * (idx >= 0)
 
 
 def _cpu(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:

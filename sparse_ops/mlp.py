@@ -18,7 +18,7 @@ from models.adapters import set_path
 
 from .context import Run, current_run
 from .kernels import activations
-from .policy import mask_indices, topk_indices
+from .policy import mask_indices, selection_mask, topk_indices
 
 _INSTALL_LOCK = threading.Lock()
 
@@ -130,9 +130,7 @@ class SparseMLP(nn.Module):
         layer methods can attribute to neurons (the reference kernel's equation, differentiable)."""
         h = activations(x2, w)                                           # [N, d_ff]
         h = self.neurons(h.reshape(-1, run.seq_len, w.d_ff)).reshape(-1, w.d_ff)
-        valid = idx >= 0
-        mask = torch.zeros_like(h).scatter_add_(1, idx.clamp(min=0), valid.to(h.dtype)) > 0
-        return F.linear(h * mask, w.down_t.t(), w.b_down)
+        return F.linear(h * selection_mask(idx, w.d_ff), w.down_t.t(), w.b_down)
 
     def _moe(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Each picked expert's MLP run sparsely on its tokens, weighted as the router says."""

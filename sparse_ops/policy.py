@@ -58,6 +58,14 @@ def topk_indices(h: torch.Tensor, k: int) -> torch.Tensor:
     return order[:, :k]
 
 
+def selection_mask(idx: torch.Tensor, d_ff: int) -> torch.Tensor:
+    """[N, k] int64 (-1 = none) -> [N, d_ff] bool: the inverse of mask_indices. (A plain scatter of
+    `valid` could let a padding slot, clamped to 0, clear a selected neuron 0; adding cannot.)"""
+    valid = idx >= 0
+    hits = torch.zeros(idx.shape[0], d_ff, device=idx.device).scatter_add_(1, idx.clamp(min=0), valid.float())
+    return hits > 0
+
+
 def mask_indices(mask: torch.Tensor) -> torch.Tensor:
     """[N, d_ff] bool -> [N, k_max] int64 of the selected neurons in index order, -1 padded."""
     counts = mask.sum(dim=-1)                                            # [N]

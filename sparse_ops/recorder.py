@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .policy import selection_mask
+
 _FP16_MAX = 65504.0
 
 
@@ -62,6 +64,15 @@ class LayerFiring:
         a, b = int(self.indptr[t]), int(self.indptr[t + 1])
         return self.ids[a:b], self.values[a:b]
 
+    def padded_ids(self) -> torch.Tensor:
+        """[T, k_max] int64 neuron ids per token, -1 padded (the kernels' index layout)."""
+        counts = (self.indptr[1:] - self.indptr[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        pos = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts)[rows]
+        idx = torch.full((counts.numel(), int(counts.max()) if counts.numel() else 0), -1, dtype=torch.long)
+        idx[rows, pos] = self.ids.long()
+        return idx
+
     def nbytes(self) -> int:
         parts = [self.indptr, self.ids, self.values, self.selected, self.possible, self.mass_kept,
                  self.mass_total, self.experts, self.expert_weights, self.activations, self.oracle, self.hits,
@@ -101,9 +112,7 @@ class Recorder:
         if oracle_k is not None and ids is not None:
             top = torch.sort(h_all.abs(), dim=-1, descending=True, stable=True).indices[:, :oracle_k]
             in_oracle = torch.zeros_like(h_all, dtype=torch.bool).scatter_(1, top, True)      # [n, d_ff]
-            valid = ids >= 0
-            local = torch.where(valid, ids - offset, 0)
-            picked = torch.zeros_like(h_all).scatter_add_(1, local, valid.to(h_all.dtype)) > 0
+            picked = selection_mask(torch.where(ids >= 0, ids - offset, -1), h_all.shape[-1])
             hits = (picked & in_oracle).sum(-1).int()                                        # [n]
             oracle = torch.full_like(hits, oracle_k)
         part = _Part(rows.detach(), None if ids is None else ids.detach(),

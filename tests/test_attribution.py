@@ -120,7 +120,7 @@ def test_cli_attribute_bad_input(args, capsys):
 def test_selection_is_frozen_along_the_integration_path():
     """The documented choice: at any point of the path (here the baseline itself), each token keeps
     the neurons the sparse model chose on the real input; without freezing, the choice would move."""
-    from sam_viz.attribution import _baseline, _frozen_selection
+    from sam_viz.attribution import _baseline
     from sparse_ops import Policy, Recorder
 
     m = shared("tiny-llama")
@@ -130,7 +130,7 @@ def test_selection_is_frozen_along_the_integration_path():
     with torch.no_grad(), sparsified(m, Policy("topk", 0.25), recorder=on_input):
         m.model(**enc)
     chosen = on_input.layers(n, m.d_ff)
-    frozen = _frozen_selection(chosen, n)
+    frozen = {i: lf.padded_ids() for i, lf in enumerate(chosen)}
     base = _baseline(m, enc["input_ids"])
     on_path, free = Recorder(), Recorder()
     with torch.no_grad():
