@@ -62,6 +62,17 @@ class LoadedModel:
                                  add_special_tokens=self.add_special_tokens)
         return _model_inputs(enc)
 
+    def plain_ids(self, text: str) -> list[int]:
+        """Token ids of `text` without special tokens."""
+        with self._tok_lock:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def special_tokens_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] bool: which of the ids are special tokens ([CLS], [SEP], BOS ...)."""
+        with self._tok_lock:
+            mask = self.tokenizer.get_special_tokens_mask(input_ids.tolist(), already_has_special_tokens=True)
+        return torch.tensor(mask, dtype=torch.bool)
+
     def token_strings(self, input_ids: torch.Tensor) -> list[str]:
         with self._tok_lock:
             return self.tokenizer.convert_ids_to_tokens(input_ids.tolist())

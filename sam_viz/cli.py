@@ -120,8 +120,7 @@ def cmd_attribute(args) -> int:
 def _target_id(loaded, token: str) -> int:
     if loaded.kind != "causal-lm":
         raise InputError("--target is for causal language models; encoders explain the embedding cosine")
-    with loaded._tok_lock:
-        ids = loaded.tokenizer(token, add_special_tokens=False)["input_ids"]
+    ids = loaded.plain_ids(token)
     if len(ids) != 1:
         raise InputError(f"target '{token[:40]}' is {len(ids)} tokens for this tokenizer; give a single token")
     return ids[0]
