@@ -1,7 +1,5 @@
 """sam-viz: Streamlit entry. Thin: page config and navigation over pages/; each page draws the
 shared sidebar (pages/_shared.py) and reads its analysis from the library."""
-import streamlit as st
-
 from pages._shared import navigation
 
 navigation().run()

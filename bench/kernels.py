@@ -48,38 +48,41 @@ def _interleaved_medians(fns, n_calls: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def _rows_for(name: str, d: int, d_ff: int, dt: str, densities, calls: int, ext) -> list[dict]:
+    """One shape and dtype; its weight copies are freed when this returns."""
+    dtype = torch.float32 if dt == "fp32" else torch.bfloat16
+    copies = _copies(d, d_ff, dtype)
+    x = torch.randn(1, d)
+    xd = x.to(dtype)
+    down = [w.down_t.t().contiguous() for w, _ in copies]                    # F.linear's [d, d_ff]
+
+    def dense(i):
+        w = copies[i % len(copies)][0]
+        F.linear(F.silu(F.linear(xd, w.gate)) * F.linear(xd, w.up), down[i % len(copies)])
+
+    rows = []
+    for density in densities:
+        k = round(density * d_ff)
+        sets = [torch.sort(torch.randperm(d_ff)[:k]).values for _ in range(8)]
+
+        def sparse(i):
+            sparse_mlp_shared(x, sets[i % 8], copies[i % len(copies)][1])
+
+        def floor(i):
+            p = copies[i % len(copies)][1]
+            ext.read_rows(p.gu, p.down, sets[i % 8])
+
+        dense_ms, cpu_ms, floor_ms = _interleaved_medians([dense, sparse, floor], calls)
+        rows.append({"backend": "cpu", "shape": name, "dtype": dt, "d": d, "d_ff": d_ff, "density": density,
+                     "ms": cpu_ms, "dense_ms": dense_ms, "floor_ms": floor_ms,
+                     "vs_floor": cpu_ms / floor_ms, "speedup_vs_dense": dense_ms / cpu_ms})
+    return rows
+
+
 def run(shapes=SHAPES, dtypes=("fp32", "bf16"), densities=DENSITIES, calls: int = 30) -> list[dict]:
     ext = extension()
-    rows = []
-    for name, (d, d_ff) in shapes.items():
-        for dt in dtypes:
-            dtype = torch.float32 if dt == "fp32" else torch.bfloat16
-            copies = _copies(d, d_ff, dtype)
-            x = torch.randn(1, d)
-            xd = x.to(dtype)
-            down = [w.down_t.t().contiguous() for w, _ in copies]            # F.linear's [d, d_ff]
-
-            def dense(i):
-                w = copies[i % len(copies)][0]
-                F.linear(F.silu(F.linear(xd, w.gate)) * F.linear(xd, w.up), down[i % len(copies)])
-
-            for density in densities:
-                k = round(density * d_ff)
-                sets = [torch.sort(torch.randperm(d_ff)[:k]).values for _ in range(8)]
-
-                def sparse(i):
-                    sparse_mlp_shared(x, sets[i % 8], copies[i % len(copies)][1])
-
-                def floor(i):
-                    p = copies[i % len(copies)][1]
-                    ext.read_rows(p.gu, p.down, sets[i % 8])
-
-                dense_ms, cpu_ms, floor_ms = _interleaved_medians([dense, sparse, floor], calls)
-                rows.append({"backend": "cpu", "shape": name, "dtype": dt, "d": d, "d_ff": d_ff, "density": density,
-                             "ms": cpu_ms, "dense_ms": dense_ms, "floor_ms": floor_ms,
-                             "vs_floor": cpu_ms / floor_ms, "speedup_vs_dense": dense_ms / cpu_ms})
-            del copies, down
-    return rows
+    return [row for name, (d, d_ff) in shapes.items() for dt in dtypes
+            for row in _rows_for(name, d, d_ff, dt, densities, calls, ext)]
 
 
 def main(argv: list[str]) -> int:

@@ -134,7 +134,8 @@ def test_predictor_cost_is_counted():
     m = shared("tiny-llama")
     a = analyze(m, RunSpec(prompt=HELD_OUT[1], model="tiny-llama", policy="predictor", density=0.25))
     cal = get_calibration(m)
-    d, r, d_ff = 64, 8, m.d_ff                     # rank: d / 8
+    d, r, d_ff = 64, cal.predictors[(0, -1)][0].shape[0], m.d_ff
+    assert r == 8                                  # rank: d / 8
     per_call = r * d + d_ff * r + d_ff
     assert a.cost["predictor_params"] == m.n_layers * per_call
     selected = 0.25 * d_ff * 3 * d * m.n_layers
