@@ -1,6 +1,9 @@
 """Sparse MLP kernels at the Llama-7B shape (4096, 11008) and the TinyLlama shape (2048, 5632),
 fp32 and bf16 weights, densities 0.05 / 0.1 / 0.25 / 0.5, batch 1: medians of the dense F.linear
-MLP, the `cpu` backend, and the floor (a compiled loop that reads the same selected rows once).
+MLP, the `cpu` backend, and the floor: a compiled loop that reads the same selected rows once, in the
+kernel's access pattern (gate, up and down rows side by side, prefetched), doing nothing else. Also
+the time to read *all* rows that way (`dense_floor_ms`, what a dense MLP at full bandwidth would
+take), since torch's bf16 dense GEMV runs well below bandwidth and flatters a bf16 speedup.
 Weight copies are rotated so that each call reads from memory, not from a warm cache.
 
     python -m sam_viz bench kernels [--quick] [--json]
@@ -19,12 +22,12 @@ from sparse_ops.cpu import extension, prepare, sparse_mlp_shared
 
 SHAPES = {"llama-7b": (4096, 11008), "tinyllama": (2048, 5632)}
 DENSITIES = (0.05, 0.1, 0.25, 0.5)
-ROTATE_BYTES = 600 * 2**20          # > 2x this machine's L3 (260 MiB)
+ROTATE_BYTES = 600 * 2**20          # > 2x the L3 of the machines seen here (105-260 MiB)
 
 
 def _copies(d: int, d_ff: int, dtype: torch.dtype, seed: int = 0) -> list[tuple[MLPWeights, object]]:
     per_copy = 3 * d * d_ff * (4 if dtype == torch.float32 else 2)
-    n = max(2, -(-ROTATE_BYTES // per_copy))
+    n = max(3, -(-ROTATE_BYTES // per_copy))
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -36,13 +39,16 @@ def _copies(d: int, d_ff: int, dtype: torch.dtype, seed: int = 0) -> list[tuple[
 
 
 def _interleaved_medians(fns, n_calls: int) -> list[float]:
-    """Median ms of each fn, timed call by call side by side (fn_a(i), fn_b(i), ...), so that a
-    noisy neighbour slows all of them alike and the ratios stay honest."""
+    """Median ms of each fn, timed call by call side by side (fn_a, fn_b, ..., fn_a, ...), so that a
+    noisy neighbour slows all of them alike and the ratios stay honest. Each call gets the next
+    weight copy (fn(c) uses copies[c % n]): no call finds rows that the call before it just read."""
     times = [[] for _ in fns]
+    call = 0
     for i in range(n_calls + 2):
         for fn, out in zip(fns, times):
             t0 = time.perf_counter()
-            fn(i)
+            fn(call)
+            call += 1
             if i >= 2:                                                   # two warm-up rounds
                 out.append((time.perf_counter() - t0) * 1000)
     return [statistics.median(t) for t in times]
@@ -60,22 +66,32 @@ def _rows_for(name: str, d: int, d_ff: int, dt: str, densities, calls: int, ext)
         w = copies[i % len(copies)][0]
         F.linear(F.silu(F.linear(xd, w.gate)) * F.linear(xd, w.up), down[i % len(copies)])
 
+    all_rows = torch.arange(d_ff)
+
+    def dense_floor(i):
+        p = copies[i % len(copies)][1]
+        ext.read_rows(p.gu, p.down, all_rows)
+
+    dense_floor_ms = _interleaved_medians([dense_floor], max(5, calls // 3))[0]
     rows = []
     for density in densities:
         k = round(density * d_ff)
-        sets = [torch.sort(torch.randperm(d_ff)[:k]).values for _ in range(8)]
+        sets = [torch.sort(torch.randperm(d_ff)[:k]).values for _ in range(7)]
 
         def sparse(i):
-            sparse_mlp_shared(x, sets[i % 8], copies[i % len(copies)][1])
+            sparse_mlp_shared(x, sets[i % 7], copies[i % len(copies)][1])
 
         def floor(i):
             p = copies[i % len(copies)][1]
-            ext.read_rows(p.gu, p.down, sets[i % 8])
+            ext.read_rows(p.gu, p.down, sets[i % 7])
 
         dense_ms, cpu_ms, floor_ms = _interleaved_medians([dense, sparse, floor], calls)
-        rows.append({"backend": "cpu", "shape": name, "dtype": dt, "d": d, "d_ff": d_ff, "density": density,
-                     "ms": cpu_ms, "dense_ms": dense_ms, "floor_ms": floor_ms,
-                     "vs_floor": cpu_ms / floor_ms, "speedup_vs_dense": dense_ms / cpu_ms})
+        gb = k * 3 * d * (4 if dtype == torch.float32 else 2) / 1e9
+        rows.append({"backend": "cpu", "isa": ext.isa(), "shape": name, "dtype": dt, "d": d, "d_ff": d_ff,
+                     "density": density, "ms": cpu_ms, "dense_ms": dense_ms, "floor_ms": floor_ms,
+                     "dense_floor_ms": dense_floor_ms, "vs_floor": cpu_ms / floor_ms,
+                     "speedup_vs_dense": dense_ms / cpu_ms, "speedup_vs_dense_floor": dense_floor_ms / cpu_ms,
+                     "floor_gb_s": gb / floor_ms * 1e3, "cpu_gb_s": gb / cpu_ms * 1e3})
     return rows
 
 
@@ -91,9 +107,12 @@ def main(argv: list[str]) -> int:
     if as_json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"threads {torch.get_num_threads()}; medians of {15 if quick else 40} calls; weights rotated past L3")
-    print("shape      dtype  density  dense_ms  cpu_ms  floor_ms  cpu/floor  speedup_vs_dense")
+    print(f"threads {torch.get_num_threads()}; cpu kernel path {rows[0]['isa']}; medians of "
+          f"{15 if quick else 40} calls, interleaved; weights rotated past L3")
+    print("shape      dtype  density  dense_ms  dense_floor_ms  cpu_ms  floor_ms  cpu/floor  floor_GB/s  "
+          "x_dense  x_dense_floor")
     for r in rows:
-        print(f"{r['shape']:10s} {r['dtype']:5s}  {r['density']:7.2f}  {r['dense_ms']:8.2f}  {r['ms']:6.2f}  "
-              f"{r['floor_ms']:8.2f}  {r['vs_floor']:9.2f}  {r['speedup_vs_dense']:16.2f}")
+        print(f"{r['shape']:10s} {r['dtype']:5s}  {r['density']:7.2f}  {r['dense_ms']:8.2f}  {r['dense_floor_ms']:14.2f}  "
+              f"{r['ms']:6.2f}  {r['floor_ms']:8.2f}  {r['vs_floor']:9.2f}  {r['floor_gb_s']:10.1f}  "
+              f"{r['speedup_vs_dense']:7.2f}  {r['speedup_vs_dense_floor']:13.2f}")
     return 0

@@ -8,6 +8,8 @@ cached per CPU feature set, so a cache copied to another machine is never loaded
 from __future__ import annotations
 
 import hashlib
+import os
+import platform
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +19,16 @@ import torch.nn.functional as F
 
 from models import InputError, MLPWeights
 
-SOURCE = Path(__file__).with_name("csrc") / "sparse_mlp.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "sparse_mlp.cpp"
+HEADER = CSRC / "sparse_mlp_kernel.h"
 ACTIVATIONS = {0: F.silu, 1: F.gelu, 2: lambda v: F.gelu(v, approximate="tanh"), 3: F.relu}
+# native: -march=native (the AVX-512 intrinsics path where this CPU has AVX-512, the portable path
+# otherwise); portable: the portable path, as a machine without AVX-512 builds it (x86-64-v3 = AVX2
+# on x86, the compiler's default elsewhere). SAM_VIZ_CPU_ISA=portable selects it at load time.
+VARIANTS = ("native", "portable")
 _LOCK = threading.Lock()
-_EXT = None
+_EXT: dict[str, object] = {}
 
 
 def _cpu_flags() -> str:
@@ -33,22 +41,33 @@ def _cpu_flags() -> str:
     return "unknown"
 
 
-def extension():
-    """The compiled module, built (once per CPU feature set) on first use."""
-    global _EXT
+def _cflags(variant: str) -> list[str]:
+    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    if variant == "native":
+        return flags + ["-march=native"]
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return flags + ["-DSAM_VIZ_PORTABLE"] + (["-march=x86-64-v3", "-mno-avx512f"] if x86 else [])
+
+
+def extension(variant: str | None = None):
+    """The compiled module, built (once per CPU feature set and variant) on first use."""
+    variant = variant or os.environ.get("SAM_VIZ_CPU_ISA", "native")
+    if variant not in VARIANTS:
+        raise InputError(f"SAM_VIZ_CPU_ISA must be one of {', '.join(VARIANTS)}, not '{variant}'")
     with _LOCK:
-        if _EXT is None:
+        if variant not in _EXT:
             from torch.utils.cpp_extension import load
 
-            tag = hashlib.sha256((_cpu_flags() + SOURCE.read_text()).encode()).hexdigest()[:12]
+            text = _cpu_flags() + variant + SOURCE.read_text() + HEADER.read_text()
+            tag = hashlib.sha256(text.encode()).hexdigest()[:12]
             try:
-                _EXT = load(name=f"sam_viz_sparse_mlp_{tag}", sources=[str(SOURCE)],
-                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                            verbose=False)
+                _EXT[variant] = load(name=f"sam_viz_sparse_mlp_{variant}_{tag}", sources=[str(SOURCE)],
+                                     extra_cflags=_cflags(variant), extra_include_paths=[str(CSRC)],
+                                     extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as exc:  # noqa: BLE001 - compiler errors come in many types
                 raise InputError(f"the cpu kernel could not be built here ({type(exc).__name__}: "
                                  f"{str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''})") from None
-    return _EXT
+    return _EXT[variant]
 
 
 @dataclass(frozen=True)
@@ -91,20 +110,21 @@ def prepare(w: MLPWeights, dtype: torch.dtype = torch.float32) -> Prepared:
     return prepared
 
 
-def sparse_mlp_shared(x: torch.Tensor, idx: torch.Tensor, p: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+def _args(p: Prepared):
+    return p.gu, p.groups, p.down, p.b_gate, p.b_up, p.b_down
+
+
+def sparse_mlp_shared(x: torch.Tensor, idx: torch.Tensor, p: Prepared,
+                      variant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens x [n, d] sharing one index set idx [k] (one token, or the union of a few)."""
-    return extension().sparse_mlp(x.float().contiguous(), p.gu, p.groups, p.down, p.b_gate, p.b_up, p.b_down,
-                                  idx.long().contiguous(), p.act)
+    return extension(variant).sparse_mlp(x.float().contiguous(), *_args(p), idx.long().contiguous(), p.act)
 
 
-def cpu_kernel(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
+def cpu_kernel(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights,
+               variant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The registry signature: each token with its own index set (-1 = none)."""
     if x.device.type != "cpu":
         raise InputError("the cpu kernel runs on CPU tensors only")
     p = prepare(w, w.gate.dtype if w.gate.dtype in (torch.float32, torch.bfloat16) else torch.float32)
-    ys, hs = [], []
-    for t in range(x.shape[0]):
-        y, h = sparse_mlp_shared(x[t:t + 1], idx[t], p)
-        ys.append(y)
-        hs.append(h)
-    return torch.cat(ys).to(x.dtype), torch.cat(hs).to(x.dtype)
+    y, h = extension(variant).sparse_mlp_tokens(x.float().contiguous(), *_args(p), idx.long().contiguous(), p.act)
+    return y.to(x.dtype), h.to(x.dtype)

@@ -1,6 +1,7 @@
 """The compiled `cpu` backend against `reference` and the equation: fp32 (rel 1e-5) and bf16
 weights (rel 1e-2), every activation, k = 1 and k = d_ff, widths that are not a SIMD multiple,
-tokens sharing one index set, and whole models."""
+tokens sharing one index set, and whole models. Both builds are checked: `native` (the AVX-512
+intrinsics where this CPU has AVX-512) and `portable` (built as for a machine without AVX-512)."""
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ from conftest import HELD_OUT, shared
 from models import MLPWeights
 from sam_viz import RunSpec, analyze
 from sparse_ops import reference
-from sparse_ops.cpu import ACTIVATIONS, activation_code, cpu_kernel, prepare, sparse_mlp_shared
+from sparse_ops.cpu import ACTIVATIONS, VARIANTS, activation_code, cpu_kernel, extension, prepare, sparse_mlp_shared
 
 ACT_MODULES = {0: torch.nn.SiLU(), 1: torch.nn.GELU(), 2: torch.nn.GELU(approximate="tanh"), 3: torch.nn.ReLU()}
 
@@ -24,57 +25,81 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
+def test_native_build_uses_avx512_where_the_cpu_has_it():
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    has = " avx512f " in flags and " avx512bw " in flags
+    assert extension("native").isa() == ("avx512" if has else "portable")
+    assert extension("portable").isa() == "portable"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("act", list(ACT_MODULES))
-@pytest.mark.parametrize("d,d_ff,k", [(1, 1, 1), (7, 13, 1), (33, 65, 65), (64, 256, 17), (129, 300, 150),
-                                      (512, 1376, 138)])
+@pytest.mark.parametrize("d,d_ff,k,d_out", [(1, 1, 1, None), (7, 13, 1, None), (33, 65, 65, None),
+                                            (64, 256, 17, None), (129, 300, 150, None), (512, 1376, 138, None),
+                                            (40, 90, 45, 72), (96, 50, 50, 17)])
 @pytest.mark.parametrize("glu,bias", [(True, False), (False, True)])
-def test_fp32_matches_reference(act, d, d_ff, k, glu, bias):
+def test_fp32_matches_reference(variant, act, d, d_ff, k, d_out, glu, bias):
     gen = torch.Generator().manual_seed(d * 7 + d_ff + k + act)
-    w = _weights(d, d_ff, glu, bias, ACT_MODULES[act], gen)
+    w = _weights(d, d_ff, glu, bias, ACT_MODULES[act], gen, d_out=d_out)
     x = torch.randn(3, d, generator=gen)
     idx = torch.stack([torch.randperm(d_ff, generator=gen)[:k] for _ in range(3)])
-    y, h = cpu_kernel(x, idx, w)
+    y, h = cpu_kernel(x, idx, w, variant)
     y_ref, h_ref = reference(x, idx, w)
     assert _rel(y, y_ref) <= 1e-5 and _rel(h, h_ref) <= 1e-5
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("glu", [True, False])
 @pytest.mark.parametrize("density", [0.05, 0.1, 0.5, 1.0])
-def test_bf16_weights_accumulate_in_fp32(glu, density):
-    gen = torch.Generator().manual_seed(int(density * 100))
-    d, d_ff = 256, 688
-    w = _weights(d, d_ff, glu, False, torch.nn.SiLU(), gen)
+@pytest.mark.parametrize("d,d_out", [(256, 256), (33, 33), (100, 61), (7, 200)])
+def test_bf16_weights_accumulate_in_fp32(variant, glu, density, d, d_out):
+    gen = torch.Generator().manual_seed(int(density * 100) + d)
+    d_ff = 688
+    w = _weights(d, d_ff, glu, False, torch.nn.SiLU(), gen, d_out=d_out)
     w16 = MLPWeights(gate=w.gate.bfloat16(), up=None if w.up is None else w.up.bfloat16(),
                      down_t=w.down_t.bfloat16(), act=w.act)
-    x = torch.randn(1, d, generator=gen)
-    idx = torch.randperm(d_ff, generator=gen)[: max(1, round(density * d_ff))][None]
-    y, _ = cpu_kernel(x, idx, w16)
+    x = torch.randn(2, d, generator=gen)
+    idx = torch.stack([torch.randperm(d_ff, generator=gen)[: max(1, round(density * d_ff))] for _ in range(2)])
+    y, h = cpu_kernel(x, idx, w16, variant)
     ref = MLPWeights(gate=w16.gate.float(), up=None if w.up is None else w16.up.float(),
                      down_t=w16.down_t.float(), act=w.act)          # the bf16 weights, in fp32 arithmetic
-    assert _rel(y, reference(x, idx, ref)[0]) <= 1e-2
+    assert _rel(y, reference(x, idx, ref)[0]) <= 1e-2 and _rel(h, reference(x, idx, ref)[1]) <= 1e-2
     assert _rel(y, reference(x, idx, w)[0]) <= 1e-2                # and close to the fp32 weights too
 
 
-def test_tokens_sharing_one_index_set():
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,d,k", [(4, 48, 60), (3, 70, 1), (5, 64, 200)])
+def test_tokens_sharing_one_index_set(variant, dtype, n, d, k):
     """The Deja Vu batch: several tokens, the union of their sets, one pass over the rows."""
-    gen = torch.Generator().manual_seed(5)
-    w = _weights(48, 200, True, True, torch.nn.SiLU(), gen)
-    x = torch.randn(4, 48, generator=gen)
-    union = torch.randperm(200, generator=gen)[:60]
-    y, h = sparse_mlp_shared(x, union, prepare(w))
-    y_ref, h_ref = reference(x, union.expand(4, 60), w)
+    gen = torch.Generator().manual_seed(5 + n + k)
+    w = _weights(d, 200, True, True, torch.nn.SiLU(), gen)
+    w = MLPWeights(gate=w.gate.to(dtype).float(), up=w.up.to(dtype).float(), down_t=w.down_t.to(dtype).float(),
+                   act=w.act, b_gate=w.b_gate, b_up=w.b_up, b_down=w.b_down)   # exactly representable in dtype
+    x = torch.randn(n, d, generator=gen)
+    union = torch.randperm(200, generator=gen)[:k]
+    union[k // 2] = -1                                             # a padding slot in the middle
+    y, h = sparse_mlp_shared(x, union, prepare(w, dtype), variant)
+    y_ref, h_ref = reference(x, union.expand(n, k), w)
     assert _rel(y, y_ref) <= 1e-5 and _rel(h, h_ref) <= 1e-5
 
 
-def test_padding_slots_are_skipped_and_layout_is_prepared_once():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padding_slots_are_skipped_and_layout_is_prepared_once(variant):
     gen = torch.Generator().manual_seed(9)
     w = _weights(20, 40, True, False, torch.nn.SiLU(), gen)
     idx = torch.tensor([[3, 0, -1, -1], [0, 1, 2, 39]])
     x = torch.randn(2, 20, generator=gen)
-    y, h = cpu_kernel(x, idx, w)
+    y, h = cpu_kernel(x, idx, w, variant)
     y_ref, h_ref = reference(x, idx, w)
     assert _rel(y, y_ref) <= 1e-5 and torch.equal(h[0, 2:], torch.zeros(2))
     assert prepare(w) is prepare(w)
+
+
+def test_out_of_range_ids_are_refused_not_read():
+    w = _weights(8, 10, True, False, torch.nn.SiLU(), torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="idx out of range"):
+        cpu_kernel(torch.randn(1, 8), torch.tensor([[10]]), w)
 
 
 def test_activation_is_identified_by_value():
