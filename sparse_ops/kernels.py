@@ -4,8 +4,9 @@ ALL_ATTENTION_FUNCTIONS).
     kernel(x [N, d], idx [N, k] int64 (-1 = no neuron), w: MLPWeights) -> (y [N, d_out], h [N, k])
 
 y = sum over selected j of h_j * w.down_t[j] (+ b_down); h holds the selected activations
-(0 where idx is -1). Backends: `reference` (plain torch, the oracle in tests) and `cpu` (compiled
-gather-GEMV reading only the selected rows, sparse_ops/cpu.py). Asking for one that cannot run
+(0 where idx is -1). Backends: `reference` (plain torch, the oracle in tests), `cpu` (compiled
+gather-GEMV reading only the selected rows, sparse_ops/cpu.py) and `triton` (the same on a GPU,
+sparse_ops/triton_kernel.py). Asking for one that cannot run
 fails with a clear error, never a fallback.
 """
 from __future__ import annotations
@@ -43,7 +44,15 @@ def _cpu(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tenso
     return cpu_kernel(x, idx, w)
 
 
-KERNELS: dict[str, Kernel] = {"reference": reference, "cpu": _cpu}
+def _triton(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    try:                                       # imported on first use: triton is optional here
+        from .triton_kernel import triton_kernel
+    except ImportError as exc:
+        raise InputError(f"the triton kernel needs the triton package ({exc})") from None
+    return triton_kernel(x, idx, w)
+
+
+KERNELS: dict[str, Kernel] = {"reference": reference, "cpu": _cpu, "triton": _triton}
 
 
 def available_kernels() -> list[str]:

@@ -8,6 +8,12 @@ os.environ["SAM_VIZ_CACHE_DIR"] = os.environ.get("SAM_VIZ_TEST_CACHE_DIR") or __
     prefix="sam-viz-test-cache-")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Without a GPU the `triton` kernel runs in Triton's interpreter; triton reads this when the kernel
+# module is imported, so it is set before any test (test_kernels.py runs every backend).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from models import BUILTIN_SPECS, load_model  # noqa: E402
 
