@@ -95,15 +95,27 @@ def _rows_for(name: str, d: int, d_ff: int, dt: str, densities, calls: int, ext)
     return rows
 
 
-def run(shapes=SHAPES, dtypes=("fp32", "bf16"), densities=DENSITIES, calls: int = 30) -> list[dict]:
+QUICK = dict(shapes={"tinyllama": SHAPES["tinyllama"]}, calls=15)
+
+
+def run(shapes=SHAPES, dtypes=("fp32", "bf16"), densities=DENSITIES, calls: int = 30,
+        progress=None) -> list[dict]:
+    """Rows per shape, dtype and density; progress(frac, text), if given, before each shape and dtype."""
     ext = extension()
-    return [row for name, (d, d_ff) in shapes.items() for dt in dtypes
-            for row in _rows_for(name, d, d_ff, dt, densities, calls, ext)]
+    parts = [(name, d, d_ff, dt) for name, (d, d_ff) in shapes.items() for dt in dtypes]
+    rows = []
+    for i, (name, d, d_ff, dt) in enumerate(parts):
+        if progress is not None:
+            progress(i / len(parts), f"{name} {dt} ({i + 1} of {len(parts)})")
+        rows += _rows_for(name, d, d_ff, dt, densities, calls, ext)
+    if progress is not None:
+        progress(1.0, "done")
+    return rows
 
 
 def main(argv: list[str]) -> int:
     quick, as_json = "--quick" in argv, "--json" in argv
-    rows = run(shapes={"tinyllama": SHAPES["tinyllama"]} if quick else SHAPES, calls=15 if quick else 40)
+    rows = run(**QUICK) if quick else run(calls=40)
     if as_json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -24,7 +24,7 @@ PRESETS = {
 }
 DEFAULT_PROMPT = PRESETS["Fox"]
 PAGE_KEYS = ("layer", "token", "order", "freq")          # page selections that also live in the URL
-PAGE_PATHS = ("density", "compare", "routing", "attribution", "runs")   # the firing map is the default page, at /
+PAGE_PATHS = ("density", "compare", "routing", "attribution", "speed", "runs")   # the firing map is the default page, at /
 ANALYSIS_CACHE_SIZE = 16
 
 
@@ -51,6 +51,7 @@ def navigation():
         st.Page("pages/compare.py", title="Dense vs sparse", icon=":material/compare:"),
         st.Page("pages/routing.py", title="Routing", icon=":material/alt_route:"),
         st.Page("pages/attribution.py", title="Attribution", icon=":material/insights:"),
+        st.Page("pages/speed.py", title="Speed", icon=":material/speed:"),
         st.Page("pages/runs.py", title="Runs and sharing", icon=":material/share:"),
     ])
 

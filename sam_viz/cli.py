@@ -42,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target", default=None, help="causal LMs: the next token to explain (default: the "
                    "dense model's top token)")
     t.add_argument("--json", action="store_true")
-    b = sub.add_parser("bench", help="benchmarks: kernels (sparse MLP vs dense vs the bandwidth floor)")
-    b.add_argument("what", choices=["kernels"])
-    b.add_argument("--quick", action="store_true", help="TinyLlama shape only, fewer calls (under a minute)")
+    b = sub.add_parser("bench", help="benchmarks: kernels (sparse MLP vs dense vs the bandwidth floor), "
+                       "decode (greedy tokens/s of a random TinyLlama-shaped model, dense vs sparse)")
+    b.add_argument("what", choices=["kernels", "decode"])
+    b.add_argument("--quick", action="store_true", help="fewer shapes, steps and repeats (under a minute)")
     b.add_argument("--json", action="store_true")
     c = sub.add_parser("calibrate", help="train and store thresholds, predictors and static sets for a model")
     c.add_argument("--model", default=DEFAULT_MODEL)
@@ -127,9 +128,11 @@ def _target_id(loaded, token: str) -> int:
 
 
 def cmd_bench(args) -> int:
-    from bench import kernels
+    from bench import decode, kernels
 
-    return kernels.main((["--quick"] if args.quick else []) + (["--json"] if args.json else []))
+    _quiet_libraries()
+    bench = {"kernels": kernels, "decode": decode}[args.what]
+    return bench.main((["--quick"] if args.quick else []) + (["--json"] if args.json else []))
 
 
 def _fmt(x) -> str:

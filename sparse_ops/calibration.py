@@ -70,6 +70,7 @@ class Calibration:
     counts: dict[Unit, torch.Tensor]          # [len(GRID), d_ff] int32: tokens with neuron j in the top-k
     thresholds: dict[float, dict[int, float]] = field(default_factory=dict)
     n_tokens: int = 0                         # calibration tokens seen (train split)
+    _static: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def scores(self, unit: Unit, x: torch.Tensor) -> torch.Tensor:
         """Predicted importance of every neuron of `unit` for inputs x [n, d] -> [n, d_ff]."""
@@ -78,8 +79,11 @@ class Calibration:
 
     def static_ids(self, unit: Unit, density: float, k: int) -> torch.Tensor:
         """The k neurons most often in the oracle top-k at the grid density nearest `density`."""
-        row = min(range(len(GRID)), key=lambda i: abs(GRID[i] - density))
-        return torch.sort(-self.counts[unit][row].long(), stable=True).indices[:k]
+        key = (unit, density, k)              # ranked once: a decoder asks every layer at every step
+        if key not in self._static:
+            row = min(range(len(GRID)), key=lambda i: abs(GRID[i] - density))
+            self._static[key] = torch.sort(-self.counts[unit][row].long(), stable=True).indices[:k]
+        return self._static[key]
 
     def predictor_cost(self, unit: Unit) -> tuple[int, int]:
         """(FLOPs, parameters) of one predictor call for one token."""
@@ -223,6 +227,18 @@ def calibrate(loaded: LoadedModel, settings: Settings = Settings(), progress: Pr
             cal.thresholds[g] = dict(calibrate_thresholds(loaded, g))
     step(1.0, "done")
     return cal
+
+
+def static_calibration(loaded: LoadedModel, input_ids: torch.Tensor) -> Calibration:
+    """Static sets only (no predictors, no thresholds), from the oracle top-k counts of the dense
+    model's activations on input_ids [B, T]: the `static` policy's ranking in one forward pass, for
+    a model (a benchmark's random one) where training the full calibration is not worth it."""
+    install(loaded)
+    collector = Collector()
+    enc = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    _forward_with(loaded, enc, Run(policy=Policy("dense"), kernel=reference, collector=collector))
+    counts = {unit: topk_counts(collector.data(unit)[1]) for unit in sorted(collector.x)}
+    return Calibration(f"static-only-{input_ids.numel()}", Settings(), {}, counts, n_tokens=input_ids.numel())
 
 
 # ---------------------------------------------------------------------------------- storage

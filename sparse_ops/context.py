@@ -29,6 +29,7 @@ class Run:
     frozen: dict[int, torch.Tensor] | None = None  # layer -> [T, k] ids (-1 pad) per token position: a
                                                    # fixed selection, e.g. along an attribution path
     seq_len: int = 0                        # > 0: pass h [B, T, d_ff] through SparseMLP.neurons (captum)
+    weights: dict = field(default_factory=dict)  # (SparseMLP, expert) -> MLPWeights, resolved once per run
 
     def threshold(self, layer: int, scores: torch.Tensor, rows: torch.Tensor | None = None) -> float:
         """The layer's threshold; when calibrating and not yet set, the value that keeps a

@@ -11,6 +11,7 @@ import hashlib
 import os
 import platform
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ ACTIVATIONS = {0: F.silu, 1: F.gelu, 2: lambda v: F.gelu(v, approximate="tanh"),
 # otherwise); portable: the portable path, as a machine without AVX-512 builds it (x86-64-v3 = AVX2
 # on x86, the compiler's default elsewhere). SAM_VIZ_CPU_ISA=portable selects it at load time.
 VARIANTS = ("native", "portable")
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()            # re-entrant: a weakref callback (a freed model) may run under it
 _EXT: dict[str, object] = {}
 
 
@@ -81,7 +82,21 @@ class Prepared:
     act: int
 
 
-_PREPARED: dict[tuple, Prepared] = {}
+# key -> (Prepared, weakrefs to the weights it was made from). An entry lives exactly as long as those
+# weights: when any of them is freed, a callback drops it (and its copy of the layout), so a later
+# model that happens to reuse the same addresses never gets an old model's layout.
+_PREPARED: dict[tuple, tuple[Prepared, list]] = {}
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    """The tensor owning t's memory (a Parameter, for the views adapters hand over)."""
+    while t._base is not None:
+        t = t._base
+    return t
+
+
+def _key(t: torch.Tensor | None) -> tuple:
+    return () if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
 def activation_code(act) -> int:
@@ -94,19 +109,29 @@ def activation_code(act) -> int:
 
 
 def prepare(w: MLPWeights, dtype: torch.dtype = torch.float32) -> Prepared:
-    """The kernel's layout of one MLP, made once and cached by the weights' storage and dtype."""
-    key = (w.gate.data_ptr(), w.up.data_ptr() if w.up is not None else 0, w.down_t.data_ptr(), dtype,
-           tuple(w.gate.shape))
+    """The kernel's layout of one MLP, made once per weights and dtype, kept while the weights live.
+    (Weights changed in place later are not seen: the layout is a copy.)"""
+    tensors = [t for t in (w.gate, w.up, w.down_t, w.b_gate, w.b_up, w.b_down) if t is not None]
+    key = tuple(_key(t) for t in (w.gate, w.up, w.down_t, w.b_gate, w.b_up, w.b_down)) + (dtype,)
     with _LOCK:
-        if key in _PREPARED:
-            return _PREPARED[key]
+        hit = _PREPARED.get(key)
+        if hit is not None and all(ref() is not None for ref in hit[1]):
+            return hit[0]
     gu = w.gate if w.up is None else torch.cat([w.gate, w.up], dim=1)
     f32 = lambda b: None if b is None else b.detach().float().contiguous()  # noqa: E731
     prepared = Prepared(gu=gu.detach().to(dtype).contiguous(), groups=1 if w.up is None else 2,
                         down=w.down_t.detach().to(dtype).contiguous(), b_gate=f32(w.b_gate),
                         b_up=f32(w.b_up), b_down=f32(w.b_down), act=activation_code(w.act))
+
+    def drop(_ref, key=key):
+        with _LOCK:
+            entry = _PREPARED.get(key)
+            if entry is not None and _ref in entry[1]:
+                del _PREPARED[key]
+
+    refs = [weakref.ref(root, drop) for root in {id(r): r for r in map(_root, tensors)}.values()]
     with _LOCK:
-        _PREPARED[key] = prepared
+        _PREPARED[key] = (prepared, refs)
     return prepared
 
 

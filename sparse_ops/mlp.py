@@ -55,6 +55,13 @@ class SparseMLP(nn.Module):
     def weights(self, expert: int | None = None) -> MLPWeights:
         return mlp_weights(self.resolve, self.adapter, expert)
 
+    def _weights(self, run: Run, expert: int = -1) -> MLPWeights:
+        """weights(), resolved once per run: a decoder calls every layer at every step, under one run."""
+        w = run.weights.get((self, expert))
+        if w is None:
+            w = run.weights[(self, expert)] = self.weights(None if expert < 0 else expert)
+        return w
+
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dense(x)
         for module in self.tail:
@@ -66,19 +73,21 @@ class SparseMLP(nn.Module):
         if run is None:
             return self.dense_forward(x)
         x2 = x.reshape(-1, x.shape[-1])                                 # [N, d]
-        rows = torch.arange(x2.shape[0], device=x.device)
         if run.policy.kind == "dense":
             y = self.dense_forward(x)
             if run.recorder is not None or run.collector is not None:
-                self._record_dense(run, x2, rows)
+                self._record_dense(run, x2, _positions(x2))
             return y
-        y = self._moe(run, x2, rows) if self.adapter.is_moe else self._sparse(run, x2, rows, self.weights())
+        if self.adapter.is_moe:
+            y = self._moe(run, x2, _positions(x2))
+        else:
+            y = self._sparse(run, x2, None, self._weights(run))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _record_dense(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> None:
         units = self._route(run, x2) if self.adapter.is_moe else [(-1, rows, None)]
         for e, tok, _ in units:
-            w = self.weights(None if e < 0 else e)
+            w = self._weights(run, e)
             h = activations(x2[tok], w)
             if run.recorder is not None:
                 run.recorder.add(self.layer, rows[tok], None, None, h, offset=max(e, 0) * w.d_ff)
@@ -95,10 +104,13 @@ class SparseMLP(nn.Module):
             tok, pos = torch.where(top_e == e)
             yield e, tok, top_w[tok, pos, None]
 
-    def _sparse(self, run: Run, x2: torch.Tensor, rows: torch.Tensor, w: MLPWeights,
+    def _sparse(self, run: Run, x2: torch.Tensor, rows: torch.Tensor | None, w: MLPWeights,
                 expert: int = -1) -> torch.Tensor:
-        """One MLP (or one expert) on tokens x2 [n, d] at positions `rows`."""
+        """One MLP (or one expert) on tokens x2 [n, d] at positions `rows` (None: 0 .. n-1, made
+        only when something reads them, not on a plain decode step)."""
         policy, h_all, n, k = run.policy, None, x2.shape[0], run.policy.k(w.d_ff)
+        if rows is None and (run.frozen is not None or run.recorder is not None or policy.kind == "threshold"):
+            rows = _positions(x2)
         if run.frozen is not None and expert < 0:                       # the selection made earlier
             frozen = run.frozen[self.layer]                              # [T, k] by token position
             idx = frozen[rows % frozen.shape[0]]
@@ -138,15 +150,19 @@ class SparseMLP(nn.Module):
         if run.policy.kind == "threshold" and run.calibrating and self.layer not in run.thresholds:
             scores = []                                  # one threshold over all routed experts
             for e, tok, _ in routes:
-                w = self.weights(e)
+                w = self._weights(run, e)
                 scores.append(w.act(F.linear(x2[tok], w.gate, w.b_gate)).abs())
             run.threshold(self.layer, torch.cat(scores), torch.cat([rows[tok] for _, tok, _ in routes]))
         y = torch.zeros_like(x2)
         for e, tok, weight in routes:
-            w = self.weights(e)
+            w = self._weights(run, e)
             ye = self._sparse(run, x2[tok], rows[tok], w, expert=e)
             y.index_add_(0, tok, (ye * weight).to(y.dtype))
         return y
+
+
+def _positions(x2: torch.Tensor) -> torch.Tensor:
+    return torch.arange(x2.shape[0], device=x2.device)                 # [N] token positions
 
 
 def install(loaded: LoadedModel) -> list[SparseMLP]:

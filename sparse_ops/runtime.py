@@ -12,7 +12,7 @@ import torch
 
 from models import LoadedModel
 
-from .calibration import Progress, calibrate_thresholds, get_calibration
+from .calibration import Calibration, Progress, calibrate_thresholds, get_calibration
 from .context import _RUN, Run
 from .kernels import get_kernel
 from .mlp import install
@@ -23,11 +23,13 @@ from .recorder import Recorder
 @contextmanager
 def sparsified(loaded: LoadedModel, policy: Policy, *, kernel: str = "reference",
                recorder: Recorder | None = None, progress: Progress | None = None,
-               frozen: dict[int, torch.Tensor] | None = None, seq_len: int = 0) -> Iterator[Run]:
+               frozen: dict[int, torch.Tensor] | None = None, seq_len: int = 0,
+               calibration: Calibration | None = None) -> Iterator[Run]:
     """Run `loaded` sparsely inside the block. `predictor` and `static` need the model's calibration:
     loaded from disk, or trained first (with `progress`) when nothing is stored.
     frozen: {layer: [T, k] neuron ids per token position} used instead of the policy's choice (MoE
-    experts keep choosing). seq_len > 0: expose h through each SparseMLP.neurons as [B, seq_len, d_ff]."""
+    experts keep choosing). seq_len > 0: expose h through each SparseMLP.neurons as [B, seq_len, d_ff].
+    calibration: use this one for predictor / static instead of the model's stored one."""
     kern = get_kernel(kernel)
     install(loaded)
     run = Run(policy=policy, kernel=kern, recorder=recorder, frozen=frozen, seq_len=seq_len)
@@ -35,7 +37,7 @@ def sparsified(loaded: LoadedModel, policy: Policy, *, kernel: str = "reference"
         get_calibration(loaded, train=False)              # stored thresholds, if `calibrate` ran
         run.thresholds = dict(calibrate_thresholds(loaded, policy.density, kern))
     if policy.kind in CALIBRATED and not policy.is_full:
-        run.calibration = get_calibration(loaded, progress)
+        run.calibration = calibration or get_calibration(loaded, progress)
     token = _RUN.set(run)
     try:
         yield run

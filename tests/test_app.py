@@ -13,7 +13,8 @@ from streamlit.testing.v1 import AppTest
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 PAGES = {"firing": "pages/firing.py", "density": "pages/density.py", "compare": "pages/compare.py",
-         "routing": "pages/routing.py", "attribution": "pages/attribution.py", "runs": "pages/runs.py"}
+         "routing": "pages/routing.py", "attribution": "pages/attribution.py", "speed": "pages/speed.py",
+         "runs": "pages/runs.py"}
 PROMPT = "The lighthouse keeper counted ships. The storm lasted all night."
 
 
@@ -55,7 +56,7 @@ def chart_titles(at) -> list[str]:
     return out
 
 
-EXPECTED_CHARTS = {"firing": 3, "density": 3, "compare": 2, "routing": 4, "attribution": 1, "runs": 0}
+EXPECTED_CHARTS = {"firing": 3, "density": 3, "compare": 2, "routing": 4, "attribution": 1, "speed": 1, "runs": 0}
 
 
 @pytest.mark.parametrize("model", ["minilm", "tiny-llama"])
@@ -72,6 +73,8 @@ def test_every_page_runs(page, model):
     if page == "attribution":
         assert {"delta, dense", "delta, sparse"} <= {m.label for m in at.metric}
         assert sum("**Dense**" in m.value or "**Sparse**" in m.value for m in at.markdown) >= 2
+    if page == "speed":
+        assert {"MLP weights read per token", "Floor per token (read once)"} <= {m.label for m in at.metric}
 
 
 def test_routing_page_compares_all_policies_and_shows_experts():
@@ -166,7 +169,8 @@ def test_saved_run_reopens_after_restart_without_a_forward_pass(run_db):
 
 
 def test_library_still_imports_no_streamlit():
-    code = ("import sys, sam_viz, sam_viz.plots, sam_viz.store, sam_viz.export, models, sparse_ops; "
+    code = ("import sys, sam_viz, sam_viz.plots, sam_viz.store, sam_viz.export, sam_viz.speed, sam_viz.speed_plots, "
+            "models, sparse_ops; "
             "assert 'streamlit' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -186,3 +190,27 @@ def test_on_demand_sweep_and_continuation():
     text = " ".join(m.value for m in at.markdown)
     assert "**Dense:**" in text and "**Sparse:**" in text
     assert any("agree" in c.value or "first differ" in c.value for c in at.caption)
+
+
+def test_speed_page_times_the_run_and_charts_both_benchmarks(monkeypatch):
+    from bench import decode, kernels
+    from pages._shared import st
+
+    st.cache_resource.clear()                                       # no results from an earlier test
+    monkeypatch.setattr(kernels, "QUICK", dict(shapes={"toy": (32, 64)}, densities=(0.25, 0.5), calls=2))
+    monkeypatch.setattr(kernels, "ROTATE_BYTES", 2**16)
+    monkeypatch.setattr(decode, "QUICK", decode.TEST)              # the buttons run at test size
+    at = open_app("speed", model="tiny-llama", prompt=PROMPT, policy="topk", density="0.5", kernel="cpu")
+    assert not at.exception and not at.error
+    assert at.metric[0].label.startswith("Dense forward (") and "cpu kernel" in at.metric[1].label
+    next(b for b in at.button if b.label.startswith("Run kernel benchmark")).click().run()
+    next(b for b in at.button if b.label.startswith("Run decode benchmark")).click().run()
+    assert not at.exception and not at.error
+    by_title = {str(c["layout"]["title"]["text"]): c for c in charts(at)}
+    ms = next(c for t, c in by_title.items() if t.startswith("Sparse MLP kernel"))
+    assert {t["name"] for t in ms["data"]} == {"dense", "cpu kernel", "floor (read once)"}
+    assert len(ms["data"]) == 6 and ms["data"][0]["x"] == [0.25, 0.5]              # fp32 and bf16 panels
+    tok = next(c for t, c in by_title.items() if t.startswith("Greedy decode"))
+    assert [t["x"] for t in tok["data"]] == [list(decode.DENSITIES)] * 3
+    assert any("of an ideal" in c.value for c in at.caption)
+    assert {b.label for b in at.get("download_button")} >= {"Download the kernels results (JSON)"}

@@ -90,7 +90,7 @@ def _shot(page, tmp_path, name):
     return path
 
 
-@pytest.mark.parametrize("name", ["density", "compare", "routing", "attribution", "runs"])
+@pytest.mark.parametrize("name", ["density", "compare", "routing", "attribution", "speed", "runs"])
 def test_other_pages_render(server, browser, tmp_path, name):
     """Runs first on a fresh server: a deep link before app.py has ever run (Streamlit's legacy
     pages/ router is still on then)."""
@@ -104,8 +104,9 @@ def test_other_pages_render(server, browser, tmp_path, name):
     _shot(page, tmp_path, name)
     assert page.locator("[data-testid='stException']").count() == 0
     assert page.get_by_text("Page not found").count() == 0
-    nav = page.locator("[data-testid='stSidebarNav']").inner_text()      # the app's navigation,
-    assert "Firing map" in nav and "Runs and sharing" in nav and "shared" not in nav  # not pages/ files
+    nav = page.locator("[data-testid='stSidebarNav']").inner_text()
+    assert "Firing map" in nav and "Speed" in nav and "Runs and sharing" in nav  # the app's navigation,
+    assert "shared" not in nav                                                   # not pages/ files
     page.close()
 
 
@@ -117,7 +118,7 @@ def test_share_url_shows_firing_heatmap_and_density_chart(server, browser, tmp_p
     _shot(page, tmp_path, "firing")
     assert page.locator(".js-plotly-plot").count() >= 3
     nav = page.locator("[data-testid='stSidebarNav']").inner_text()
-    assert "Firing map" in nav and "Runs and sharing" in nav and "shared" not in nav
+    assert "Firing map" in nav and "Speed" in nav and "Runs and sharing" in nav and "shared" not in nav
     assert page.locator("[data-testid='stException']").count() == 0
     assert page.get_by_text("Page not found").count() == 0
     page.close()

@@ -118,3 +118,23 @@ def test_whole_model_cpu_equals_reference(spec, policy):
         assert torch.equal(a.ids, b.ids)
         torch.testing.assert_close(b.values.float(), a.values.float(), rtol=1e-3, atol=1e-4)
     assert cpu.compare["max_abs_diff"] == pytest.approx(ref.compare["max_abs_diff"], rel=1e-3, abs=1e-5)
+
+
+def test_layout_cache_follows_the_weights_not_their_addresses():
+    """Models built one after another often land at the addresses a freed one had: each must get its
+    own layout (the cache once keyed by address handed a new model an old model's weights), and a
+    freed model's layout must be dropped, not kept forever."""
+    import gc
+
+    from sparse_ops import cpu
+
+    before = len(cpu._PREPARED)
+    for seed in range(6):
+        gen = torch.Generator().manual_seed(seed)
+        w = _weights(64, 160, True, False, torch.nn.SiLU(), gen)
+        x = torch.randn(2, 64, generator=gen)
+        idx = torch.stack([torch.randperm(160, generator=gen)[:80] for _ in range(2)])
+        assert _rel(cpu_kernel(x, idx, w)[0], reference(x, idx, w)[0]) <= 1e-5
+        del w
+        gc.collect()
+        assert len(cpu._PREPARED) == before

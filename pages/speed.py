@@ -1,0 +1,118 @@
+"""Speed: what the sparse pass costs in time on this machine, against what reading fewer weights
+could save at best; the kernel and decode benchmarks as charts."""
+import json
+import threading
+
+import streamlit as st
+
+from bench import decode, kernels
+from pages._shared import explain, page_context, show
+from sam_viz import InputError, speed, speed_plots
+
+ctx = page_context()
+a = ctx.analysis
+st.header("Speed")
+explain("""
+A batch-1 decoder is limited by memory traffic: each new token reads every weight once. A sparse
+MLP reads only the rows of the neurons it computes, so its **floor** is the time to read those
+rows once at this machine's read bandwidth.
+
+- **This run**: the prompt's forward time, dense and sparse, with the sidebar's policy, density
+  and kernel (medians of a few passes). Only the `cpu` kernel reads fewer weights; `reference`
+  computes every neuron and masks, so it is slower than dense by design. The bytes and FLOPs are
+  per token, as a decoder pays them: topk and threshold must still read weights to choose.
+- **Kernel benchmark**: one MLP of TinyLlama's shape, batch 1: dense `F.linear`, the `cpu` kernel
+  and the floor (a loop that only reads the same rows). The ideal speedup is 1/density.
+- **Decode benchmark**: greedy tokens/s of a random 4-layer TinyLlama-shaped model with the
+  `static` policy through the real sparse wrappers. Only the MLPs shrink, so the ideal is
+  1 / (f_other + f_mlp x density), where f_mlp is the MLPs' share of a dense step (Amdahl).
+""")
+
+
+@st.cache_resource(show_spinner=False)
+def _bench_results() -> tuple[dict, threading.Lock]:
+    """The last benchmark rows computed or loaded in this server process, by benchmark."""
+    return {}, threading.Lock()
+
+
+def _timing() -> dict:
+    """The forward timing of this spec, measured once per session (again on request)."""
+    held = st.session_state.get("_speed_timing")
+    if held is None or held[0] != ctx.spec or st.session_state.get("_speed_again"):
+        with st.spinner("Timing dense and sparse forward passes of the prompt..."):
+            held = (ctx.spec, speed.time_forward(ctx.model(), ctx.spec))
+        st.session_state["_speed_timing"] = held
+    return held[1]
+
+
+st.subheader("This run")
+with st.spinner("Measuring this machine's read bandwidth (once)..."):
+    summary = speed.cost_summary(a, speed.read_bandwidth_gb_s())
+timing = None
+if ctx.run_id:
+    st.info("This is a saved run: timing needs the model, so only bytes and FLOPs are shown.")
+else:
+    timing = _timing()
+    m1, m2, m3 = st.columns(3)
+    m1.metric(f"Dense forward ({timing['tokens']} tokens)", f"{timing['dense_ms']:.1f} ms")
+    m2.metric(f"Sparse forward ({ctx.spec.kernel} kernel)", f"{timing['sparse_ms']:.1f} ms",
+              f"{timing['speedup']:.2f}x vs dense", delta_color="off", delta_arrow="off")
+    m3.button("Time again", key="_speed_again")
+if summary:
+    k1, k2, k3 = st.columns(3)
+    k1.metric("MLP weights read per token", f"{summary['sparse_bytes'] / 1e6:.2f} MB",
+              f"dense {summary['dense_bytes'] / 1e6:.2f} MB", delta_color="off", delta_arrow="off")
+    k2.metric("MLP FLOPs per token", f"{summary['sparse_flops'] / 1e6:.2f} M",
+              f"dense {summary['dense_flops'] / 1e6:.2f} M", delta_color="off", delta_arrow="off")
+    k3.metric("Floor per token (read once)", f"{summary['sparse_floor_ms']:.3f} ms",
+              f"dense {summary['dense_floor_ms']:.3f} ms at {summary['bandwidth_gb_s']:.1f} GB/s", delta_color="off",
+              delta_arrow="off")
+if timing is not None:
+    show(speed_plots.forward_bars(timing, summary), key="forward_bars")
+
+st.subheader("Benchmarks")
+results, lock = _bench_results()
+b1, b2 = st.columns(2)
+if b1.button("Run kernel benchmark (quick, ~1 min)", help="TinyLlama's MLP shape, fp32 and bf16, 15 calls per "
+             "point; it loads this machine, so other sessions slow down meanwhile."):
+    bar = st.progress(0.0, text="Starting the kernel benchmark...")
+    rows = kernels.run(**kernels.QUICK, progress=lambda f, t: bar.progress(f, text=f"kernel benchmark: {t}"))
+    bar.empty()
+    with lock:
+        results["kernels"] = rows
+if b2.button("Run decode benchmark (quick, ~1 min)", help="Builds a random 4-layer TinyLlama-shaped model "
+             "(about 0.8 GB) and decodes greedily, dense and sparse."):
+    bar = st.progress(0.0, text="Starting the decode benchmark...")
+    rows = decode.run(decode.QUICK, progress=lambda f, t: bar.progress(f, text=f"decode benchmark: {t}"))
+    bar.empty()
+    with lock:
+        results["decode"] = rows
+upload = st.file_uploader("Or load results saved with `python -m sam_viz bench kernels|decode --json > file.json`",
+                          type=["json"], key="bench_file")
+if upload is not None:
+    try:
+        kind, rows = speed.parse_bench_json(upload.getvalue())
+        with lock:
+            results[kind] = rows
+    except InputError as exc:
+        st.error(str(exc))
+
+with lock:
+    kernel_rows, decode_rows = results.get("kernels", []), results.get("decode", [])
+if not kernel_rows and not decode_rows:
+    st.info("No benchmark has run in this server yet: run one above, or load a saved result.")
+if kernel_rows:
+    c1, c2 = st.columns(2)
+    with c1:
+        show(speed_plots.kernel_ms(kernel_rows), key="kernel_ms")
+    with c2:
+        show(speed_plots.kernel_speedup(kernel_rows), key="kernel_speedup")
+if decode_rows:
+    show(speed_plots.decode_tokens(decode_rows), key="decode_tokens")
+    r = min(decode_rows, key=lambda row: abs(row["density"] - 0.1))
+    st.caption(f"At density {r['density']:g}: {r['sparse_tok_s']:.1f} vs {r['dense_tok_s']:.1f} tokens/s, "
+               f"{r['speedup']:.2f}x of an ideal {r['ideal_speedup']:.2f}x ({r['share_of_ideal']:.0%}).")
+for kind, rows in (("kernels", kernel_rows), ("decode", decode_rows)):
+    if rows:
+        st.download_button(f"Download the {kind} results (JSON)", json.dumps(rows, indent=1),
+                           file_name=f"bench-{kind}.json", mime="application/json", key=f"dl_{kind}")

@@ -1,0 +1,130 @@
+"""sam_viz.speed (forward timing, bandwidth, per-token floors, benchmark files), the speed figures
+(well-formed, bounded), and bench.kernels' progress callback."""
+import json
+import math
+
+import pytest
+
+from bench import kernels
+from conftest import shared
+from models import InputError
+from sam_viz import RunSpec, analyze, speed, speed_plots
+from sam_viz.speed_plots import MAX_ROWS
+
+PROMPT = "The lighthouse keeper counted ships."
+
+
+def kernel_rows(shapes=(("tinyllama", "fp32"), ("tinyllama", "bf16")), densities=(0.05, 0.1, 0.25, 0.5)):
+    return [{"backend": "cpu", "shape": s, "dtype": dt, "density": d, "ms": 10 * d + 1, "dense_ms": 8.0,
+             "floor_ms": 10 * d, "speedup_vs_dense": 8.0 / (10 * d + 1)} for s, dt in shapes for d in densities]
+
+
+def decode_rows(densities=(0.05, 0.1, 0.25, 0.5), f_mlp=0.6):
+    return [{"density": d, "dense_tok_s": 20.0, "sparse_tok_s": 30.0 + d, "speedup": (30.0 + d) / 20,
+             "ideal_speedup": 1 / (1 - f_mlp + f_mlp * d), "share_of_ideal": 0.9, "f_mlp": f_mlp} for d in densities]
+
+
+def test_time_forward_times_both_passes_of_the_prompt():
+    loaded = shared("tiny-llama")
+    spec = RunSpec(prompt=PROMPT, model="tiny-llama", policy="topk", density=0.5, kernel="cpu")
+    t = speed.time_forward(loaded, spec, repeats=3)
+    assert t["tokens"] == len(loaded.encode(PROMPT)["input_ids"][0]) and t["repeats"] == 3
+    assert t["dense_ms"] > 0 and t["sparse_ms"] > 0
+    assert t["speedup"] == pytest.approx(t["dense_ms"] / t["sparse_ms"])
+    assert speed.time_forward(loaded, spec, repeats=-4)["repeats"] == 1
+
+
+def test_bandwidth_is_a_plausible_number():
+    gb_s = speed.read_bandwidth_gb_s(nbytes=64 * 2**20, repeats=3)
+    assert 0.1 < gb_s < 10_000
+
+
+def test_cost_summary_is_bytes_over_bandwidth():
+    spec = RunSpec(prompt=PROMPT, model="tiny-llama", policy="topk", density=0.5)
+    a = analyze(shared("tiny-llama"), spec)
+    s = speed.cost_summary(a, 2.0)
+    d, d_ff, layers = 64, 128, 2
+    dense = layers * 3 * d * d_ff * 4                # gate, up and down rows of every neuron, fp32
+    sparse = layers * (2 * d * d_ff + d * d_ff // 2) * 4   # topk: gate and up of all (to rank), down of k
+    assert s["dense_bytes"] == dense and s["sparse_bytes"] == pytest.approx(sparse)
+    assert s["dense_floor_ms"] == pytest.approx(dense / 2e9 * 1e3)
+    assert s["sparse_floor_ms"] == pytest.approx(sparse / 2e9 * 1e3)
+    assert s["floor_speedup"] == pytest.approx(dense / sparse)
+    assert speed.cost_summary(a, 0.0) is None
+
+
+def test_bench_files_round_trip_and_bad_ones_get_one_sentence():
+    rows = kernel_rows()
+    assert speed.parse_bench_json(json.dumps(rows)) == ("kernels", rows)
+    assert speed.parse_bench_json(json.dumps(decode_rows()).encode())[0] == "decode"
+    bad = ["not json", "{}", "[]", "[1, 2]", json.dumps([{"density": 0.5}]),
+           json.dumps([{**rows[0], "ms": "fast"}]), json.dumps([{**rows[0], "density": 3}]),
+           json.dumps([{**rows[0], "ms": -1}]), json.dumps([{**rows[0], "ms": True}]),
+           json.dumps([{**rows[0], "ms": float("nan")}]), json.dumps(kernel_rows() * 100),
+           "[" + " " * (3 * 2**20) + "]", b"\xff\xfe"]
+    for text in bad:
+        with pytest.raises(InputError) as err:
+            speed.parse_bench_json(text)
+        assert len(str(err.value).splitlines()) == 1
+
+
+def test_parsed_labels_are_bounded():
+    rows = [{**r, "shape": "<b>" + "x" * 500} for r in kernel_rows()]
+    _, parsed = speed.parse_bench_json(json.dumps(rows))
+    assert all(len(r["shape"]) <= 40 for r in parsed)
+
+
+def values(fig) -> int:
+    n = 0
+    for t in fig.data:
+        for key in ("x", "y", "customdata"):
+            v = getattr(t, key, None)
+            n += len(v) if v is not None else 0
+    return n
+
+
+def test_forward_bars():
+    timing = {"dense_ms": 5.0, "sparse_ms": 4.0, "speedup": 1.25, "tokens": 7, "repeats": 3}
+    summary = {"dense_floor_ms": 0.2, "sparse_floor_ms": 0.05}
+    plot = speed_plots.forward_bars(timing, summary)
+    assert [list(t.y) for t in plot.fig.data] == [[5.0, 4.0], [0.2, 0.05]] and plot.note == ""
+    assert len(speed_plots.forward_bars(timing, None).fig.data) == 1
+
+
+def test_kernel_figures():
+    rows = kernel_rows()
+    ms = speed_plots.kernel_ms(rows)
+    assert len(ms.fig.data) == 2 * 3                                     # 2 panels x dense / cpu / floor
+    cpu = [t for t in ms.fig.data if t.name == "cpu kernel"][0]
+    assert list(cpu.x) == [0.05, 0.1, 0.25, 0.5] and list(cpu.y) == pytest.approx([1.5, 2, 3.5, 6])
+    sp = speed_plots.kernel_speedup(rows)
+    ideal = [t for t in sp.fig.data if t.name == "ideal 1/density"][0]
+    assert list(ideal.y) == pytest.approx([20, 10, 4, 2])
+    assert "No kernel benchmark" in speed_plots.kernel_ms([]).note
+
+
+def test_decode_figure_draws_the_amdahl_ideal():
+    plot = speed_plots.decode_tokens(decode_rows())
+    ideal = [t for t in plot.fig.data if t.name.startswith("ideal")][0]
+    assert list(ideal.y) == pytest.approx([20 / (0.4 + 0.6 * d) for d in (0.05, 0.1, 0.25, 0.5)])
+    assert "60%" in plot.fig.layout.title.text
+    assert "No decode benchmark" in speed_plots.decode_tokens([]).note
+
+
+def test_figures_are_bounded():
+    many = kernel_rows(shapes=[(f"s{i}", "fp32") for i in range(40)], densities=[0.01 * i for i in range(1, 51)])
+    for fn in (speed_plots.kernel_ms, speed_plots.kernel_speedup):
+        plot = fn(many)
+        assert values(plot.fig) <= 8 * MAX_ROWS and plot.note
+    plot = speed_plots.decode_tokens(decode_rows(densities=[i / 5000 for i in range(1, 5001)]))
+    assert values(plot.fig) <= 3 * 2 * MAX_ROWS and str(MAX_ROWS) in plot.note
+
+
+def test_kernel_bench_reports_progress(monkeypatch):
+    monkeypatch.setattr(kernels, "ROTATE_BYTES", 2**16)
+    seen = []
+    rows = kernels.run(shapes={"toy": (32, 64)}, dtypes=("fp32", "bf16"), densities=(0.5,), calls=2,
+                       progress=lambda f, t: seen.append(f))
+    assert seen == [0.0, 0.5, 1.0]
+    assert [(r["shape"], r["dtype"], r["density"]) for r in rows] == [("toy", "fp32", 0.5), ("toy", "bf16", 0.5)]
+    assert all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in rows)
