@@ -52,7 +52,10 @@ def _cflags(variant: str) -> list[str]:
 
 def extension(variant: str | None = None):
     """The compiled module, built (once per CPU feature set and variant) on first use."""
-    variant = variant or os.environ.get("SAM_VIZ_CPU_ISA", "native")
+    variant = variant or os.environ.get("SAM_VIZ_CPU_ISA") or "native"
+    ext = _EXT.get(variant)                         # built already: no lock on the per-call path
+    if ext is not None:
+        return ext
     if variant not in VARIANTS:
         raise InputError(f"SAM_VIZ_CPU_ISA must be one of {', '.join(VARIANTS)}, not '{variant}'")
     with _LOCK:

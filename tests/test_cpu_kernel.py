@@ -69,7 +69,7 @@ def test_bf16_weights_accumulate_in_fp32(variant, glu, density, d, d_out):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,d,k", [(4, 48, 60), (3, 70, 1), (5, 64, 200)])
+@pytest.mark.parametrize("n,d,k", [(4, 48, 60), (3, 70, 1), (5, 64, 200), (1, 64, 37), (1, 96, 38), (1, 128, 2)])
 def test_tokens_sharing_one_index_set(variant, dtype, n, d, k):
     """The Deja Vu batch: several tokens, the union of their sets, one pass over the rows."""
     gen = torch.Generator().manual_seed(5 + n + k)

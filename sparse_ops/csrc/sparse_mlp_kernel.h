@@ -30,6 +30,21 @@
 #ifndef SAM_VIZ_PF_HINT
 #define SAM_VIZ_PF_HINT _MM_HINT_T1   // rows ahead go to L2: L1 holds x, y and the rows being read
 #endif
+#ifndef SAM_VIZ_PF_EVERY
+#define SAM_VIZ_PF_EVERY 64           // bytes of a stream per prefetch instruction (128 measured slower)
+#endif
+#ifndef SAM_VIZ_PAIR
+#define SAM_VIZ_PAIR 1                // several rows per step where d == d_out is a whole number of chunks
+#endif
+#ifndef SAM_VIZ_ROWS
+#define SAM_VIZ_ROWS 2                // ... this many
+#endif
+#ifndef SAM_VIZ_FLOOR_ROWS
+#define SAM_VIZ_FLOOR_ROWS 2          // rows the floor reads side by side
+#endif
+#ifndef SAM_VIZ_PF_NEAR
+#define SAM_VIZ_PF_NEAR 0             // also prefetch the rows being read this many bytes ahead into L1 (0: off)
+#endif
 #ifndef SAM_VIZ_PF_BYTES
 #define SAM_VIZ_PF_BYTES (16 * 1024)  // prefetch the row this many bytes of rows ahead (at least the next)
 #endif
@@ -79,16 +94,22 @@ inline int64_t threads_for(int64_t rows, int64_t row_bytes) {
   return std::max<int64_t>(1, std::min<int64_t>({n, by_bytes, rows}));
 }
 
-struct AlignedBuf {
-  float* p = nullptr;
-  explicit AlignedBuf(size_t n) {
-    p = static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64));
-    std::memset(p, 0, ((n * sizeof(float) + 63) / 64) * 64);
+// Per-thread scratch that grows and is reused across calls (no allocation on the hot path).
+inline float* scratch(int slot, size_t n) {
+  struct Buf {
+    float* p = nullptr;
+    size_t cap = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf bufs[2];
+  Buf& b = bufs[slot];
+  if (b.cap < n) {
+    std::free(b.p);
+    b.cap = std::max<size_t>(n, 4096);
+    b.p = static_cast<float*>(std::aligned_alloc(64, ((b.cap * sizeof(float) + 63) / 64) * 64));
   }
-  ~AlignedBuf() { std::free(p); }
-  AlignedBuf(const AlignedBuf&) = delete;
-  AlignedBuf& operator=(const AlignedBuf&) = delete;
-};
+  return b.p;
+}
 
 inline float to_f32(float v) { return v; }
 inline float to_f32(uint16_t v) {
@@ -176,14 +197,6 @@ inline void load_chunk_full(const uint16_t* w, int64_t c, __m512& lo, __m512& hi
   hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// Chunk-permuted copies: identity for fp32; for bf16 each chunk holds its even then odd elements.
-template <typename W>
-inline int64_t permuted_index(int64_t i) {
-  if (sizeof(W) == 4) return i;
-  const int64_t c = i / CH, r = i % CH;
-  return c * CH + (r % 2) * 16 + r / 2;
-}
-
 template <typename W>
 inline void prefetch_row(const W* p, int64_t bytes_from, int64_t bytes_to) {
   const char* b = reinterpret_cast<const char*>(p);
@@ -204,7 +217,12 @@ void rows_avx512_one(const Problem<W>& p, const int64_t* slots, int64_t n, const
   // Prefetch: spread over the loop, chunk c of each stream of the row `dist` steps ahead.
   const int64_t row_bytes = (row + d_out) * static_cast<int64_t>(sizeof(W));
   const int64_t dist = std::max<int64_t>(1, (SAM_VIZ_PF_BYTES + row_bytes - 1) / row_bytes);
-  const int64_t lines_per_chunk = (CH * static_cast<int64_t>(sizeof(W))) / 64;  // 2 fp32, 1 bf16
+  // One prefetch per SAM_VIZ_PF_EVERY bytes of each stream: 128 lets the L2's adjacent-line
+  // prefetcher bring the pair, and halves the prefetch instructions (they fill the core's window).
+  const int64_t chunk_bytes = CH * static_cast<int64_t>(sizeof(W));                 // 128 fp32, 64 bf16
+  const int64_t lines_per_chunk = std::max<int64_t>(1, chunk_bytes / SAM_VIZ_PF_EVERY);
+  const int64_t pf_step = SAM_VIZ_PF_EVERY > chunk_bytes ? SAM_VIZ_PF_EVERY / chunk_bytes : 1;  // chunks
+  const int64_t pf_mask = pf_step - 1;
   float h_prev = 0.0f;
   const W* down_prev = nullptr;
   // Before the loop, bring in the first rows.
@@ -231,15 +249,28 @@ void rows_avx512_one(const Problem<W>& p, const int64_t* slots, int64_t n, const
     int64_t c = 0;
     if (have && down_prev) {
       for (; c < fused; ++c) {
-        if (nxt_g) {
+        if (nxt_g && (c & pf_mask) == 0) {
           const char* pg = reinterpret_cast<const char*>(nxt_g + c * CH);
           const char* pd = reinterpret_cast<const char*>(nxt_d + c * CH);
           for (int64_t l = 0; l < lines_per_chunk; ++l) {
-            _mm_prefetch(pg + 64 * l, SAM_VIZ_PF_HINT);
-            if (glu) _mm_prefetch(pg + static_cast<int64_t>(sizeof(W)) * d + 64 * l, SAM_VIZ_PF_HINT);
-            _mm_prefetch(pd + 64 * l, SAM_VIZ_PF_HINT);
+            _mm_prefetch(pg + SAM_VIZ_PF_EVERY * l, SAM_VIZ_PF_HINT);
+            if (glu) _mm_prefetch(pg + static_cast<int64_t>(sizeof(W)) * d + SAM_VIZ_PF_EVERY * l, SAM_VIZ_PF_HINT);
+            _mm_prefetch(pd + SAM_VIZ_PF_EVERY * l, SAM_VIZ_PF_HINT);
           }
         }
+#if SAM_VIZ_PF_NEAR
+        {
+          const char* cg = reinterpret_cast<const char*>(g + c * CH) + SAM_VIZ_PF_NEAR;
+          _mm_prefetch(cg, _MM_HINT_T0);
+          if (glu) _mm_prefetch(cg + static_cast<int64_t>(sizeof(W)) * d, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(down_prev + c * CH) + SAM_VIZ_PF_NEAR, _MM_HINT_T0);
+          if (sizeof(W) == 4) {
+            _mm_prefetch(cg + 64, _MM_HINT_T0);
+            if (glu) _mm_prefetch(cg + 64 + static_cast<int64_t>(sizeof(W)) * d, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(down_prev + c * CH) + SAM_VIZ_PF_NEAR + 64, _MM_HINT_T0);
+          }
+        }
+#endif
         const __m512 x0 = _mm512_load_ps(xp + c * CH), x1 = _mm512_load_ps(xp + c * CH + 16);
         __m512 w0, w1;
         load_chunk_full(g, c, w0, w1);
@@ -258,11 +289,11 @@ void rows_avx512_one(const Problem<W>& p, const int64_t* slots, int64_t n, const
     }
     if (have) {  // the rest of the dots (all of them when nothing was fused)
       for (int64_t cc = c; cc < cd; ++cc) {
-        if (nxt_g && cc < full_d) {
+        if (nxt_g && cc < full_d && (cc & pf_mask) == 0) {
           const char* pg = reinterpret_cast<const char*>(nxt_g + cc * CH);
           for (int64_t l = 0; l < lines_per_chunk; ++l) {
-            _mm_prefetch(pg + 64 * l, SAM_VIZ_PF_HINT);
-            if (glu) _mm_prefetch(pg + static_cast<int64_t>(sizeof(W)) * d + 64 * l, SAM_VIZ_PF_HINT);
+            _mm_prefetch(pg + SAM_VIZ_PF_EVERY * l, SAM_VIZ_PF_HINT);
+            if (glu) _mm_prefetch(pg + static_cast<int64_t>(sizeof(W)) * d + SAM_VIZ_PF_EVERY * l, SAM_VIZ_PF_HINT);
           }
         }
         const __m512 x0 = _mm512_load_ps(xp + cc * CH), x1 = _mm512_load_ps(xp + cc * CH + 16);
@@ -279,9 +310,9 @@ void rows_avx512_one(const Problem<W>& p, const int64_t* slots, int64_t n, const
     }
     if (down_prev) {  // the rest of the previous row's axpy
       for (int64_t cc = (have ? c : 0); cc < co; ++cc) {
-        if (nxt_d && cc < full_o) {
+        if (nxt_d && cc < full_o && (cc & pf_mask) == 0) {
           const char* pd = reinterpret_cast<const char*>(nxt_d + cc * CH);
-          for (int64_t l = 0; l < lines_per_chunk; ++l) _mm_prefetch(pd + 64 * l, SAM_VIZ_PF_HINT);
+          for (int64_t l = 0; l < lines_per_chunk; ++l) _mm_prefetch(pd + SAM_VIZ_PF_EVERY * l, SAM_VIZ_PF_HINT);
         }
         __m512 w0, w1;
         load_chunk(down_prev, cc, d_out, w0, w1);
@@ -297,6 +328,97 @@ void rows_avx512_one(const Problem<W>& p, const int64_t* slots, int64_t n, const
     h_prev = v;
     down_prev = p.down + j * d_out;
   }
+}
+
+// One token, R rows per step (d == d_out, whole chunks: every real LLM shape): the dots of R rows
+// and the axpys of the R rows before them in one loop, so x and the y accumulator are loaded and
+// stored once per R rows. Fewer instructions per byte leave more of the core's window for loads in
+// flight, and 3R streams are read side by side. Rows left over go through rows_avx512_one.
+template <typename W, int R>
+void rows_avx512_multi(const Problem<W>& p, const int64_t* slots, int64_t n, const float* xp, float* acc) {
+  const int64_t d = p.d, row = p.groups * d, nc = d / CH;
+  const bool glu = p.groups == 2;
+  const int64_t row_bytes = (row + d) * static_cast<int64_t>(sizeof(W));
+  const int64_t dist = std::max<int64_t>(1, (SAM_VIZ_PF_BYTES + R * row_bytes - 1) / (R * row_bytes));  // steps
+  const int64_t chunk_bytes = CH * static_cast<int64_t>(sizeof(W));
+  const int64_t lines = std::max<int64_t>(1, chunk_bytes / 64);
+  const int64_t steps = n / R;
+  const int64_t ub = static_cast<int64_t>(sizeof(W)) * d;  // byte offset of up_j within a gu row
+  for (int64_t q = 0; q < std::min(steps, dist); ++q)
+    for (int r = 0; r < R; ++r) {
+      const int64_t j = p.idx[slots[R * q + r]];
+      prefetch_row(p.gu + j * row, 0, row * static_cast<int64_t>(sizeof(W)));
+      prefetch_row(p.down + j * d, 0, d * static_cast<int64_t>(sizeof(W)));
+    }
+  float hprev[R] = {};
+  const W* dprev[R] = {};
+  bool have_prev = false;
+  for (int64_t q = 0; q <= steps; ++q) {
+    const bool have = q < steps;
+    int64_t j[R];
+    const W* g[R];
+    const char* ng[R];
+    const char* nd[R];
+    const bool pf = q + dist < steps;
+    for (int r = 0; r < R; ++r) {
+      j[r] = have ? p.idx[slots[R * q + r]] : 0;
+      g[r] = p.gu + j[r] * row;
+      const int64_t jn = pf ? p.idx[slots[R * (q + dist) + r]] : 0;
+      ng[r] = reinterpret_cast<const char*>(p.gu + jn * row);
+      nd[r] = reinterpret_cast<const char*>(p.down + jn * d);
+    }
+    __m512 s0[R], s1[R], u0[R], u1[R], hv[R];
+    for (int r = 0; r < R; ++r) {
+      s0[r] = s1[r] = u0[r] = u1[r] = _mm512_setzero_ps();
+      hv[r] = _mm512_set1_ps(hprev[r]);
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      if (pf) {
+        const int64_t o = c * chunk_bytes;
+        for (int64_t l = 0; l < lines; ++l)
+          for (int r = 0; r < R; ++r) {
+            _mm_prefetch(ng[r] + o + 64 * l, SAM_VIZ_PF_HINT);
+            if (glu) _mm_prefetch(ng[r] + ub + o + 64 * l, SAM_VIZ_PF_HINT);
+            _mm_prefetch(nd[r] + o + 64 * l, SAM_VIZ_PF_HINT);
+          }
+      }
+      __m512 w0, w1;
+      if (have) {
+        const __m512 x0 = _mm512_load_ps(xp + c * CH), x1 = _mm512_load_ps(xp + c * CH + 16);
+        for (int r = 0; r < R; ++r) {
+          load_chunk_full(g[r], c, w0, w1);
+          s0[r] = _mm512_fmadd_ps(x0, w0, s0[r]);
+          s1[r] = _mm512_fmadd_ps(x1, w1, s1[r]);
+          if (glu) {
+            load_chunk_full(g[r] + d, c, w0, w1);
+            u0[r] = _mm512_fmadd_ps(x0, w0, u0[r]);
+            u1[r] = _mm512_fmadd_ps(x1, w1, u1[r]);
+          }
+        }
+      }
+      if (have_prev) {
+        float* a = acc + c * CH;
+        __m512 y0 = _mm512_load_ps(a), y1 = _mm512_load_ps(a + 16);
+        for (int r = 0; r < R; ++r) {
+          load_chunk_full(dprev[r], c, w0, w1);
+          y0 = _mm512_fmadd_ps(hv[r], w0, y0);
+          y1 = _mm512_fmadd_ps(hv[r], w1, y1);
+        }
+        _mm512_store_ps(a, y0);
+        _mm512_store_ps(a + 16, y1);
+      }
+    }
+    if (!have) break;
+    for (int r = 0; r < R; ++r) {
+      float v = activate(hsum(_mm512_add_ps(s0[r], s1[r])) + (p.bg ? p.bg[j[r]] : 0.0f), p.act);
+      if (glu) v *= hsum(_mm512_add_ps(u0[r], u1[r])) + (p.bu ? p.bu[j[r]] : 0.0f);
+      p.h[slots[R * q + r]] = v;
+      hprev[r] = v;
+      dprev[r] = p.down + j[r] * d;
+    }
+    have_prev = true;
+  }
+  if (n % R) rows_avx512_one(p, slots + steps * R, n % R, xp, acc);
 }
 
 // Several tokens sharing the rows (the union of their sets): each row is read once from memory, then
@@ -351,26 +473,76 @@ void rows_avx512_many(const Problem<W>& p, const int64_t* slots, int64_t n, cons
 // ---------------------------------------------------------------------------------------------
 // Driver: one shared index set for p.n_tok tokens.
 // ---------------------------------------------------------------------------------------------
+#if SAM_VIZ_AVX512
+// x (in order) -> chunk-permuted, zero-padded to whole chunks.
+template <typename W>
+inline void permute_in(const float* x, int64_t d, float* xp) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int64_t c = 0; c < chunks(d); ++c) {
+    const int64_t left = std::min<int64_t>(CH, d - c * CH);
+    const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 m1 = left >= CH ? 0xFFFF : (left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0);
+    const __m512 a = _mm512_maskz_loadu_ps(m0, x + c * CH), b = _mm512_maskz_loadu_ps(m1, x + c * CH + 16);
+    if (sizeof(W) == 4) {
+      _mm512_store_ps(xp + c * CH, a);
+      _mm512_store_ps(xp + c * CH + 16, b);
+    } else {
+      _mm512_store_ps(xp + c * CH, _mm512_permutex2var_ps(a, even, b));
+      _mm512_store_ps(xp + c * CH + 16, _mm512_permutex2var_ps(a, odd, b));
+    }
+  }
+}
+
+// y[i] = bias[i] + sum over threads of the chunk-permuted partial accumulators, back in order.
+template <typename W>
+inline void reduce_out(const float* partial, int64_t n_parts, int64_t part_stride, int64_t d_out, const float* bd,
+                       float* y) {
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t c = 0; c < chunks(d_out); ++c) {
+    __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n_parts; ++t) {
+      lo = _mm512_add_ps(lo, _mm512_load_ps(partial + t * part_stride + c * CH));
+      hi = _mm512_add_ps(hi, _mm512_load_ps(partial + t * part_stride + c * CH + 16));
+    }
+    __m512 a = lo, b = hi;
+    if (sizeof(W) == 2) {
+      a = _mm512_permutex2var_ps(lo, first, hi);
+      b = _mm512_permutex2var_ps(lo, second, hi);
+    }
+    const int64_t left = std::min<int64_t>(CH, d_out - c * CH);
+    const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 m1 = left >= CH ? 0xFFFF : (left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0);
+    if (bd) {
+      a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(m0, bd + c * CH));
+      b = _mm512_add_ps(b, _mm512_maskz_loadu_ps(m1, bd + c * CH + 16));
+    }
+    _mm512_mask_storeu_ps(y + c * CH, m0, a);
+    _mm512_mask_storeu_ps(y + c * CH + 16, m1, b);
+  }
+}
+#endif
+
 template <typename W>
 void run(const Problem<W>& p) {
-  std::vector<int64_t> slots;
-  slots.reserve(static_cast<size_t>(p.k));
+  int64_t* slots = reinterpret_cast<int64_t*>(scratch(0, static_cast<size_t>(2 * p.k + 16)));
+  int64_t n = 0;
   for (int64_t s = 0; s < p.k; ++s) {
-    if (p.idx[s] >= 0) slots.push_back(s);
+    if (p.idx[s] >= 0) slots[n++] = s;
     else for (int64_t t = 0; t < p.n_tok; ++t) p.h[t * p.k + s] = 0.0f;
   }
-  const int64_t n = static_cast<int64_t>(slots.size());
   const int64_t row_bytes = (p.groups * p.d + p.d_out) * static_cast<int64_t>(sizeof(W));
   const int64_t n_threads = threads_for(n, row_bytes);
 #if SAM_VIZ_AVX512
   const int64_t xs = chunks(p.d) * CH, ys = chunks(p.d_out) * CH;
-  AlignedBuf xp(static_cast<size_t>(p.n_tok * xs));
-  for (int64_t t = 0; t < p.n_tok; ++t)
-    for (int64_t i = 0; i < p.d; ++i) xp.p[t * xs + permuted_index<W>(i)] = p.x[t * p.d + i];
+  float* xp = scratch(1, static_cast<size_t>(p.n_tok * xs + n_threads * p.n_tok * ys));
+  float* partial = xp + p.n_tok * xs;
+  for (int64_t t = 0; t < p.n_tok; ++t) permute_in<W>(p.x + t * p.d, p.d, xp + t * xs);
 #else
   const int64_t ys = p.d_out;
+  float* partial = scratch(1, static_cast<size_t>(n_threads * p.n_tok * ys));
 #endif
-  AlignedBuf partial(static_cast<size_t>(n_threads * p.n_tok * ys));
 #pragma omp parallel num_threads(n_threads)
   {
     int64_t tid = 0;
@@ -378,28 +550,93 @@ void run(const Problem<W>& p) {
     tid = omp_get_thread_num();
 #endif
     const int64_t lo = n * tid / n_threads, hi = n * (tid + 1) / n_threads;
-    float* acc = partial.p + tid * p.n_tok * ys;
+    float* acc = partial + tid * p.n_tok * ys;
+    std::memset(acc, 0, static_cast<size_t>(p.n_tok * ys) * sizeof(float));
 #if SAM_VIZ_AVX512
-    if (p.n_tok == 1) rows_avx512_one(p, slots.data() + lo, hi - lo, xp.p, acc);
-    else rows_avx512_many(p, slots.data() + lo, hi - lo, xp.p, acc);
+    if (p.n_tok == 1 && p.d == p.d_out && p.d % CH == 0 && SAM_VIZ_PAIR)
+      rows_avx512_multi<W, SAM_VIZ_ROWS>(p, slots + lo, hi - lo, xp, acc);
+    else if (p.n_tok == 1)
+      rows_avx512_one(p, slots + lo, hi - lo, xp, acc);
+    else rows_avx512_many(p, slots + lo, hi - lo, xp, acc);
 #else
-    rows_portable(p, slots.data() + lo, hi - lo, acc);
+    rows_portable(p, slots + lo, hi - lo, acc);
 #endif
   }
   for (int64_t t = 0; t < p.n_tok; ++t) {
+#if SAM_VIZ_AVX512
+    reduce_out<W>(partial + t * ys, n_threads, p.n_tok * ys, p.d_out, p.bd, p.y + t * p.d_out);
+#else
     float* yt = p.y + t * p.d_out;
     for (int64_t i = 0; i < p.d_out; ++i) {
-#if SAM_VIZ_AVX512
-      const int64_t pi = permuted_index<W>(i);
-#else
-      const int64_t pi = i;
-#endif
       float v = p.bd ? p.bd[i] : 0.0f;
-      for (int64_t th = 0; th < n_threads; ++th) v += partial.p[(th * p.n_tok + t) * ys + pi];
+      for (int64_t th = 0; th < n_threads; ++th) v += partial[(th * p.n_tok + t) * ys + i];
       yt[i] = v;
     }
+#endif
   }
 }
+
+#if SAM_VIZ_AVX512
+// What the 64-byte steps of floor_rows leave of each stream (rows of unequal length, tails).
+inline int64_t tail_sum(const char* pg, const char* pd, int64_t common, int64_t half, int64_t gb, int64_t db) {
+  int64_t t = 0;
+  for (const auto& [b, from, to] : {std::make_tuple(pg, common, half), std::make_tuple(pg + half, common, gb - half),
+                                    std::make_tuple(pd, common, db)})
+    for (int64_t o = from; o < to; ++o) t += b[o];
+  return t;
+}
+#endif
+
+#if SAM_VIZ_AVX512
+// The kernel's access pattern without its arithmetic: the gate, up and down rows of R neurons read
+// side by side (3R streams in flight, as the paired kernel reads 6), the rows `dist` steps ahead
+// prefetched, raw 512-bit words summed into independent accumulators (bytes: fp32 or bf16 alike).
+template <typename W, int R>
+double floor_rows(const W* gu, int64_t row, const W* down, int64_t d_out, const int64_t* idx, int64_t k) {
+  const int64_t gb = row * static_cast<int64_t>(sizeof(W)), db = d_out * static_cast<int64_t>(sizeof(W));
+  const int64_t half = gb / 2;  // gate | up (GLU); for one stream of gb the halves are read alike
+  const int64_t row_bytes = gb + db;
+  const int64_t dist = std::max<int64_t>(1, (SAM_VIZ_PF_BYTES + R * row_bytes - 1) / (R * row_bytes));
+  const int64_t common = std::min(half, db) / 64 * 64;
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0;
+  int64_t s = 0;
+  for (; s + R <= k; s += R) {
+    const char *pg[R], *pd[R], *ng[R], *nd[R];
+    const bool pf = s + R * dist + R <= k;
+    for (int r = 0; r < R; ++r) {
+      pg[r] = reinterpret_cast<const char*>(gu + idx[s + r] * row);
+      pd[r] = reinterpret_cast<const char*>(down + idx[s + r] * d_out);
+      ng[r] = pf ? reinterpret_cast<const char*>(gu + idx[s + R * dist + r] * row) : nullptr;
+      nd[r] = pf ? reinterpret_cast<const char*>(down + idx[s + R * dist + r] * d_out) : nullptr;
+    }
+    for (int64_t o = 0; o < common; o += 64) {
+      for (int r = 0; r < R; ++r) {
+        if (pf) {
+          _mm_prefetch(ng[r] + o, SAM_VIZ_PF_HINT);
+          _mm_prefetch(ng[r] + half + o, SAM_VIZ_PF_HINT);
+          _mm_prefetch(nd[r] + o, SAM_VIZ_PF_HINT);
+        }
+        a0 = _mm512_add_epi32(a0, _mm512_loadu_si512(pg[r] + o));
+        a1 = _mm512_add_epi32(a1, _mm512_loadu_si512(pg[r] + half + o));
+        a2 = _mm512_add_epi32(a2, _mm512_loadu_si512(pd[r] + o));
+      }
+    }
+    for (int r = 0; r < R; ++r) a0 = _mm512_add_epi32(a0, _mm512_set1_epi64(tail_sum(pg[r], pd[r], common, half, gb, db)));
+  }
+  for (; s < k; ++s) {  // rows left over: one at a time
+    const char* pg = reinterpret_cast<const char*>(gu + idx[s] * row);
+    const char* pd = reinterpret_cast<const char*>(down + idx[s] * d_out);
+    for (int64_t o = 0; o < common; o += 64) {
+      a0 = _mm512_add_epi32(a0, _mm512_loadu_si512(pg + o));
+      a1 = _mm512_add_epi32(a1, _mm512_loadu_si512(pg + half + o));
+      a2 = _mm512_add_epi32(a2, _mm512_loadu_si512(pd + o));
+    }
+    a0 = _mm512_add_epi32(a0, _mm512_set1_epi64(tail_sum(pg, pd, common, half, gb, db)));
+  }
+  a0 = _mm512_add_epi32(_mm512_add_epi32(a0, a1), a2);
+  return static_cast<double>(_mm512_reduce_add_epi32(a0));
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // The floor: read the selected rows of gu and down once, as fast as this machine reads memory:
@@ -419,39 +656,7 @@ double read_rows(const W* gu, int64_t row, const W* down, int64_t d_out, const i
 #endif
     const int64_t lo = k * tid / n_threads, hi = k * (tid + 1) / n_threads;
 #if SAM_VIZ_AVX512
-    // The kernel's access pattern without its arithmetic: the gate, up and down rows of one neuron
-    // read side by side (three streams in flight), the rows `dist` steps ahead prefetched, raw
-    // 512-bit words summed into independent accumulators (the floor is bytes, fp32 or bf16 alike).
-    const int64_t gb = row * static_cast<int64_t>(sizeof(W)), db = d_out * static_cast<int64_t>(sizeof(W));
-    const int64_t half = gb / 2;  // gate | up when the row holds two (GLU); one stream of gb otherwise
-    const int64_t dist = std::max<int64_t>(1, (SAM_VIZ_PF_BYTES + row_bytes - 1) / row_bytes);
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0;
-    for (int64_t s = lo; s < hi; ++s) {
-      const char* pg = reinterpret_cast<const char*>(gu + idx[s] * row);
-      const char* pd = reinterpret_cast<const char*>(down + idx[s] * d_out);
-      const char* ng = s + dist < hi ? reinterpret_cast<const char*>(gu + idx[s + dist] * row) : nullptr;
-      const char* nd = s + dist < hi ? reinterpret_cast<const char*>(down + idx[s + dist] * d_out) : nullptr;
-      const int64_t common = std::min(half, db) / 64 * 64;
-      for (int64_t o = 0; o < common; o += 64) {
-        if (ng) {
-          _mm_prefetch(ng + o, SAM_VIZ_PF_HINT);
-          _mm_prefetch(ng + half + o, SAM_VIZ_PF_HINT);
-          _mm_prefetch(nd + o, SAM_VIZ_PF_HINT);
-        }
-        a0 = _mm512_add_epi32(a0, _mm512_loadu_si512(pg + o));
-        a1 = _mm512_add_epi32(a1, _mm512_loadu_si512(pg + half + o));
-        a2 = _mm512_add_epi32(a2, _mm512_loadu_si512(pd + o));
-      }
-      // what is left of each stream (rows of unequal length, tails), a byte at a time past 64
-      for (const auto& [b, from, to] : {std::make_tuple(pg, common, half), std::make_tuple(pg + half, common, gb - half),
-                                        std::make_tuple(pd, common, db)}) {
-        int64_t o = from;
-        for (; o + 64 <= to; o += 64) a0 = _mm512_add_epi32(a0, _mm512_loadu_si512(b + o));
-        for (; o < to; ++o) a1 = _mm512_add_epi32(a1, _mm512_set1_epi32(b[o]));
-      }
-    }
-    a0 = _mm512_add_epi32(_mm512_add_epi32(a0, a1), a2);
-    total += static_cast<double>(_mm512_reduce_add_epi32(a0));
+    total += floor_rows<W, SAM_VIZ_FLOOR_ROWS>(gu, row, down, d_out, idx + lo, hi - lo);
 #else
     float acc = 0.0f;
     for (int64_t s = lo; s < hi; ++s) {
