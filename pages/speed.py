@@ -112,6 +112,13 @@ if decode_rows:
     r = min(decode_rows, key=lambda row: abs(row["density"] - 0.1))
     st.caption(f"At density {r['density']:g}: {r['sparse_tok_s']:.1f} vs {r['dense_tok_s']:.1f} tokens/s, "
                f"{r['speedup']:.2f}x of an ideal {r['ideal_speedup']:.2f}x ({r['share_of_ideal']:.0%}).")
+gpu_info, gpu_rows = speed.saved_gpu_rows()
+if gpu_rows:
+    with st.expander("The `triton` kernel on a GPU (saved results)"):
+        st.caption(f"Measured on {gpu_info.get('device', 'a lent GPU')} (torch {gpu_info.get('torch', '?')}, "
+                   f"triton {gpu_info.get('triton', '?')}) by `bash bench/gpu_check.sh`: batch 1, calls replayed from "
+                   "a CUDA graph (eager calls at batch 1 are launch-bound and slower than dense).")
+        show(speed_plots.kernel_speedup(gpu_rows), key="gpu_speedup")
 for kind, rows in (("kernels", kernel_rows), ("decode", decode_rows)):
     if rows:
         st.download_button(f"Download the {kind} results (JSON)", json.dumps(rows, indent=1),

@@ -107,3 +107,29 @@ def parse_bench_json(data: bytes | str) -> tuple[str, list[dict]]:
     if kind == "kernels":                                              # labels, bounded
         rows = [{**r, "shape": str(r.get("shape", "?"))[:40], "dtype": str(r.get("dtype", "?"))[:10]} for r in rows]
     return kind, rows
+
+
+GPU_RESULTS = __import__("pathlib").Path(__file__).resolve().parent.parent / "bench" / "results" / "triton_h200.json"
+
+
+def saved_gpu_rows(path=GPU_RESULTS) -> tuple[dict, list[dict]]:
+    """The `triton` kernel's results saved from a lent GPU (bench/gpu_kernels.py), as kernel rows:
+    ms and dense_ms are the CUDA-graph replays (eager batch-1 calls are launch-bound), floor_ms is
+    the selected bytes at the measured device bandwidth. ({}, []) when there is no such file."""
+    try:
+        data = json.loads(path.read_text()) if path.stat().st_size <= MAX_BENCH_BYTES else {}
+    except (OSError, ValueError):
+        return {}, []
+    out = []
+    for r in data.get("rows", [])[:MAX_BENCH_ROWS]:
+        try:
+            ms, dense_ms = float(r["graph_ms"]), float(r["dense_graph_ms"])
+            row = {"backend": "triton", "shape": str(r["shape"])[:40], "dtype": str(r["dtype"])[:10],
+                   "density": float(r["density"]), "ms": ms, "dense_ms": dense_ms, "floor_ms": float(r["floor_ms"]),
+                   "speedup_vs_dense": dense_ms / ms}
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            continue
+        if all(math.isfinite(v) and v > 0 for v in (ms, dense_ms, row["floor_ms"])) and 0 < row["density"] <= 1:
+            out.append(row)
+    info = data.get("info", {}) if isinstance(data.get("info"), dict) else {}
+    return {k: str(v)[:60] for k, v in info.items()}, out

@@ -128,3 +128,25 @@ def test_kernel_bench_reports_progress(monkeypatch):
     assert seen == [0.0, 0.5, 1.0]
     assert [(r["shape"], r["dtype"], r["density"]) for r in rows] == [("toy", "fp32", 0.5), ("toy", "bf16", 0.5)]
     assert all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in rows)
+
+
+def test_saved_gpu_results_become_kernel_rows(tmp_path):
+    """The triton rows saved from the GPU: speedups recomputed from the graph-replay times, bad rows
+    skipped, a missing or broken file gives nothing."""
+    import json
+
+    from sam_viz import speed
+
+    raw = {"info": {"device": "GPU X"}, "rows": [
+        {"shape": "s", "dtype": "bf16", "density": 0.1, "graph_ms": 0.02, "dense_graph_ms": 0.08, "floor_ms": 0.005},
+        {"shape": "s", "dtype": "bf16", "density": 0.5, "graph_ms": 0.0, "dense_graph_ms": 0.08, "floor_ms": 0.01},
+        {"shape": "s", "dtype": "bf16", "density": 0.25}]}
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(raw))
+    info, rows = speed.saved_gpu_rows(f)
+    assert info == {"device": "GPU X"} and len(rows) == 1
+    assert rows[0]["speedup_vs_dense"] == pytest.approx(0.08 / 0.02)
+    f.write_text("not json")
+    assert speed.saved_gpu_rows(f) == ({}, [])
+    assert speed.saved_gpu_rows(tmp_path / "missing.json") == ({}, [])
+    assert len(speed.saved_gpu_rows()[1]) == 24                      # the committed H200 results
