@@ -197,6 +197,22 @@ inline void load_chunk_full(const uint16_t* w, int64_t c, __m512& lo, __m512& hi
   hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+// Adds chunk c of x . gate_j (and of x . up_j) to the accumulators; elements past d are masked.
+template <typename W>
+inline void dot_chunk(const float* xp, const W* g, const W* u, bool glu, int64_t c, int64_t d, __m512& ag0,
+                      __m512& ag1, __m512& au0, __m512& au1) {
+  const __m512 x0 = _mm512_load_ps(xp + c * CH), x1 = _mm512_load_ps(xp + c * CH + 16);
+  __m512 w0, w1;
+  load_chunk(g, c, d, w0, w1);
+  ag0 = _mm512_fmadd_ps(x0, w0, ag0);
+  ag1 = _mm512_fmadd_ps(x1, w1, ag1);
+  if (glu) {
+    load_chunk(u, c, d, w0, w1);
+    au0 = _mm512_fmadd_ps(x0, w0, au0);
+    au1 = _mm512_fmadd_ps(x1, w1, au1);
+  }
+}
+
 template <typename W>
 inline void prefetch_row(const W* p, int64_t bytes_from, int64_t bytes_to) {
   const char* b = reinterpret_cast<const char*>(p);
@@ -296,16 +312,7 @@ void rows_avx512_one(const Problem<W>& p, const int64_t* slots, int64_t n, const
             if (glu) _mm_prefetch(pg + static_cast<int64_t>(sizeof(W)) * d + SAM_VIZ_PF_EVERY * l, SAM_VIZ_PF_HINT);
           }
         }
-        const __m512 x0 = _mm512_load_ps(xp + cc * CH), x1 = _mm512_load_ps(xp + cc * CH + 16);
-        __m512 w0, w1;
-        load_chunk(g, cc, d, w0, w1);
-        ag0 = _mm512_fmadd_ps(x0, w0, ag0);
-        ag1 = _mm512_fmadd_ps(x1, w1, ag1);
-        if (glu) {
-          load_chunk(u, cc, d, w0, w1);
-          au0 = _mm512_fmadd_ps(x0, w0, au0);
-          au1 = _mm512_fmadd_ps(x1, w1, au1);
-        }
+        dot_chunk(xp, g, u, glu, cc, d, ag0, ag1, au0, au1);
       }
     }
     if (down_prev) {  // the rest of the previous row's axpy
@@ -443,16 +450,7 @@ void rows_avx512_many(const Problem<W>& p, const int64_t* slots, int64_t n, cons
       __m512 ag0 = _mm512_setzero_ps(), ag1 = _mm512_setzero_ps();
       __m512 au0 = _mm512_setzero_ps(), au1 = _mm512_setzero_ps();
       for (int64_t c = 0; c < cd; ++c) {
-        const __m512 x0 = _mm512_load_ps(xt + c * CH), x1 = _mm512_load_ps(xt + c * CH + 16);
-        __m512 w0, w1;
-        load_chunk(g, c, d, w0, w1);
-        ag0 = _mm512_fmadd_ps(x0, w0, ag0);
-        ag1 = _mm512_fmadd_ps(x1, w1, ag1);
-        if (glu) {
-          load_chunk(u, c, d, w0, w1);
-          au0 = _mm512_fmadd_ps(x0, w0, au0);
-          au1 = _mm512_fmadd_ps(x1, w1, au1);
-        }
+        dot_chunk(xt, g, u, glu, c, d, ag0, ag1, au0, au1);
       }
       float v = activate(hsum(_mm512_add_ps(ag0, ag1)) + (p.bg ? p.bg[j] : 0.0f), p.act);
       if (glu) v *= hsum(_mm512_add_ps(au0, au1)) + (p.bu ? p.bu[j] : 0.0f);
