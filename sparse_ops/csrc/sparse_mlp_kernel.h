@@ -42,9 +42,6 @@
 #ifndef SAM_VIZ_FLOOR_ROWS
 #define SAM_VIZ_FLOOR_ROWS 2          // rows the floor reads side by side
 #endif
-#ifndef SAM_VIZ_PF_NEAR
-#define SAM_VIZ_PF_NEAR 0             // also prefetch the rows being read this many bytes ahead into L1 (0: off)
-#endif
 #ifndef SAM_VIZ_PF_BYTES
 #define SAM_VIZ_PF_BYTES (16 * 1024)  // prefetch the row this many bytes of rows ahead (at least the next)
 #endif
@@ -274,19 +271,6 @@ void rows_avx512_one(const Problem<W>& p, const int64_t* slots, int64_t n, const
             _mm_prefetch(pd + SAM_VIZ_PF_EVERY * l, SAM_VIZ_PF_HINT);
           }
         }
-#if SAM_VIZ_PF_NEAR
-        {
-          const char* cg = reinterpret_cast<const char*>(g + c * CH) + SAM_VIZ_PF_NEAR;
-          _mm_prefetch(cg, _MM_HINT_T0);
-          if (glu) _mm_prefetch(cg + static_cast<int64_t>(sizeof(W)) * d, _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(down_prev + c * CH) + SAM_VIZ_PF_NEAR, _MM_HINT_T0);
-          if (sizeof(W) == 4) {
-            _mm_prefetch(cg + 64, _MM_HINT_T0);
-            if (glu) _mm_prefetch(cg + 64 + static_cast<int64_t>(sizeof(W)) * d, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(down_prev + c * CH) + SAM_VIZ_PF_NEAR + 64, _MM_HINT_T0);
-          }
-        }
-#endif
         const __m512 x0 = _mm512_load_ps(xp + c * CH), x1 = _mm512_load_ps(xp + c * CH + 16);
         __m512 w0, w1;
         load_chunk_full(g, c, w0, w1);
