@@ -38,19 +38,24 @@ def _copies(d: int, d_ff: int, dtype: torch.dtype, seed: int = 0) -> list[tuple[
     return out
 
 
-def _interleaved_medians(fns, n_calls: int) -> list[float]:
+def _interleaved_medians(fns, n_calls: int, swap: tuple[int, int] | None = None) -> list[float]:
     """Median ms of each fn, timed call by call side by side (fn_a, fn_b, ..., fn_a, ...), so that a
     noisy neighbour slows all of them alike and the ratios stay honest. Each call gets the next
-    weight copy (fn(c) uses copies[c % n]): no call finds rows that the call before it just read."""
+    weight copy (fn(c) uses copies[c % n]): no call finds rows that the call before it just read.
+    `swap` (i, j): every other round runs fns[i] and fns[j] in each other's place, so each of the two
+    follows the same calls equally often (what a call leaves behind affects the one after it)."""
     times = [[] for _ in fns]
     call = 0
     for i in range(n_calls + 2):
-        for fn, out in zip(fns, times):
+        order = list(range(len(fns)))
+        if swap is not None and i % 2:
+            order[swap[0]], order[swap[1]] = order[swap[1]], order[swap[0]]
+        for f in order:
             t0 = time.perf_counter()
-            fn(call)
+            fns[f](call)
             call += 1
             if i >= 2:                                                   # two warm-up rounds
-                out.append((time.perf_counter() - t0) * 1000)
+                times[f].append((time.perf_counter() - t0) * 1000)
     return [statistics.median(t) for t in times]
 
 
@@ -72,22 +77,27 @@ def _rows_for(name: str, d: int, d_ff: int, dt: str, densities, calls: int, ext)
         p = copies[i % len(copies)][1]
         ext.read_rows(p.gu, p.down, all_rows)
 
+    # dense and its floor once per shape and dtype, side by side
+    dense_ms, dense_floor_ms = _interleaved_medians([dense, dense_floor], calls, swap=(0, 1))
     rows = []
     for density in densities:
         k = round(density * d_ff)
         sets = [torch.sort(torch.randperm(d_ff)[:k]).values for _ in range(7)]
 
+        out = (torch.empty(1, d), torch.empty(1, k))                           # reused, as a decode loop would
+
         def sparse(i):
-            sparse_mlp_shared(x, sets[i % 7], copies[i % len(copies)][1])
+            sparse_mlp_shared(x, sets[i % 7], copies[i % len(copies)][1], out=out)
 
         def floor(i):
             p = copies[i % len(copies)][1]
             ext.read_rows(p.gu, p.down, sets[i % 7])
 
-        # each of cpu and floor right after a full read of the weights (dense, dense floor), so that
-        # what a big streaming call leaves behind (measured: 10-40% on the call after it at small k)
-        # hits both alike
-        dense_ms, cpu_ms, dense_floor_ms, floor_ms = _interleaved_medians([dense, sparse, dense_floor, floor], calls)
+        # cpu and floor in alternation, each one first every other round. Not mixed with the dense
+        # calls: right after a full read of the weights (100-200 MiB streamed) the next call at small k
+        # is slower, and more so for the kernel than for the floor (standalone harness, TinyLlama
+        # bf16 at 0.05-0.1: cpu/floor 1.08-1.11 alternating, 1.17-1.22 each right after a full read).
+        cpu_ms, floor_ms = _interleaved_medians([sparse, floor], 2 * calls, swap=(0, 1))
         gb = k * 3 * d * (4 if dtype == torch.float32 else 2) / 1e9
         rows.append({"backend": "cpu", "isa": ext.isa(), "shape": name, "dtype": dt, "d": d, "d_ff": d_ff,
                      "density": density, "ms": cpu_ms, "dense_ms": dense_ms, "floor_ms": floor_ms,
@@ -121,8 +131,9 @@ def main(argv: list[str]) -> int:
     if as_json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"threads {torch.get_num_threads()}; cpu kernel path {rows[0]['isa']}; medians of "
-          f"{15 if quick else 40} calls, interleaved; weights rotated past L3")
+    n = QUICK["calls"] if quick else 40
+    print(f"threads {torch.get_num_threads()}; cpu kernel path {rows[0]['isa']}; medians of {n} calls (dense, "
+          f"dense floor) and {2 * n} (cpu, floor), interleaved; weights rotated past L3")
     print("shape      dtype  density  dense_ms  dense_floor_ms  cpu_ms  floor_ms  cpu/floor  floor_GB/s  "
           "x_dense  x_dense_floor")
     for r in rows:

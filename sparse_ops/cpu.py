@@ -29,7 +29,7 @@ ACTIVATIONS = {0: F.silu, 1: F.gelu, 2: lambda v: F.gelu(v, approximate="tanh"),
 # on x86, the compiler's default elsewhere). SAM_VIZ_CPU_ISA=portable selects it at load time.
 VARIANTS = ("native", "portable")
 _LOCK = threading.RLock()            # re-entrant: a weakref callback (a freed model) may run under it
-_EXT: dict[str, object] = {}
+_EXT: dict[str | None, object] = {}        # None: the default variant
 
 
 def _cpu_flags() -> str:
@@ -51,8 +51,14 @@ def _cflags(variant: str) -> list[str]:
 
 
 def extension(variant: str | None = None):
-    """The compiled module, built (once per CPU feature set and variant) on first use."""
-    variant = variant or os.environ.get("SAM_VIZ_CPU_ISA") or "native"
+    """The compiled module, built (once per CPU feature set and variant) on first use. With no
+    variant: SAM_VIZ_CPU_ISA's, or native, read on the first call (the per-call path stays a lookup)."""
+    if variant is None:
+        ext = _EXT.get(None)
+        if ext is not None:
+            return ext
+        ext = _EXT[None] = extension(os.environ.get("SAM_VIZ_CPU_ISA") or "native")
+        return ext
     ext = _EXT.get(variant)                         # built already: no lock on the per-call path
     if ext is not None:
         return ext
@@ -142,10 +148,16 @@ def _args(p: Prepared):
     return p.gu, p.groups, p.down, p.b_gate, p.b_up, p.b_down
 
 
-def sparse_mlp_shared(x: torch.Tensor, idx: torch.Tensor, p: Prepared,
-                      variant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens x [n, d] sharing one index set idx [k] (one token, or the union of a few)."""
-    return extension(variant).sparse_mlp(x.float().contiguous(), *_args(p), idx.long().contiguous(), p.act)
+def sparse_mlp_shared(x: torch.Tensor, idx: torch.Tensor, p: Prepared, variant: str | None = None,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens x [n, d] sharing one index set idx [k] (one token, or the union of a few): (y [n, d_out],
+    h [n, k]). With out=(y, h) (fp32, contiguous), written there: a decode loop that reuses its
+    buffers saves the two allocations per call (~3 us measured, ~2% of a TinyLlama-sized call at 0.05)."""
+    ext = extension(variant)
+    if out is None:
+        return ext.sparse_mlp(x.float().contiguous(), *_args(p), idx.long().contiguous(), p.act)
+    ext.sparse_mlp_out(x.float().contiguous(), *_args(p), idx.long().contiguous(), p.act, *out)
+    return out
 
 
 def cpu_kernel(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights,

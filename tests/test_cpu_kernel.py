@@ -82,6 +82,15 @@ def test_tokens_sharing_one_index_set(variant, dtype, n, d, k):
     y, h = sparse_mlp_shared(x, union, prepare(w, dtype), variant)
     y_ref, h_ref = reference(x, union.expand(n, k), w)
     assert _rel(y, y_ref) <= 1e-5 and _rel(h, h_ref) <= 1e-5
+    out = (torch.full((n, d), float("nan")), torch.full((n, k), float("nan")))   # into given buffers
+    y2, h2 = sparse_mlp_shared(x, union, prepare(w, dtype), variant, out=out)
+    assert y2 is out[0] and h2 is out[1] and _rel(y2, y_ref) <= 1e-5 and _rel(h2, h_ref) <= 1e-5
+
+
+def test_output_buffers_of_the_wrong_shape_are_refused():
+    w = _weights(8, 10, True, False, torch.nn.SiLU(), torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="y:"):
+        sparse_mlp_shared(torch.randn(1, 8), torch.tensor([1, 2]), prepare(w), out=(torch.empty(1, 7), torch.empty(1, 2)))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

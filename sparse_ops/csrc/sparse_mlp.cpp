@@ -60,6 +60,23 @@ std::vector<torch::Tensor> sparse_mlp(torch::Tensor x, torch::Tensor gu, int64_t
   return {y, h};
 }
 
+// Like sparse_mlp, into y [n, d_out] and h [n, k] (fp32, contiguous): no allocation per call.
+void sparse_mlp_out(torch::Tensor x, torch::Tensor gu, int64_t groups, torch::Tensor down,
+                    c10::optional<torch::Tensor> bg, c10::optional<torch::Tensor> bu, c10::optional<torch::Tensor> bd,
+                    torch::Tensor idx, int64_t act, torch::Tensor y, torch::Tensor h) {
+  check(x, gu, groups, down, idx);
+  TORCH_CHECK(idx.dim() == 1, "idx: [k]");
+  const int64_t n = x.size(0), d = x.size(1), k = idx.size(0);
+  TORCH_CHECK(y.scalar_type() == torch::kFloat32 && y.is_contiguous() && y.numel() == n * down.size(1), "y: [n, d_out]");
+  TORCH_CHECK(h.scalar_type() == torch::kFloat32 && h.is_contiguous() && h.numel() == n * k, "h: [n, k]");
+  if (gu.scalar_type() == torch::kFloat32)
+    samviz::run(problem<float>(x.data_ptr<float>(), n, d, gu, groups, down, bg, bu, bd, idx.data_ptr<int64_t>(), k,
+                               act, y.data_ptr<float>(), h.data_ptr<float>()));
+  else
+    samviz::run(problem<uint16_t>(x.data_ptr<float>(), n, d, gu, groups, down, bg, bu, bd, idx.data_ptr<int64_t>(),
+                                  k, act, y.data_ptr<float>(), h.data_ptr<float>()));
+}
+
 // x [n, d] fp32; idx [n, k] int64, each token its own set (-1 = none): the kernel registry's signature.
 std::vector<torch::Tensor> sparse_mlp_tokens(torch::Tensor x, torch::Tensor gu, int64_t groups, torch::Tensor down,
                                              c10::optional<torch::Tensor> bg, c10::optional<torch::Tensor> bu,
@@ -100,6 +117,7 @@ std::string isa() { return samviz::isa(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_mlp", &sparse_mlp, "sparse MLP over one shared index set (fp32/bf16 weights)");
+  m.def("sparse_mlp_out", &sparse_mlp_out, "sparse_mlp into given y and h");
   m.def("sparse_mlp_tokens", &sparse_mlp_tokens, "sparse MLP, each token with its own index set");
   m.def("read_rows", &read_rows, "read the selected rows once (bandwidth floor)");
   m.def("isa", &isa, "which code path was compiled: avx512 or portable");
