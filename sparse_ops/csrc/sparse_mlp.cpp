@@ -42,25 +42,8 @@ samviz::Problem<W> problem(const float* x, int64_t n, int64_t d, const torch::Te
 
 }  // namespace
 
-// x [n, d] fp32; idx [k] int64 shared by the n tokens (-1 = none). Returns (y [n, d_out], h [n, k]).
-std::vector<torch::Tensor> sparse_mlp(torch::Tensor x, torch::Tensor gu, int64_t groups, torch::Tensor down,
-                                      c10::optional<torch::Tensor> bg, c10::optional<torch::Tensor> bu,
-                                      c10::optional<torch::Tensor> bd, torch::Tensor idx, int64_t act) {
-  check(x, gu, groups, down, idx);
-  TORCH_CHECK(idx.dim() == 1, "idx: [k]");
-  const int64_t n = x.size(0), d = x.size(1), k = idx.size(0);
-  auto y = torch::empty({n, down.size(1)}, x.options());
-  auto h = torch::empty({n, k}, x.options());
-  if (gu.scalar_type() == torch::kFloat32)
-    samviz::run(problem<float>(x.data_ptr<float>(), n, d, gu, groups, down, bg, bu, bd, idx.data_ptr<int64_t>(), k,
-                               act, y.data_ptr<float>(), h.data_ptr<float>()));
-  else
-    samviz::run(problem<uint16_t>(x.data_ptr<float>(), n, d, gu, groups, down, bg, bu, bd, idx.data_ptr<int64_t>(),
-                                  k, act, y.data_ptr<float>(), h.data_ptr<float>()));
-  return {y, h};
-}
-
-// Like sparse_mlp, into y [n, d_out] and h [n, k] (fp32, contiguous): no allocation per call.
+// x [n, d] fp32; idx [k] int64 shared by the n tokens (-1 = none), into y [n, d_out] and h [n, k] (fp32,
+// contiguous): no allocation per call.
 void sparse_mlp_out(torch::Tensor x, torch::Tensor gu, int64_t groups, torch::Tensor down,
                     c10::optional<torch::Tensor> bg, c10::optional<torch::Tensor> bu, c10::optional<torch::Tensor> bd,
                     torch::Tensor idx, int64_t act, torch::Tensor y, torch::Tensor h) {
@@ -75,6 +58,17 @@ void sparse_mlp_out(torch::Tensor x, torch::Tensor gu, int64_t groups, torch::Te
   else
     samviz::run(problem<uint16_t>(x.data_ptr<float>(), n, d, gu, groups, down, bg, bu, bd, idx.data_ptr<int64_t>(),
                                   k, act, y.data_ptr<float>(), h.data_ptr<float>()));
+}
+
+// x [n, d] fp32; idx [k] int64 shared by the n tokens (-1 = none). Returns (y [n, d_out], h [n, k]).
+std::vector<torch::Tensor> sparse_mlp(torch::Tensor x, torch::Tensor gu, int64_t groups, torch::Tensor down,
+                                      c10::optional<torch::Tensor> bg, c10::optional<torch::Tensor> bu,
+                                      c10::optional<torch::Tensor> bd, torch::Tensor idx, int64_t act) {
+  TORCH_CHECK(x.dim() == 2 && idx.dim() == 1, "x: [n, d], idx: [k]");
+  auto y = torch::empty({x.size(0), down.size(1)}, x.options());
+  auto h = torch::empty({x.size(0), idx.size(0)}, x.options());
+  sparse_mlp_out(x, gu, groups, down, bg, bu, bd, idx, act, y, h);
+  return {y, h};
 }
 
 // x [n, d] fp32; idx [n, k] int64, each token its own set (-1 = none): the kernel registry's signature.

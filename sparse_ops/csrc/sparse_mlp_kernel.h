@@ -98,6 +98,14 @@ inline int64_t threads_for(int64_t rows, int64_t row_bytes) {
   return std::max<int64_t>(1, std::min<int64_t>({n, by_bytes, rows}));
 }
 
+inline int64_t thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 // Per-thread scratch that grows and is reused across calls (no allocation on the hot path).
 inline float* scratch(int slot, size_t n) {
   struct Buf {
@@ -550,10 +558,7 @@ void run(const Problem<W>& p) {
 #endif
 #pragma omp parallel num_threads(n_threads)
   {
-    int64_t tid = 0;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-#endif
+    const int64_t tid = thread_id();
     const int64_t lo = n * tid / n_threads, hi = n * (tid + 1) / n_threads;
 #if SAM_VIZ_AVX512
     float* acc = partial + tid * part_stride;
@@ -659,10 +664,7 @@ double read_rows(const W* gu, int64_t row, const W* down, int64_t d_out, const i
   double total = 0.0;
 #pragma omp parallel num_threads(n_threads) reduction(+ : total)
   {
-    int64_t tid = 0;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-#endif
+    const int64_t tid = thread_id();
     const int64_t lo = k * tid / n_threads, hi = k * (tid + 1) / n_threads;
 #if SAM_VIZ_AVX512
     total += floor_rows<W, SAM_VIZ_FLOOR_ROWS>(gu, row, down, d_out, idx + lo, hi - lo);
