@@ -136,8 +136,33 @@ def _use_preset() -> None:
         st.session_state["prompt"] = PRESETS[name]
 
 
+URL_CHOICES = ("policy", "density", "kernel")     # bound widgets that drop a URL value they cannot take
+
+
+def _url_not_taken(raw: dict[str, str | None]) -> list[str]:
+    """One line per value the link asked for that a bound widget did not take: Streamlit drops an
+    unknown policy, a density off the slider or a word where a number goes without a word."""
+    out = []
+    for key in URL_CHOICES:
+        want, got = raw.get(key), st.session_state.get(key)
+        if want is None:
+            continue
+        if key == "density":
+            try:
+                ok = abs(float(want) - float(got)) < 1e-9
+            except (TypeError, ValueError):
+                ok = False
+            shown = f"{got:g}" if isinstance(got, float) else str(got)
+        else:
+            ok, shown = want == str(got), str(got)
+        if not ok:
+            out.append(f"The link's {key} '{want[:40]}' is not one this app can use; showing {key} {shown}.")
+    return out
+
+
 def sidebar() -> RunSpec:
     """The shared sidebar, bound to the URL; raises InputError for a bad combination."""
+    raw = {key: st.query_params.get(key) for key in URL_CHOICES}   # before the widgets take (or drop) them
     sb = st.sidebar
     sb.selectbox("Model", list(BUILTIN_SPECS), key="model", bind="query-params", accept_new_options=True,
                  help="A built-in model, or type a checkpoint directory under an allowed root.")
@@ -154,6 +179,8 @@ def sidebar() -> RunSpec:
     sb.slider("Density", 0.05, 1.0, 0.5, 0.05, key="density", bind="query-params",
               help="Share of each MLP's neurons computed per token.")
     sb.selectbox("Kernel", available_kernels(), key="kernel", bind="query-params")
+    for line in _url_not_taken(raw):
+        st.warning(line)
     s = st.session_state
     return RunSpec(prompt=s["prompt"], model=s["model"] or DEFAULT_MODEL, policy=s["policy"],
                    density=s["density"], kernel=s["kernel"])

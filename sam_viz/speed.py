@@ -11,6 +11,7 @@ import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -109,7 +110,7 @@ def parse_bench_json(data: bytes | str) -> tuple[str, list[dict]]:
     return kind, rows
 
 
-GPU_RESULTS = __import__("pathlib").Path(__file__).resolve().parent.parent / "bench" / "results" / "triton_h200.json"
+GPU_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "triton_h200.json"
 
 
 def saved_gpu_rows(path=GPU_RESULTS) -> tuple[dict, list[dict]]:

@@ -88,6 +88,21 @@ def test_routing_page_compares_all_policies_and_shows_experts():
     assert "Router entropy" in titles and "Expert load" in titles and "co-firing" in titles
 
 
+@pytest.mark.parametrize("params,shown", [(dict(density="abc"), "density 0.5"), (dict(density="7"), "density 0.5"),
+                                          (dict(policy="nope"), "policy topk")])
+def test_link_values_the_app_cannot_use_are_named_not_dropped_silently(params, shown):
+    at = open_app(model="tiny-llama", prompt=PROMPT, **params)
+    assert not at.exception and not at.error
+    (key, value), = params.items()
+    assert [w.value for w in at.warning] == [f"The link's {key} '{value}' is not one this app can use; showing {shown}."]
+    assert at.session_state["ctx"].spec.density == 0.5 and at.session_state["ctx"].spec.policy == "topk"
+
+
+def test_valid_link_values_raise_no_warning():
+    at = open_app(model="tiny-llama", prompt=PROMPT, policy="threshold", density="0.3")
+    assert not at.warning and at.session_state["ctx"].spec.density == 0.3
+
+
 def test_query_params_give_the_same_analysis_as_the_widgets():
     wanted = dict(model="tiny-llama", prompt=PROMPT, policy="threshold", density="0.3", layer="1")
     by_url = open_app(**wanted)
