@@ -605,7 +605,7 @@ inline int64_t tail_sum(const char* pg, const char* pd, int64_t common, int64_t 
 
 #if SAM_VIZ_AVX512
 // The kernel's access pattern without its arithmetic: the gate, up and down rows of R neurons read
-// side by side (3R streams in flight, as the paired kernel reads 6), the rows `dist` steps ahead
+// side by side (3R streams in flight, as the kernel reads 3 x SAM_VIZ_ROWS), the rows `dist` steps ahead
 // prefetched, raw 512-bit words summed into independent accumulators (bytes: fp32 or bf16 alike).
 template <typename W, int R>
 double floor_rows(const W* gu, int64_t row, const W* down, int64_t d_out, const int64_t* idx, int64_t k) {
