@@ -108,6 +108,7 @@ def _rows_for(name: str, d: int, d_ff: int, dt: str, densities, calls: int, ext)
 
 
 QUICK = dict(shapes={"tinyllama": SHAPES["tinyllama"]}, calls=15)
+FULL = dict(calls=40)
 
 
 def run(shapes=SHAPES, dtypes=("fp32", "bf16"), densities=DENSITIES, calls: int = 30,
@@ -127,11 +128,12 @@ def run(shapes=SHAPES, dtypes=("fp32", "bf16"), densities=DENSITIES, calls: int 
 
 def main(argv: list[str]) -> int:
     quick, as_json = "--quick" in argv, "--json" in argv
-    rows = run(**QUICK) if quick else run(calls=40)
+    settings = QUICK if quick else FULL
+    rows = run(**settings)
     if as_json:
         print(json.dumps(rows, indent=1))
         return 0
-    n = QUICK["calls"] if quick else 40
+    n = settings["calls"]
     print(f"threads {torch.get_num_threads()}; cpu kernel path {rows[0]['isa']}; medians of {n} calls (dense, "
           f"dense floor) and {2 * n} (cpu, floor), interleaved; weights rotated past L3")
     print("shape      dtype  density  dense_ms  dense_floor_ms  cpu_ms  floor_ms  cpu/floor  floor_GB/s  "
