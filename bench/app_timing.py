@@ -1,8 +1,10 @@
 """Time from opening a share URL to all figures of the firing map drawn, in a real browser
 (Debian's Chromium via Playwright), for minilm at 64 and 512 tokens, with the model already loaded
-(warm cache) and a prompt not analyzed before. Also the size of the HTML export.
+(warm cache) and a prompt not analyzed before; the time from a density change (the sidebar slider,
+one step by keyboard) to all figures redrawn, with where that time goes; and the size of the HTML
+export.
 
-    python -m bench.app_timing [--repeats 3]
+    python -m bench.app_timing [--repeats 3] [--only density]
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from urllib.parse import urlencode
 
 from bench.foundation import prompt_of
 from models import load_model
+
+FIGURES_DRAWN = ("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 3"
+                 " && !document.querySelector('[data-testid=\"stStatusWidget\"]')")
 
 
 def _serve(port: int, db: str) -> subprocess.Popen:
@@ -41,8 +46,7 @@ def _time_to_figures(browser, url: str) -> float:
     page = browser.new_page(viewport={"width": 1400, "height": 1800})
     t0 = time.perf_counter()
     page.goto(url)
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 3"
-                           " && !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=300_000)
+    page.wait_for_function(FIGURES_DRAWN, timeout=300_000)
     elapsed = time.perf_counter() - t0
     page.close()
     return elapsed
@@ -55,14 +59,59 @@ def _time_in_session(page, prompt: str, n_tokens: int) -> float:
     t0 = time.perf_counter()
     box.press("Control+Enter")
     page.get_by_text(f"· {n_tokens} tokens ·").wait_for(timeout=300_000)
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 3"
-                           " && !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=300_000)
+    page.wait_for_function(FIGURES_DRAWN, timeout=300_000)
     return time.perf_counter() - t0
+
+
+def _time_density_change(page, density: float) -> float:
+    """One step right on the density slider (keyboard), until the firing map says the new density
+    and every figure is drawn again."""
+    thumb = page.locator("[data-testid='stSidebar'] [data-testid='stSlider'] input[type='range']").first
+    thumb.focus()
+    t0 = time.perf_counter()
+    thumb.press("ArrowRight")
+    page.get_by_text(f"at density {density:g} ·").wait_for(timeout=300_000)
+    page.wait_for_function(FIGURES_DRAWN, timeout=300_000)
+    return time.perf_counter() - t0
+
+
+def density_change(browser, base: str, m, repeats: int) -> list[float]:
+    """Warm: the model is loaded and the page drawn; each step asks for a density not analysed yet."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    page.goto(base + urlencode({"prompt": prompt_of(m, 64), "model": "minilm", "density": "0.5"}))
+    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=300_000)
+    page.wait_for_function(FIGURES_DRAWN, timeout=300_000)
+    times = [_time_density_change(page, round(0.5 + 0.05 * (r + 1), 2)) for r in range(repeats)]
+    page.close()
+    return times
+
+
+def server_side(m, repeats: int) -> None:
+    """Where the time of a density change goes on the server: the analysis (dense and sparse
+    passes), the three firing-map figures, and their JSON (what travels to the browser)."""
+    from sam_viz import RunSpec, analyze, plots
+
+    prompt, rows = prompt_of(m, 64), []
+    analyze(m, RunSpec(prompt=prompt, model="minilm", density=0.5))
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        a = analyze(m, RunSpec(prompt=prompt, model="minilm", density=round(0.5 + 0.05 * (r + 1), 2)))
+        t1 = time.perf_counter()
+        figs = [plots.firing_heatmap(a, 0), plots.token_neurons(a, 0, 0), plots.density_tokens_layers(a)]
+        t2 = time.perf_counter()
+        size = sum(len(f.fig.to_json()) for f in figs)
+        t3 = time.perf_counter()
+        rows.append((a.timings_ms["dense"], a.timings_ms["sparse"], (t1 - t0) * 1000, (t2 - t1) * 1000,
+                     (t3 - t2) * 1000, size))
+    med = [statistics.median(col) for col in zip(*rows)]
+    print(f"  server side, median of {repeats}: analysis {med[2]:.0f} ms (dense pass {med[0]:.0f}, sparse pass "
+          f"{med[1]:.0f}), figures {med[3]:.0f} ms, figure JSON {med[4]:.0f} ms ({med[5] / 1e6:.2f} MB)")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.app_timing")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["density"], help="only the density-change timing")
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -77,6 +126,12 @@ def main(argv=None) -> None:
                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
             base = f"http://127.0.0.1:{port}/?"
             _time_to_figures(browser, base + urlencode({"prompt": "warm up the model cache", "model": "minilm"}))
+            _report("minilm  64 tokens: density slider one step -> figures drawn (warm)",
+                    density_change(browser, base, m, max(args.repeats, 5)))
+            server_side(m, max(args.repeats, 5))
+            if args.only == "density":
+                browser.close()
+                return
             for n in (64, 512):
                 times = []
                 for r in range(args.repeats):     # a new prompt each time: the analysis is not cached
