@@ -233,10 +233,20 @@ def explain(markdown: str) -> None:
 
 
 def show(plot, key: str | None = None) -> None:
-    """A sam_viz.plots.Plot: the figure, and what was reduced to fit the browser, if anything."""
-    st.plotly_chart(plot.fig, width="stretch", key=key)
+    """A sam_viz.plots.Plot: the figure, and what was reduced to fit the browser, if anything. The
+    modebar shows on hover only, in the band the figures keep free above their titles."""
+    st.plotly_chart(plot.fig, width="stretch", key=key, config={"displayModeBar": "hover", "displaylogo": False})
     if plot.note:
         st.caption(plot.note)
+
+
+def cost_delta(sparse: float, dense: float, dense_text: str) -> dict:
+    """st.metric keywords for a cost (bytes, FLOPs, time) against dense: the signed change, so that a
+    decrease points down in green and an increase up in red; no arrow when it rounds to no change."""
+    change = sparse / dense - 1 if dense else 0.0
+    if round(change, 2) == 0:
+        return dict(delta=f"same as dense ({dense_text})", delta_color="off", delta_arrow="off")
+    return dict(delta=f"{change:+.0%} vs dense ({dense_text})", delta_color="inverse")
 
 
 def layer_picker(analysis: Analysis) -> int:

@@ -3,7 +3,7 @@ import html
 
 import streamlit as st
 
-from pages._shared import page_context, explain, show
+from pages._shared import cost_delta, explain, page_context, show
 from sam_viz import greedy_continuation, plots
 
 ctx = page_context()
@@ -25,11 +25,11 @@ if a.cost:
     c = a.cost
     k1, k2, k3 = st.columns(3)
     k1.metric("MLP weights read per token", f"{c['sparse_bytes'] / 1e6:.2f} MB",
-              f"{c['ratio'] - 1:+.0%} vs dense ({c['dense_bytes'] / 1e6:.2f} MB)", delta_color="inverse")
-    k2.metric("MLP FLOPs per token", f"{c['sparse_flops'] / 1e6:.2f} M", f"dense {c['dense_flops'] / 1e6:.2f} M",
-              delta_color="off")
+              **cost_delta(c["sparse_bytes"], c["dense_bytes"], f"{c['dense_bytes'] / 1e6:.2f} MB"))
+    k2.metric("MLP FLOPs per token", f"{c['sparse_flops'] / 1e6:.2f} M",
+              **cost_delta(c["sparse_flops"], c["dense_flops"], f"{c['dense_flops'] / 1e6:.2f} M"))
     k3.metric("of which the predictor", f"{c['predictor_bytes'] / 1e6:.2f} MB",
-              f"{c['predictor_flops'] / 1e6:.2f} M FLOPs", delta_color="off")
+              f"{c['predictor_flops'] / 1e6:.2f} M FLOPs", delta_color="off", delta_arrow="off")
     st.caption("As a batch-1 decoder pays it (fp32 weights): topk must compute every neuron to rank them; "
                "threshold reads every gate row to score them; the predictor's own weights are included.")
 

@@ -43,6 +43,6 @@ if a.sweep is None and ctx.run_id is None:
         a.sweep = density_sweep(loaded, ctx.spec, policies=policies, progress=lambda f, t: bar.progress(f, text=t))
         bar.empty()
 if a.sweep:
-    show(plots.sweep_plot(a.sweep), key="sweep")
+    show(plots.sweep_plot(a.sweep, current=plots.target_density(a)), key="sweep")
 elif ctx.run_id:
     st.info("This saved run has no sweep.")

@@ -55,14 +55,13 @@ c1, c2 = st.columns(2)
 with c1:
     if calibrated is not None:
         counts, n = calibrated
-        show(routing_plots.firing_frequency(counts, n, f"Layer {layer}: how often each neuron is in the oracle "
-                                            f"top-k on calibration text ({n:,} tokens)"), key="frequency")
+        show(routing_plots.firing_frequency(counts, n, layer, "in the oracle top-k on calibration text"),
+             key="frequency")
     else:
         if source == "calibration text":
             st.caption("No calibration is stored for this model yet; showing this prompt.")
-        show(routing_plots.firing_frequency(firing_counts(a, layer), len(a.tokens),
-                                            f"Layer {layer}: how often the {a.spec.policy} policy selected "
-                                            f"each neuron ({len(a.tokens)} tokens)"), key="frequency")
+        show(routing_plots.firing_frequency(firing_counts(a, layer), len(a.tokens), layer,
+                                            f"selected by the {a.spec.policy} policy on this prompt"), key="frequency")
 with c2:
     show(routing_plots.cofiring(a, layer), key="cofiring")
 

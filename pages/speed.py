@@ -6,7 +6,7 @@ import threading
 import streamlit as st
 
 from bench import decode, kernels
-from pages._shared import explain, page_context, show
+from pages._shared import cost_delta, explain, page_context, show
 from sam_viz import InputError, speed, speed_plots
 
 ctx = page_context()
@@ -61,12 +61,13 @@ else:
 if summary:
     k1, k2, k3 = st.columns(3)
     k1.metric("MLP weights read per token", f"{summary['sparse_bytes'] / 1e6:.2f} MB",
-              f"dense {summary['dense_bytes'] / 1e6:.2f} MB", delta_color="off", delta_arrow="off")
+              **cost_delta(summary["sparse_bytes"], summary["dense_bytes"], f"{summary['dense_bytes'] / 1e6:.2f} MB"))
     k2.metric("MLP FLOPs per token", f"{summary['sparse_flops'] / 1e6:.2f} M",
-              f"dense {summary['dense_flops'] / 1e6:.2f} M", delta_color="off", delta_arrow="off")
+              **cost_delta(summary["sparse_flops"], summary["dense_flops"], f"{summary['dense_flops'] / 1e6:.2f} M"))
     k3.metric("Floor per token (read once)", f"{summary['sparse_floor_ms']:.3f} ms",
-              f"dense {summary['dense_floor_ms']:.3f} ms at {summary['bandwidth_gb_s']:.1f} GB/s", delta_color="off",
-              delta_arrow="off")
+              help=f"The time to read those bytes once at this machine's {summary['bandwidth_gb_s']:.1f} GB/s.",
+              **cost_delta(summary["sparse_floor_ms"], summary["dense_floor_ms"],
+                           f"{summary['dense_floor_ms']:.3f} ms"))
 if timing is not None:
     show(speed_plots.forward_bars(timing, summary), key="forward_bars")
 

@@ -4,7 +4,8 @@ The views follow the papers the app studies: per-token neuron firing maps as in 
 contextual-sparsity plots, the magnitude distribution of h and mass kept vs density behind
 TEAL's and CATS' thresholds, and quality-vs-sparsity curves. Every figure keeps to a cell
 budget (`max_cells` array values across all its traces: past it, heatmaps keep the most active
-neurons, then every n-th token) and its `note` says in one sentence what it left out.
+neurons, then every n-th token) and its `note` says in one sentence what it left out. Titles,
+subtitles and margins come from sam_viz.fig_layout (they fit a half-width column).
 plotly.graph_objects only; no Streamlit.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from .fig_layout import percent_axis, short, titled
+
 MAX_CELLS = 200_000
 STYLE_CELLS = 32        # array values a figure may spend on styling (colorscale stops), not data
 MIN_NEURONS = 16        # a reduced firing heatmap keeps at least this many neurons before it drops tokens
@@ -25,6 +28,8 @@ DENSE, SPARSE, DROPPED = "#1f77b4", "#ff7f0e", "#9e9e9e"
 DROPPED_SCALE = ("#4a6f96", "#e8e8e8")       # firing heatmap, dropped cells: large |h| .. small |h|
 COMPUTED_SCALE = ("#fdbb84", "#8b0000")      # computed cells: small |h| .. large |h|
 METRIC_LABELS = {"kl": "KL(dense || sparse)", "cosine": "embedding cosine vs dense"}
+OUTLIER = 10            # token detail: bars past OUTLIER x the median |dense h| shown are cut at the axis
+TOKEN_CHARS = 12        # a token's text in a title, at most
 NO_ACTIVATIONS = ("This run kept no per-neuron activations (the prompt is too long for the activation "
                   "budget), so this figure cannot be drawn; try a shorter prompt.")
 
@@ -44,9 +49,10 @@ def _empty(note: str) -> Plot:
     return Plot(fig, note)
 
 
-def _style(fig: go.Figure, title: str, x: str, y: str, **layout) -> go.Figure:
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white",
-                      margin=dict(l=70, r=20, t=70, b=50), **layout)
+def _style(fig: go.Figure, title: str, x: str, y: str, sub: str = "", subplot_titles: bool = False,
+           **layout) -> go.Figure:
+    fig.update_layout(xaxis_title=x, yaxis_title=y, template="plotly_white",
+                      **titled(title, sub, left=70, subplot_titles=subplot_titles), **layout)
     return fig
 
 
@@ -57,10 +63,11 @@ def _index(i: int, n: int, what: str) -> int:
 
 
 def _run_label(analysis) -> str:
-    return f"{analysis.spec.policy} at density {_target(analysis):g}"
+    return f"{analysis.spec.policy} at density {target_density(analysis):g}"
 
 
-def _target(analysis) -> float:
+def target_density(analysis) -> float:
+    """The density the run asked for (1 for the dense policy)."""
     return 1.0 if analysis.spec.policy == "dense" else analysis.spec.density
 
 
@@ -177,8 +184,9 @@ def firing_heatmap(analysis, layer: int, order: str = "index", max_cells: int = 
     by = {"index": "neuron index", "frequency": "tokens that selected it, most first",
           "clustered": "similar firing patterns side by side"}[order]
     ids = f" = expert × {analysis.d_ff} + index" if analysis.n_experts else ""
-    _style(fig, f"Layer {layer}: which neurons the sparse model computed ({_run_label(analysis)})",
-           f"neuron{ids} (ordered by {by})", "token", **_grid_layout(len(t_idx)))
+    _style(fig, f"Layer {layer}: which neurons the sparse model computed", f"neuron{ids} (ordered by {by})",
+           "token", sub=f"{_run_label(analysis)} · warm = computed, blue-grey = dropped",
+           **_grid_layout(len(t_idx)))
     note = _reduced([f"the {cols:,} most active of {n_neu:,} neurons" if cols < n_neu else "",
                      _every(t_step, n_tok, "tokens")], max_cells)
     return Plot(fig, note)
@@ -244,10 +252,35 @@ def token_neurons(analysis, layer: int, token: int, top: int = 20) -> Plot:
         go.Bar(name="sparse h (0 if dropped)", y=labels, x=hs[ids].tolist(), orientation="h",
                marker_color=SPARSE, hovertemplate="%{y}<br>sparse h = %{x:.4g}<extra></extra>"),
     ])
-    title = (f"Layer {layer}, token {token} '{_text(analysis.tokens[token])}': top {len(ids)} neurons by "
-             "dense |h| (grey hatched = dropped by the sparse model)")
-    return Plot(_style(fig, title, "activation h", "neuron", barmode="group", height=max(350, 120 + 28 * len(ids)),
-                       yaxis=dict(type="category", autorange="reversed")))
+    title = f"Layer {layer}, token {token} '{_text(short(analysis.tokens[token], TOKEN_CHARS))}'"
+    sub = f"top {len(ids)} neurons by dense |h| · grey hatched = dropped"
+    cut, note = _cut_axis(labels, hd[ids], hs[ids])
+    return Plot(_style(fig, title, "activation h", "neuron", sub=sub, barmode="group",
+                       height=max(350, 130 + 28 * len(ids)), yaxis=dict(type="category", autorange="reversed"),
+                       **cut), note)
+
+
+def _cut_axis(labels: list[str], dense: torch.Tensor, sparse: torch.Tensor) -> tuple[dict, str]:
+    """Layout keywords that cut the x axis when a few bars reach past OUTLIER x the median |dense h|
+    (one outlier would flatten every other bar), each cut bar's value written at the edge; and a note."""
+    both = torch.stack([dense, sparse])                                  # [2, n]
+    cap = OUTLIER * float(dense.abs().median())
+    if cap <= 0 or float(both.abs().max()) <= cap:
+        return {}, ""
+    limit = 1.1 * float(both.abs()[both.abs() <= cap].max())
+    lo, hi = max(-limit, 1.1 * min(0.0, float(both.min()))), min(limit, 1.1 * max(0.0, float(both.max())))
+    marks = []
+    for i, label in enumerate(labels):
+        for sign, x, anchor in ((1, hi, "right"), (-1, lo, "left")):
+            values = " / ".join(dict.fromkeys(f"{v:.3g}" for v in both[:, i].tolist() if sign * v > limit))
+            if values:
+                marks.append(dict(x=x, y=label, xanchor=anchor, showarrow=False, font=dict(size=11),
+                                  bgcolor="rgba(255,255,255,0.85)",
+                                  text=f"{values} →" if sign > 0 else f"← {values}"))
+    n = len({m["y"] for m in marks})
+    note = (f"The axis is cut at {limit:.3g} so that outliers do not flatten the other bars; the values of the "
+            f"{n} cut neuron{'s' if n > 1 else ''} are written at the edge.")
+    return dict(xaxis_range=[lo, hi], annotations=marks), note
 
 
 def _sparse_row(analysis, lf, token: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,13 +307,19 @@ def _neuron_name(analysis, j: int) -> str:
 # ---------------------------------------------------------------------------------- density
 
 def density_tokens_layers(analysis, max_cells: int = MAX_CELLS) -> Plot:
-    """Tokens x layers: the share of its neurons each token computed in each layer."""
+    """Tokens x layers: the share of its neurons each token computed in each layer, coloured over this
+    run's range (topk's cells are all equal: the subtitle says so)."""
     dens = torch.stack([lf.selected.float() / lf.possible.float().clamp(min=1) for lf in analysis.layers], 1)
-    trace, note = _token_grid(analysis, dens, "layers", max_cells, colorscale="Viridis", zmin=0, zmax=1,
-                              colorbar=dict(title="density"),
+    lo, hi = float(dens.min()), float(dens.max())
+    if hi - lo < 1e-6:
+        zrange, span = (max(0.0, lo - 0.05), min(1.0, hi + 0.05)), f"every cell is {lo:.3g}"
+    else:
+        zrange, span = (lo, hi), f"colours span {lo:.3g} to {hi:.3g}, this run's range"
+    trace, note = _token_grid(analysis, dens, "layers", max_cells, colorscale="Viridis", zmin=zrange[0],
+                              zmax=zrange[1], colorbar=dict(title="density"),
                               hovertemplate="token %{y}<br>layer %{x}<br>density %{z:.3f}<extra></extra>")
-    title = f"Share of neurons computed per token and layer (target {_target(analysis):g})"
-    fig = _style(go.Figure(trace), title, "layer", "token", **_grid_layout(len(trace.y)))
+    fig = _style(go.Figure(trace), "Share of neurons computed per token and layer", "layer", "token",
+                 sub=f"target {target_density(analysis):g} · {span}", **_grid_layout(len(trace.y)))
     return Plot(fig, note)
 
 
@@ -292,11 +331,11 @@ def density_per_layer(analysis) -> Plot:
                hovertemplate="layer %{x}<br>achieved density %{y:.3f}<extra></extra>"),
         go.Bar(name="mass kept (share of Σ|h|)", x=x, y=[lf.mass_kept_share for lf in analysis.layers],
                marker_color=DENSE, hovertemplate="layer %{x}<br>mass kept %{y:.3f}<extra></extra>"),
-        go.Scatter(name=f"target density {_target(analysis):g}", x=x, y=[_target(analysis)] * len(x),
+        go.Scatter(name=f"target density {target_density(analysis):g}", x=x, y=[target_density(analysis)] * len(x),
                    mode="lines+markers", line=dict(color="black", dash="dash")),
     ])
-    return Plot(_style(fig, f"Density and mass kept per layer ({_run_label(analysis)})", "layer",
-                       "share (0 to 1)", barmode="group", yaxis_range=[0, 1.05], xaxis_dtick=1))
+    return Plot(_style(fig, "Density and mass kept per layer", "layer", "share (0 to 1)", sub=_run_label(analysis),
+                       barmode="group", yaxis_range=[0, 1.05], xaxis_dtick=1))
 
 
 def activation_histogram(analysis, dense: bool = True, bins: int = 60) -> Plot:
@@ -316,8 +355,9 @@ def activation_histogram(analysis, dense: bool = True, bins: int = 60) -> Plot:
                                 mode="lines", name=f"layer {i}",
                                 hovertemplate="|h| ≈ %{x:.3g}<br>%{y:.2%} of values")
                      for i, x in enumerate(logs)])
-    _style(fig, f"How large |h| is, per layer ({'dense' if dense else 'sparse'} pass)", "|h| (log scale)",
-           "share of the layer's values", xaxis_type="log", yaxis_tickformat=".0%")
+    _style(fig, "How large |h| is, per layer", "|h| (log scale)", "share of the layer's values",
+           sub=f"{'dense' if dense else 'sparse'} pass, {len(centres)} log-spaced bins", xaxis_type="log",
+           yaxis_tickformat=".0%")
     zeros = f"{zero_share:.1%} of the values are exactly 0 and are left out of the log-scale histogram."
     return Plot(fig, zeros if zero_share else "")
 
@@ -343,15 +383,16 @@ def mass_curve_plot(curve: list[list[float]], densities) -> Plot:
                      for i, row in enumerate(curve)])
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="evenly spread (y = x)",
                              line=dict(color="grey", dash="dot"), hoverinfo="skip"))
-    return Plot(_style(fig, "Share of Σ|h| kept by each token's top neurons, vs density",
-                       "density (share of neurons kept per token)", "share of Σ|h| kept",
+    return Plot(_style(fig, "Share of Σ|h| kept vs density", "density (share of neurons kept per token)",
+                       "share of Σ|h| kept", sub="if each token kept only its top neurons, per layer",
                        xaxis_range=[0, 1.02], yaxis_range=[0, 1.02]))
 
 
 # ---------------------------------------------------------------------------------- quality
 
-def sweep_plot(rows: list[dict]) -> Plot:
-    """Output quality vs target density, one line per policy (rows of explore.density_sweep)."""
+def sweep_plot(rows: list[dict], current: float | None = None) -> Plot:
+    """Output quality vs target density, one line per policy (rows of explore.density_sweep), and a
+    dotted line at the `current` density (the run on screen), if given."""
     if not rows:
         return _empty("No sweep yet: run the density sweep to see quality vs density.")
     metric = rows[0]["metric"]
@@ -362,18 +403,22 @@ def sweep_plot(rows: list[dict]) -> Plot:
             x=[r["density"] for r in pr], y=[r["value"] for r in pr], mode="lines+markers", name=policy,
             customdata=[r["achieved_density"] for r in pr],
             hovertemplate="target density %{x:g}<br>achieved %{customdata:.3f}<br>value %{y:.4g}"))
-    better = "lower" if metric == "kl" else "higher"
-    return Plot(_style(fig, f"Output quality vs density ({better} is better)", "target density",
-                       METRIC_LABELS.get(metric, metric)))
+    if current is not None:
+        fig.add_vline(x=current, line=dict(color="black", dash="dot", width=1),
+                      annotation_text=f"this run: {current:g}", annotation_position="top left")
+    sub = ("lower" if metric == "kl" else "higher") + " is better"
+    sub += "; dotted line: this run's density" if current is not None else ""
+    return Plot(_style(fig, "Output quality vs density", "target density", METRIC_LABELS.get(metric, metric), sub=sub))
 
 
 def divergence_plot(analysis) -> Plot:
     """Relative error of the hidden state after each layer, sparse vs dense."""
     x = list(range(analysis.n_layers))
     fig = go.Figure(go.Bar(x=x, y=list(analysis.layer_divergence), marker_color=SPARSE,
-                           hovertemplate="layer %{x}<br>relative error %{y:.2%}<extra></extra>"))
-    return Plot(_style(fig, "How far the sparse model's hidden state drifts from the dense one", "layer",
-                       "‖h_sparse − h_dense‖ / ‖h_dense‖", yaxis_tickformat=".0%", xaxis_dtick=1))
+                           hovertemplate="layer %{x}<br>relative error %{y:.3~%}<extra></extra>"))
+    return Plot(_style(fig, "Hidden state drift, sparse vs dense", "layer",
+                       "‖h_sparse − h_dense‖ / ‖h_dense‖", sub="relative error after each layer",
+                       yaxis=percent_axis(analysis.layer_divergence), xaxis_dtick=1))
 
 
 def next_token_plot(analysis) -> Plot:
@@ -395,8 +440,8 @@ def _next_tokens(nt: dict[str, list[dict]]) -> go.Figure:
                              hovertemplate="%{y}: %{x:.4g}"), row=1, col=col)
         fig.update_yaxes(type="category", autorange="reversed", row=1, col=col)
         fig.update_xaxes(title_text="probability", row=1, col=col)
-    return _style(fig, "Next token at the last position: top 10 (grey = not in the other model's top 10)",
-                  "probability", "", showlegend=False, height=420)
+    return _style(fig, "Next token at the last position: top 10", "probability", "",
+                  sub="grey = not in the other model's top 10", subplot_titles=True, showlegend=False, height=420)
 
 
 def _sentence_cosines(rows: list[dict]) -> go.Figure:
@@ -404,8 +449,8 @@ def _sentence_cosines(rows: list[dict]) -> go.Figure:
     fig = go.Figure(go.Bar(x=[f"{i + 1}. {_text(s)}" for i, s in enumerate(short)], y=[r["cosine"] for r in rows],
                            customdata=[_text(r["sentence"]) for r in rows], marker_color=SPARSE,
                            hovertemplate="%{customdata}<br>cosine %{y:.4f}<extra></extra>"))
-    return _style(fig, "Sentence embedding, sparse vs dense: cosine per sentence (1 = identical)", "sentence",
-                  "embedding cosine vs dense", xaxis_tickangle=-30, xaxis_type="category",
+    return _style(fig, "Sentence embeddings, sparse vs dense", "sentence", "embedding cosine vs dense",
+                  sub="cosine per sentence (1 = identical)", xaxis_tickangle=-30, xaxis_type="category",
                   yaxis_range=[min(0.0, *(r["cosine"] for r in rows)), 1.0])
 
 
@@ -420,9 +465,9 @@ def expert_heatmap(analysis, layer: int, max_cells: int = MAX_CELLS) -> Plot:
         return _empty(f"No expert routing was recorded for layer {layer}.")
     weights = torch.zeros(lf.experts.shape[0], analysis.n_experts)      # [T, E]
     weights.scatter_(1, lf.experts.long(), lf.expert_weights.float())
-    trace, note = _token_grid(analysis, weights, "experts", max_cells, colorscale="Oranges", zmin=0,
-                              colorbar=dict(title="router weight"),
+    trace, note = _token_grid(analysis, weights, "experts", max_cells, colorscale="Oranges", zmin=0, zmax=1,
+                              colorbar=dict(title="weight"),
                               hovertemplate="token %{y}<br>expert %{x}<br>weight %{z:.3f}<extra></extra>")
-    title = f"Layer {layer}: which experts the router picked per token, and their weight"
-    fig = _style(go.Figure(trace), title, "expert", "token", **_grid_layout(len(trace.y)))
+    fig = _style(go.Figure(trace), f"Layer {layer}: experts the router picked per token", "expert", "token",
+                 sub="colour = the router's weight; blank = not picked", **_grid_layout(len(trace.y)))
     return Plot(fig, note)

@@ -4,21 +4,24 @@ Pure functions, bounded like sam_viz.plots (data in, Plot out)."""
 from __future__ import annotations
 
 import html
+import math
 
 import plotly.graph_objects as go
 import torch
 
 from .analysis import Analysis
+from .fig_layout import titled
 from .plots import MAX_CELLS, Plot
 
 POLICY_COLORS = {"topk": "#636efa", "threshold": "#ef553b", "predictor": "#00cc96", "static": "#ab63fa",
                  "dense": "#7f7f7f"}
 MAX_POINTS = 4000
+ENTROPY_SCALE = "Plasma"   # not Magma or Inferno: their first stop, #000004, is a placeholder colour that
+                           # Streamlit's chart theme rewrites (to a categorical colour: a colour bar that wraps)
 
 
-def _style(fig: go.Figure, title: str, x: str, y: str, **layout) -> go.Figure:
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white",
-                      margin=dict(l=60, r=20, t=60, b=50), **layout)
+def _style(fig: go.Figure, title: str, x: str, y: str, sub: str = "", **layout) -> go.Figure:
+    fig.update_layout(xaxis_title=x, yaxis_title=y, template="plotly_white", **titled(title, sub), **layout)
     return fig
 
 
@@ -32,9 +35,9 @@ def recall_by_policy(analyses: dict[str, Analysis]) -> Plot:
         fig.add_trace(go.Scatter(x=list(range(len(recall))), y=recall, mode="lines+markers", name=name,
                                  line=dict(color=POLICY_COLORS.get(name))))
     density = next(iter(analyses.values())).spec.density if analyses else 0
-    return Plot(_style(fig, f"Recall of the oracle top-k per layer, density {density:g}", "layer",
-                       "recall (share of the oracle's neurons selected)", yaxis_range=[0, 1.02],
-                       xaxis_dtick=1))
+    return Plot(_style(fig, "Recall of the oracle top-k per layer", "layer",
+                       "recall (share of the oracle's neurons selected)", sub=f"every policy at density {density:g}",
+                       yaxis_range=[0, 1.02], xaxis_dtick=1))
 
 
 def policy_summary(analyses: dict[str, Analysis]) -> Plot:
@@ -49,7 +52,7 @@ def policy_summary(analyses: dict[str, Analysis]) -> Plot:
     }
     fig = go.Figure([go.Bar(name=label, x=names, y=values) for label, values in rows.items()])
     return Plot(_style(fig, "Policies side by side at the same density", "policy", "value (0 to 1)",
-                       barmode="group"))
+                       sub="recall and mass kept: means over layers", barmode="group"))
 
 
 def _mean(values) -> float | None:
@@ -57,8 +60,9 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def firing_frequency(counts: torch.Tensor, n_tokens: int, title: str) -> Plot:
-    """Neurons sorted by how often they were selected: hot on the left, cold on the right."""
+def firing_frequency(counts: torch.Tensor, n_tokens: int, layer: int, source: str) -> Plot:
+    """Neurons of a layer sorted by how often they were selected, hot on the left, cold on the right;
+    `source` says by what and on which text, e.g. "the topk policy on this prompt"."""
     order = torch.sort(-counts.double(), stable=True).indices
     share = (counts.double()[order] / max(1, n_tokens)).tolist()
     step = max(1, len(share) // MAX_POINTS)
@@ -72,8 +76,9 @@ def firing_frequency(counts: torch.Tensor, n_tokens: int, title: str) -> Plot:
     always = int((counts >= n_tokens).sum())
     fig.add_annotation(x=0.99, y=0.95, xref="paper", yref="paper", showarrow=False, align="right",
                        text=f"{always} always on · {never} never on")
-    return Plot(_style(fig, title, "neurons, most often selected first", "share of tokens",
-                       yaxis_range=[0, 1.02], yaxis_tickformat=".0%"), note)
+    return Plot(_style(fig, f"Layer {layer}: how often each neuron fires", "neurons, most often selected first",
+                       "share of tokens", sub=f"{source}, {n_tokens:,} tokens", yaxis_range=[0, 1.02],
+                       yaxis_tickformat=".0%"), note)
 
 
 def cofiring(a: Analysis, layer: int, top: int = 30, max_cells: int = MAX_CELLS) -> Plot:
@@ -95,35 +100,40 @@ def cofiring(a: Analysis, layer: int, top: int = 30, max_cells: int = MAX_CELLS)
     fig = go.Figure(go.Heatmap(z=jaccard, x=labels, y=labels, colorscale="Viridis", zmin=0, zmax=1,
                                colorbar=dict(title="Jaccard"),
                                hovertemplate="%{x} & %{y}: fire together %{z:.0%}<extra></extra>"))
-    return Plot(_style(fig, f"Layer {layer}: co-firing of the {top} most often selected neurons", "neuron",
-                       "neuron", height=520, yaxis_autorange="reversed"))
+    return Plot(_style(fig, f"Layer {layer}: co-firing of the top {top} neurons", "neuron", "neuron",
+                       sub="Jaccard overlap of the tokens each fires for", height=520, yaxis_autorange="reversed"))
 
 
 def router_entropy(a: Analysis) -> Plot:
-    """MoE: entropy of the router's distribution per token and layer (0 = certain)."""
+    """MoE: entropy of the router's distribution per token and layer, on the whole scale from 0
+    (certain) to ln(experts) (uniform); one column per layer."""
     if not a.n_experts:
         return Plot(go.Figure(), "Not a mixture-of-experts model: there is no router.")
-    z = torch.stack([l.router_entropy for l in a.layers], dim=1).tolist()  # [T, L]
+    ent = torch.stack([l.router_entropy for l in a.layers], dim=1)      # [T, L]
+    top = math.log(a.n_experts)
     labels = [f"{i}: {html.escape(t)}" for i, t in enumerate(a.tokens)]
-    fig = go.Figure(go.Heatmap(z=z, x=list(range(a.n_layers)), y=labels, colorscale="Magma", zmin=0,
-                               colorbar=dict(title="nats"),
+    fig = go.Figure(go.Heatmap(z=ent.tolist(), x=list(range(a.n_layers)), y=labels, colorscale=ENTROPY_SCALE, zmin=0,
+                               zmax=top, colorbar=dict(title=dict(text="nats", side="top"), thickness=14, len=1),
                                hovertemplate="%{y}, layer %{x}: entropy %{z:.2f} nats<extra></extra>"))
-    return Plot(_style(fig, f"Router entropy per token (max ln {a.n_experts} = "
-                            f"{torch.log(torch.tensor(float(a.n_experts))):.2f} nats)", "layer", "token",
-                       yaxis_autorange="reversed"))
+    sub = f"0 = certain, {top:.2f} = uniform; here {float(ent.min()):.2f} to {float(ent.max()):.2f}"
+    return Plot(_style(fig, "Router entropy per token and layer", "layer", "token", sub=sub,
+                       xaxis=dict(type="category", tickvals=list(range(a.n_layers))),
+                       yaxis=dict(type="category", autorange="reversed")))
 
 
 def expert_load(a: Analysis) -> Plot:
-    """MoE: share of the prompt's tokens each expert received, per layer."""
+    """MoE: share of the prompt's tokens each expert received, per layer (layer 0 at the top)."""
     if not a.n_experts:
         return Plot(go.Figure(), "Not a mixture-of-experts model: there are no experts.")
     load = [torch.bincount(l.experts.long().flatten(), minlength=a.n_experts).double() / len(a.tokens)
             for l in a.layers]
     fig = go.Figure(go.Heatmap(z=torch.stack(load).tolist(), x=[f"expert {e}" for e in range(a.n_experts)],
-                               y=[f"layer {i}" for i in range(a.n_layers)], colorscale="Blues", zmin=0,
-                               colorbar=dict(title="tokens"),
+                               y=[f"layer {i}" for i in range(a.n_layers)], colorscale="Blues", zmin=0, zmax=1,
+                               colorbar=dict(title=dict(text="share", side="top"), tickformat=".0%"),
                                hovertemplate="%{y}, %{x}: %{z:.0%} of tokens<extra></extra>"))
-    return Plot(_style(fig, "Expert load: share of tokens routed to each expert", "expert", "layer"))
+    return Plot(_style(fig, "Expert load per layer", "expert", "layer",
+                       sub="share of the prompt's tokens routed to each expert",
+                       yaxis=dict(type="category", autorange="reversed")))
 
 
 def neuron_attribution_plot(attribution, layer: int, top: int = 20) -> Plot:
@@ -136,4 +146,5 @@ def neuron_attribution_plot(attribution, layer: int, top: int = 20) -> Plot:
     fig = go.Figure([go.Bar(name="dense", y=labels, x=[float(dense[j]) for j in ids], orientation="h"),
                      go.Bar(name="sparse", y=labels, x=[float(sparse[j]) for j in ids], orientation="h")])
     return Plot(_style(fig, f"Layer {layer}: neurons carrying the most attribution", "attribution (sum over tokens)",
-                       "neuron", barmode="group", height=max(360, 110 + 24 * len(ids))))
+                       "neuron", sub=f"top {len(ids)} by |dense attribution| · kept: tokens computed",
+                       barmode="group", height=max(360, 130 + 24 * len(ids))))

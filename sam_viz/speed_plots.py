@@ -8,17 +8,18 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .fig_layout import titled
 from .plots import DENSE, SPARSE, Plot, _empty, _text
 
 FLOOR, IDEAL = "#2ca02c", "#7f7f7f"
 MAX_ROWS = 500            # benchmark rows drawn; each becomes a handful of values
 MAX_SERIES = 8            # (shape, dtype) panels / lines kept
-HEIGHT = 320
+HEIGHT = 360
 
 
-def _style(fig: go.Figure, title: str, **layout) -> go.Figure:
-    fig.update_layout(title=title, template="plotly_white", height=HEIGHT, margin=dict(l=60, r=20, t=60, b=45),
-                      legend=dict(orientation="h", y=-0.25), **layout)
+def _style(fig: go.Figure, title: str, sub: str = "", subplot_titles: bool = False, **layout) -> go.Figure:
+    fig.update_layout(template="plotly_white", height=HEIGHT, legend=dict(orientation="h", y=-0.25),
+                      **titled(title, sub, bottom=45, subplot_titles=subplot_titles), **layout)
     return fig
 
 
@@ -40,7 +41,8 @@ def forward_bars(timing: dict, summary: dict | None) -> Plot:
         fig.add_trace(go.Bar(x=["dense", "sparse"], y=[summary["dense_floor_ms"], summary["sparse_floor_ms"]],
                              marker_color=[DENSE, SPARSE], opacity=0.6, name="floor",
                              hovertemplate="%{x}: %{y:.3f} ms<extra></extra>"), row=1, col=2)
-    return Plot(_style(fig, "Time: measured forward, and the bandwidth floor", showlegend=False),
+    return Plot(_style(fig, "Time: measured forward and the bandwidth floor", subplot_titles=True,
+                       sub="dense vs sparse; floor = the MLP weights read once", showlegend=False),
                 "" if summary is not None else "This run has no cost data, so no floor is drawn.")
 
 
@@ -73,7 +75,8 @@ def kernel_ms(rows: list[dict]) -> Plot:
                           row=1, col=col)
         fig.update_xaxes(title_text="density", row=1, col=col)
     fig.update_yaxes(title_text="ms per call (batch 1)", row=1, col=1, rangemode="tozero")
-    return Plot(_style(fig, "Sparse MLP kernel: time per call vs density"), " ".join(p for p in (note, more) if p))
+    return Plot(_style(fig, "Sparse MLP kernel: time per call vs density", subplot_titles=True,
+                       sub="batch 1; floor = the selected rows read once"), " ".join(p for p in (note, more) if p))
 
 
 def kernel_speedup(rows: list[dict]) -> Plot:
@@ -91,8 +94,9 @@ def kernel_speedup(rows: list[dict]) -> Plot:
     xs = sorted({r["density"] for r in rows})
     fig.add_trace(go.Scatter(x=xs, y=[1 / d for d in xs], mode="lines", name="ideal 1/density",
                              line=dict(color=IDEAL, dash="dash")))
-    return Plot(_style(fig, "Kernel speedup over dense vs density", xaxis_title="density",
-                       yaxis_title="speedup over dense (x)", yaxis_rangemode="tozero"), " ".join(p for p in (note, more) if p))
+    return Plot(_style(fig, "Kernel speedup over dense vs density", sub="batch 1; ideal = 1/density",
+                       xaxis_title="density", yaxis_title="speedup over dense (x)", yaxis_rangemode="tozero"),
+                " ".join(p for p in (note, more) if p))
 
 
 def decode_tokens(rows: list[dict]) -> Plot:
@@ -111,5 +115,6 @@ def decode_tokens(rows: list[dict]) -> Plot:
         fig.add_trace(go.Scatter(x=x, y=ys, mode="lines+markers", name=name, line=dict(color=color, dash=dash),
                                  hovertemplate=f"{name}<br>density %{{x:g}}<br>%{{y:.2f}} tokens/s<extra></extra>"))
     f_mlp = rows[0]["f_mlp"]
-    return Plot(_style(fig, f"Greedy decode, batch 1 (MLPs are {f_mlp:.0%} of a dense step)",
-                       xaxis_title="density", yaxis_title="tokens / s", yaxis_rangemode="tozero"), note)
+    return Plot(_style(fig, f"Greedy decode; MLPs {f_mlp:.0%} of a dense step", xaxis_title="density",
+                       sub="batch 1; ideal = dense / (f_other + f_mlp x density)", yaxis_title="tokens / s",
+                       yaxis_rangemode="tozero"), note)

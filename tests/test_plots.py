@@ -1,17 +1,24 @@
 """sam_viz.plots: every figure on a causal LM, an encoder and an MoE model; the cell budget counted
-on the serialised figure; the firing heatmap's marking and orders checked against the recorded trace."""
+on the serialised figure; the firing heatmap's marking and orders checked against the recorded trace;
+titles that fit a half-width column, true and distinct ticks, axes and colour scales fit to the data."""
 import base64
 import dataclasses
+import html
+import math
+import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
 
-from sam_viz import RunSpec, analyze, density_sweep, mass_curve
+from sam_viz import RunSpec, analyze, density_sweep, firing_counts, mass_curve
 from sam_viz import plots as P
+from sam_viz import routing_plots as R
+from sam_viz import speed_plots as S
 
 from conftest import shared
 
@@ -243,3 +250,169 @@ def test_labels_are_escaped(runs):
     odd = dataclasses.replace(a, tokens=["<b>&"] + a.tokens[1:])
     assert P.firing_heatmap(odd, 0).fig.data[0].y[0] == "0: &lt;b&gt;&amp;"
     assert "&lt;b&gt;" in P.token_neurons(odd, 0, 0).fig.layout.title.text
+
+
+# ---------------------------------------------------------------------------------- readable figures
+
+COLUMN_PX = 462     # a half-width column at a 1400 px window with the sidebar open (measured in Chromium)
+CHAR_EM = 0.55      # average character width in font sizes: a safe bound for Streamlit's UI font, bold too
+MODEBAR_PX = 30     # plotly's modebar: 2 px from the top, 26 px high (measured in Chromium)
+LINE_EM = 1.2       # a text line's height in font sizes
+SUBTITLE_GAP_EM = 1.6   # plotly.js (src/components/titles) sets the subtitle 1.6 of its font sizes below the title
+STREAMLIT_REWRITES = re.compile(r'"#0000(?:[0-3][0-9]|40)"', re.I)   # colours Streamlit's theme replaces
+
+
+def drawn(text: str) -> list[str]:
+    """The lines of a plotly title as drawn: split at <br>, tags removed, entities decoded."""
+    return [html.unescape(re.sub(r"<[^>]+>", "", line)) for line in re.split(r"<br\s*/?>", text or "") if line]
+
+
+def every_figure(a, sweep_rows):
+    """Every figure function of plots, routing_plots and speed_plots, drawn for analysis a."""
+    yield from all_plots(a, sweep_rows)
+    yield P.sweep_plot(sweep_rows, current=0.3)
+    yield P.token_neurons(a, a.n_layers - 1, len(a.tokens) - 1, top=40)
+    yield R.recall_by_policy({"topk": a})
+    yield R.policy_summary({"topk": a})
+    yield R.firing_frequency(firing_counts(a, 1), len(a.tokens), 1, "selected by the topk policy on this prompt")
+    yield R.firing_frequency(firing_counts(a, 1), 123_456, 11, "in the oracle top-k on calibration text")
+    yield R.cofiring(a, 1)
+    yield R.router_entropy(a)
+    yield R.expert_load(a)
+    n = a.n_neurons
+    attribution = SimpleNamespace(neurons_dense=[torch.linspace(-1, 1, n)] * a.n_layers,
+                                  neurons_sparse=[torch.linspace(1, -1, n)] * a.n_layers,
+                                  kept=[torch.zeros(n)] * a.n_layers, tokens=a.tokens)
+    yield R.neuron_attribution_plot(attribution, 1)
+    yield S.forward_bars({"dense_ms": 5.0, "sparse_ms": 4.0, "speedup": 1.25, "tokens": 123, "repeats": 3},
+                         {"dense_floor_ms": 0.2, "sparse_floor_ms": 0.05})
+    bench = [{"shape": "tinyllama-mlp 2048x5632", "dtype": dtype, "density": d, "ms": 1 + 10 * d, "dense_ms": 10.0,
+              "floor_ms": 10 * d, "speedup_vs_dense": 10 / (1 + 10 * d)} for dtype in ("fp32", "bf16")
+             for d in (0.05, 0.5)]
+    yield S.kernel_ms(bench)
+    yield S.kernel_speedup(bench)
+    yield S.decode_tokens([{"density": d, "dense_tok_s": 20.0, "sparse_tok_s": 25.0, "f_mlp": 0.6,
+                            "ideal_speedup": 1 / (0.4 + 0.6 * d)} for d in (0.1, 0.5)])
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_titles_fit_a_half_width_column_below_the_modebar(runs, spec):
+    """Each title line fits COLUMN_PX at CHAR_EM x its font size per character; the title hangs from the
+    top of the chart below the modebar's band, and the top margin holds the band, the title lines and
+    (make_subplots) the panel titles."""
+    a = runs[spec]
+    rows = density_sweep(shared(spec), a.spec, densities=(0.3, 1.0), policies=("topk",))
+    for plot in every_figure(a, rows):
+        title = plot.fig.layout.title
+        if not title.text:
+            assert not plot.fig.data or plot.note      # an empty figure says why instead
+            continue
+        size, sub_size = title.font.size, title.subtitle.font.size
+        assert size and sub_size, title.text           # set on the figure, so no theme changes them
+        heads, subs = drawn(title.text), drawn(title.subtitle.text)
+        for line, px in [(line, size) for line in heads] + [(line, sub_size) for line in subs]:
+            assert len(line) <= COLUMN_PX / (CHAR_EM * px), f"{line!r} does not fit at {px} px"
+        panels = any(ann.yanchor == "bottom" and ann.y == 1 for ann in plot.fig.layout.annotations)
+        need = MODEBAR_PX + LINE_EM * (size * len(heads) + sub_size * len(subs) + 16 * panels)
+        need += SUBTITLE_GAP_EM * sub_size if subs else 0
+        assert (title.yref, title.yanchor, title.y) == ("container", "top", 1) and title.pad.t >= MODEBAR_PX
+        assert plot.fig.layout.margin.t >= need, title.text
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_no_colour_that_streamlit_rewrites(runs, spec):
+    """Streamlit's chart theme replaces the colours #000001 to #000040 anywhere in a figure (they are its
+    template's placeholders): Magma's first stop, #000004, became a pink band at the bottom of a colour bar."""
+    a = runs[spec]
+    rows = density_sweep(shared(spec), a.spec, densities=(0.3, 1.0), policies=("topk",))
+    for plot in every_figure(a, rows):
+        assert not STREAMLIT_REWRITES.search(plot.fig.to_json()), plot.fig.layout.title.text
+
+
+def label_value(label: str) -> float:
+    return float(label.rstrip("%")) / 100
+
+
+@pytest.mark.parametrize("values", [(0.001, 0.02), (0.0321, 0.0397), (0.18, 0.56), (1e-4, 3e-4), (0.0, 0.0),
+                                    (0.2, 1.7)])
+def test_divergence_ticks_are_distinct_and_true(runs, values):
+    a = dataclasses.replace(runs["tiny-llama"], layer_divergence=list(values))
+    axis = P.divergence_plot(a).fig.layout.yaxis
+    labels, ticks = list(axis.ticktext or []), list(axis.tickvals or [])
+    assert len(labels) == len(ticks) >= 3 and len(set(labels)) == len(labels)
+    for label, tick in zip(labels, ticks):
+        decimals = len(label.rstrip("%").partition(".")[2])
+        assert abs(label_value(label) - tick) <= 0.5 * 10 ** -(decimals + 2) + 1e-12    # the label reads its value
+    assert axis.range[0] <= 0 and max(values) <= ticks[-1] <= axis.range[1]
+
+
+def with_outlier(a, layer, token, factor=1000.0):
+    """a, with one dense activation of (layer, token) replaced by `factor` x the row's largest |h|."""
+    acts = a.dense_layers[layer].activations.clone()
+    j = int(acts[token].float().abs().argmin())
+    acts[token, j] = factor * float(acts[token].float().abs().max())
+    dense = list(a.dense_layers)
+    dense[layer] = dataclasses.replace(dense[layer], activations=acts)
+    return dataclasses.replace(a, dense_layers=dense), j, float(acts[token, j])
+
+
+@pytest.mark.parametrize("spec", ("tiny-llama", "tiny-mixtral"))
+def test_token_detail_axis_is_not_set_by_one_outlier(runs, spec):
+    a, layer, token = runs[spec], 1, 2
+    plain = P.token_neurons(a, layer, token)
+    assert plain.fig.layout.xaxis.range is None and plain.note == ""      # no outlier: the whole bars, no note
+    odd, j, big = with_outlier(a, layer, token)
+    plot = P.token_neurons(odd, layer, token)
+    dense_bar, sparse_bar = plot.fig.data
+    assert list(dense_bar.customdata)[0] == j
+    lo, hi = plot.fig.layout.xaxis.range
+    others = [abs(v) for bar in (dense_bar, sparse_bar) for v in bar.x if abs(v) < big]
+    assert max(abs(lo), abs(hi)) < big / 100                              # the outlier does not set the range
+    assert max(others) <= max(abs(lo), abs(hi))                           # every other bar is drawn whole
+    assert "cut" in plot.note and "1 cut neuron " in plot.note
+    assert [ann.text for ann in plot.fig.layout.annotations] == [f"{big:.3g} →"]
+
+
+@pytest.mark.parametrize("policy", ("topk", "threshold"))
+def test_density_grid_colours_span_the_data(policy):
+    a = analyze(shared("tiny-llama"), RunSpec(prompt=PROMPT, model="tiny-llama", policy=policy, density=0.3))
+    shares = [len(lf.token(t)[0]) / a.n_neurons for lf in a.layers for t in range(len(a.tokens))]
+    fig = P.density_tokens_layers(a).fig
+    zmin, zmax, sub = fig.data[0].zmin, fig.data[0].zmax, fig.layout.title.subtitle.text
+    if policy == "topk":
+        k = round(0.3 * a.n_neurons) / a.n_neurons                         # DESIGN: k = round(density * d_ff)
+        assert set(shares) == {k} and f"every cell is {k:.3g}" in sub and zmin < k < zmax
+    else:
+        assert min(shares) < max(shares) and "every cell" not in sub
+        assert zmin == pytest.approx(min(shares)) and zmax == pytest.approx(max(shares))
+        assert f"{min(shares):.3g} to {max(shares):.3g}" in sub
+
+
+def test_sweep_marks_the_current_density():
+    rows = [{"policy": "topk", "density": d, "achieved_density": d, "metric": "kl", "value": 1 - d} for d in (0.1, 0.5)]
+    fig = P.sweep_plot(rows, current=0.3).fig
+    assert [(s.type, s.x0, s.x1) for s in fig.layout.shapes] == [("line", 0.3, 0.3)]
+    assert any("0.3" in ann.text for ann in fig.layout.annotations)
+    assert not P.sweep_plot(rows).fig.layout.shapes
+
+
+def test_router_entropy_has_one_column_per_layer_on_the_whole_scale(runs):
+    a = runs["tiny-mixtral"]
+    fig = R.router_entropy(a).fig
+    heat = fig.data[0]
+    assert fig.layout.xaxis.type == "category" and list(heat.x) == list(range(a.n_layers))
+    assert list(fig.layout.xaxis.tickvals) == list(range(a.n_layers))
+    assert heat.zmin == 0 and heat.zmax == pytest.approx(math.log(a.n_experts))   # both ends fixed: no auto scale
+    assert np.asarray(heat.z).max() <= math.log(a.n_experts) + 1e-6
+
+
+def test_expert_load_puts_layer_0_on_top(runs):
+    a = runs["tiny-mixtral"]
+    fig = R.expert_load(a).fig
+    heat = fig.data[0]
+    assert list(heat.y) == [f"layer {i}" for i in range(a.n_layers)]
+    assert fig.layout.yaxis.autorange == "reversed"                      # first category at the top
+    for i, lf in enumerate(a.layers):
+        picks = [e for row in lf.experts.tolist() for e in row]
+        assert list(heat.z[i]) == pytest.approx([picks.count(e) / len(a.tokens) for e in range(a.n_experts)])
+    assert (heat.zmin, heat.zmax) == (0, 1)

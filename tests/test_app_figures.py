@@ -1,0 +1,56 @@
+"""AppTest of what the pages do with the figures and numbers: cost metrics whose arrow points the way
+the cost moved (down and green for less than dense), the modebar shown on hover only, and the density
+sweep marking the run's own density."""
+import json
+
+import pytest
+from streamlit.proto.Metric_pb2 import Metric as MetricProto
+
+from test_app import PROMPT, charts, open_app, run_db  # noqa: F401  (run_db: autouse fixture)
+
+COSTS = {"MLP weights read per token": ("sparse_bytes", "dense_bytes"),
+         "MLP FLOPs per token": ("sparse_flops", "dense_flops")}
+
+
+def cost_metrics(at) -> dict[str, MetricProto]:
+    return {m.proto.label: m.proto for m in at.metric if m.proto.label in COSTS}
+
+
+@pytest.mark.parametrize("page", ["compare", "speed"])
+def test_a_cost_below_dense_points_down_in_green(page):
+    at = open_app(page, model="tiny-llama", prompt=PROMPT, policy="threshold", density="0.3")
+    assert not at.exception and not at.error
+    cost = at.session_state["ctx"].analysis.cost
+    shown = cost_metrics(at)
+    assert set(shown) == set(COSTS)
+    for label, (sparse, dense) in COSTS.items():
+        assert cost[sparse] < cost[dense]                                   # threshold at 0.3 reads less
+        m = shown[label]
+        assert m.direction == MetricProto.MetricDirection.DOWN, label
+        assert m.color == MetricProto.MetricColor.GREEN, label
+        assert m.delta.startswith(f"{round(100 * (cost[sparse] / cost[dense] - 1))}% vs dense"), m.delta
+
+
+def test_a_cost_equal_to_dense_has_no_arrow():
+    at = open_app("compare", model="tiny-llama", prompt=PROMPT, policy="dense")
+    assert not at.exception and not at.error
+    for label, m in cost_metrics(at).items():
+        assert m.direction == MetricProto.MetricDirection.NONE and m.color == MetricProto.MetricColor.GRAY, label
+        assert m.delta.startswith("same as dense"), m.delta
+
+
+def test_modebar_shows_on_hover_only():
+    at = open_app("compare", model="tiny-llama", prompt=PROMPT)
+    assert not at.exception
+    configs = [json.loads(el.proto.config) for el in at.get("plotly_chart")]
+    assert configs and all(c.get("displayModeBar") == "hover" for c in configs)
+
+
+def test_sweep_marks_the_runs_density():
+    at = open_app("density", model="tiny-llama", prompt=PROMPT, density="0.35")
+    next(b for b in at.button if b.label == "Run the sweep").click().run()
+    assert not at.exception
+    sweep = next(c for c in charts(at) if c["layout"]["title"]["text"] == "Output quality vs density")
+    lines = [(s["x0"], s["x1"]) for s in sweep["layout"]["shapes"] if s["type"] == "line"]
+    assert lines == [(0.35, 0.35)]
+    assert any("0.35" in a["text"] for a in sweep["layout"]["annotations"])
