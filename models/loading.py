@@ -74,8 +74,14 @@ class LoadedModel:
         return torch.tensor(mask, dtype=torch.bool)
 
     def token_strings(self, input_ids: torch.Tensor) -> list[str]:
+        """The vocabulary's pieces as analyses list them ("##s", "Ġthe"); `decode` gives the text."""
         with self._tok_lock:
             return self.tokenizer.convert_ids_to_tokens(input_ids.tolist())
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids` as the tokenizer writes it, special tokens included."""
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def _model_inputs(enc) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import streamlit as st
 from models import BUILTIN_SPECS, DEFAULT_MODEL, allowed_roots
 from sam_viz import Analysis, InputError, LoadedModel, RunSpec, analyze, load_model
 from sam_viz.store import RunStore
+from sam_viz.text import escape_markdown
 from sparse_ops import POLICIES, available_kernels
 
 PRESETS = {
@@ -37,7 +38,7 @@ class Context:
 
     def model(self) -> LoadedModel:
         """The loaded model, for on-demand work (sweep, continuation); loaded lazily."""
-        with st.spinner(f"Loading {self.spec.model}..."):
+        with st.spinner(f"Loading {escape_markdown(self.spec.model)}..."):
             return cached_model(self.spec.model)
 
 
@@ -104,9 +105,9 @@ def cached_analysis(spec: RunSpec) -> Analysis:
         if spec in cache:
             cache.move_to_end(spec)
             return cache[spec]
-    with st.spinner(f"Loading {spec.model}..."):
+    with st.spinner(f"Loading {escape_markdown(spec.model)}..."):
         loaded = cached_model(spec.model)
-    with st.status(f"Analyzing the prompt on {spec.model}...", expanded=False) as status:
+    with st.status(f"Analyzing the prompt on {escape_markdown(spec.model)}...", expanded=False) as status:
         bar = st.progress(0.0)
         result = analyze(loaded, spec, progress=lambda frac, text: bar.progress(frac, text=text))
         status.update(label=f"Analyzed {len(result.tokens)} tokens in {result.timings_ms['total']:.0f} ms",
@@ -156,7 +157,8 @@ def _url_not_taken(raw: dict[str, str | None]) -> list[str]:
         else:
             ok, shown = want == str(got), str(got)
         if not ok:
-            out.append(f"The link's {key} '{want[:40]}' is not one this app can use; showing {key} {shown}.")
+            out.append(f"The link's {key} '{escape_markdown(want[:40])}' is not one this app can use; "
+                       f"showing {key} {shown}.")
     return out
 
 
@@ -193,7 +195,8 @@ def resolve_context() -> Context | None:
     if run_id:
         saved = run_store().load(run_id)
         if saved is None:
-            st.error(f"There is no saved run with id '{run_id[:40]}'; showing a live analysis instead.")
+            st.error(f"There is no saved run with id '{escape_markdown(run_id[:40])}'; "
+                     "showing a live analysis instead.")
             del st.query_params["run"]
             run_id = None
         elif st.session_state.get("_opened_run") != run_id:
@@ -207,7 +210,7 @@ def resolve_context() -> Context | None:
             del st.query_params["run"]           # settings changed: this is no longer the saved run
         return Context(spec=spec, analysis=cached_analysis(spec))
     except InputError as exc:
-        st.error(str(exc))
+        st.error(escape_markdown(str(exc)))
         return None
 
 

@@ -1,7 +1,5 @@
 """Attribution: which input tokens drive the output, in the dense and the sparse model, and which
 MLP neurons carry it (captum)."""
-import html
-
 import pandas as pd
 import streamlit as st
 
@@ -9,6 +7,7 @@ from pages._shared import explain, page_context, show
 from sam_viz import InputError
 from sam_viz.attribution import MAX_STEPS, attribute, likely_targets
 from sam_viz.routing_plots import neuron_attribution_plot
+from sam_viz.text import colored_tokens
 
 ctx = page_context()
 st.header("Attribution")
@@ -66,21 +65,10 @@ if a.delta_dense is not None:
 m3.metric("time", f"{a.timings_ms['total'] / 1000:.2f} s")
 
 
-def colored(tokens, values) -> str:
-    top = max((abs(v) for v in values), default=1.0) or 1.0
-    spans = []
-    for t, v in zip(tokens, values):
-        alpha = min(1.0, abs(v) / top)
-        rgb = "214,39,40" if v > 0 else "31,119,180"
-        spans.append(f'<span title="{v:+.4f}" style="background: rgba({rgb},{alpha:.2f}); padding: 2px 3px; '
-                     f'margin: 1px; border-radius: 3px; display: inline-block">{html.escape(t)}</span>')
-    return " ".join(spans)
-
-
 diff = [s - d for d, s in zip(a.dense, a.sparse)]
 st.caption("Red pushes the output up, blue pulls it down; stronger colour = larger share.")
 for label, values in (("Dense", a.dense), ("Sparse", a.sparse), ("Sparse - dense", diff)):
-    st.markdown(f"**{label}**<br>{colored(a.tokens, values)}", unsafe_allow_html=True)
+    st.markdown(f"**{label}**<br>{colored_tokens(a.tokens, values)}", unsafe_allow_html=True)
 
 if a.mass_lost:
     st.subheader("Neurons")

@@ -1,10 +1,9 @@
 """Dense vs sparse: where and how much the sparse model's computation departs from the dense one."""
-import html
-
 import streamlit as st
 
 from pages._shared import cost_delta, explain, page_context, show
 from sam_viz import greedy_continuation, plots
+from sam_viz.text import continuation_html
 
 ctx = page_context()
 a = ctx.analysis
@@ -48,12 +47,8 @@ if a.kind == "causal-lm":
                 a.continuation = greedy_continuation(ctx.model(), ctx.spec, int(n_new))
     if a.continuation:
         first = a.continuation["first_divergence"]
-
-        def render(tokens):
-            return " ".join(f"<mark>{html.escape(t)}</mark>" if i == first else html.escape(t)
-                            for i, t in enumerate(tokens))
-
-        st.markdown(f"**Dense:** {render(a.continuation['dense'])}", unsafe_allow_html=True)
-        st.markdown(f"**Sparse:** {render(a.continuation['sparse'])}", unsafe_allow_html=True)
+        for name in ("dense", "sparse"):
+            st.markdown(f"**{name.capitalize()}:** {continuation_html(a.continuation[name], first)}",
+                        unsafe_allow_html=True)
         st.caption("The two continuations agree." if first is None else
                    f"They first differ at generated token {first + 1}.")

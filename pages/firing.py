@@ -3,12 +3,14 @@ import streamlit as st
 
 from pages._shared import page_context, explain, layer_picker, show, token_picker
 from sam_viz import plots
+from sam_viz.text import escape_markdown
 
 ctx = page_context()
 a = ctx.analysis
 st.header("Firing map")
-st.caption(f"{a.spec.model} · {a.spec.policy} at density {a.spec.density:g} · {len(a.tokens)} tokens · "
-           f"{a.n_layers} layers × {a.n_neurons} neurons" + (" · saved run " + ctx.run_id if ctx.run_id else ""))
+st.caption(f"{escape_markdown(a.spec.model)} · {a.spec.policy} at density {a.spec.density:g} · "
+           f"{len(a.tokens)} tokens · {a.n_layers} layers × {a.n_neurons} neurons"
+           + (" · saved run " + escape_markdown(ctx.run_id) if ctx.run_id else ""))
 explain(f"""
 Every token passes through each layer's MLP, a block of **{a.n_neurons} neurons**. A dense model computes
 all of them for every token. A *sparse* model computes only a fraction, chosen per token: here

@@ -6,6 +6,7 @@ import streamlit as st
 
 from pages._shared import cached_analysis, explain, layer_picker, page_context, show
 from sam_viz import calibration_counts, firing_counts, plots, routing_plots
+from sam_viz.text import escape_markdown
 from sparse_ops import get_calibration
 
 ctx = page_context()
@@ -34,7 +35,7 @@ if ctx.run_id:
     show(routing_plots.recall_by_policy({a.spec.policy: a}), key="recall")
 else:
     trained = get_calibration(ctx.model(), train=False) is not None
-    if not trained and not st.button(f"Train the predictor and static sets for {ctx.spec.model}",
+    if not trained and not st.button(f"Train the predictor and static sets for {escape_markdown(ctx.spec.model)}",
                                      help="Once per model; stored on disk and reused."):
         st.caption("The predictor and static policies need a one-time calibration on the built-in text.")
         policies = ["topk", "threshold"]

@@ -9,6 +9,7 @@ from sparse_ops import Policy, Recorder, sparsified
 
 from .analysis import Analysis, Progress, compare_outputs, encode_prompt, forward
 from .spec import RunSpec
+from .text import decoded_pieces
 
 SWEEP_DENSITIES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SWEEP_POLICIES = ("topk", "threshold")
@@ -39,8 +40,9 @@ def density_sweep(loaded: LoadedModel, spec: RunSpec, densities=SWEEP_DENSITIES,
 
 
 def greedy_continuation(loaded: LoadedModel, spec: RunSpec, n_new: int = 20) -> dict:
-    """Causal LMs: n_new greedy tokens from the dense and from the sparse model, and the first
-    position where they differ (None if they agree)."""
+    """Causal LMs: n_new greedy tokens from the dense and from the sparse model, each as the text it
+    adds to the prompt (sam_viz.text.decoded_pieces), and the first position where the tokens
+    differ (None if they agree)."""
     if loaded.kind != "causal-lm":
         raise ValueError("greedy continuation needs a causal LM")
     n_new = max(1, min(int(n_new), MAX_CONTINUATION))
@@ -63,8 +65,9 @@ def greedy_continuation(loaded: LoadedModel, spec: RunSpec, n_new: int = 20) -> 
 
     dense, sparse = generate(None), generate(spec.to_policy())
     first = next((i for i, (a, b) in enumerate(zip(dense, sparse)) if a != b), None)
-    return {"dense": loaded.token_strings(torch.tensor(dense)) if dense else [],
-            "sparse": loaded.token_strings(torch.tensor(sparse)) if sparse else [],
+    context = ids[0].tolist()
+    return {"dense": decoded_pieces(loaded.decode, context, dense),
+            "sparse": decoded_pieces(loaded.decode, context, sparse),
             "first_divergence": first}
 
 

@@ -1,6 +1,7 @@
 """A real browser: start the app on localhost, open a share URL in Debian's Chromium (driven by
 Playwright), wait for the firing heatmap and the density chart, and take screenshots."""
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -121,4 +122,51 @@ def test_share_url_shows_firing_heatmap_and_density_chart(server, browser, tmp_p
     assert "Firing map" in nav and "Speed" in nav and "Runs and sharing" in nav and "shared" not in nav
     assert page.locator("[data-testid='stException']").count() == 0
     assert page.get_by_text("Page not found").count() == 0
+    page.close()
+
+
+MARKDOWN_PROMPT = ("The shirt costs $20 and the hat costs $15 at the market. *bold* _it_ `code` <b>x</b> "
+                   "[a](http://x)")
+
+
+def _no_formula(page):
+    main = page.locator("[data-testid='stMain']")
+    assert main.locator(".katex, math").count() == 0
+    assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_markdown_signs_in_the_prompt_are_shown_as_text(server, browser, tmp_path):
+    """Attribution's token rows, the firing map and Dense vs sparse with a prompt full of `$` and
+    markdown: tokens are text (no KaTeX formula, no emphasis, code or link made of them)."""
+    from transformers import AutoTokenizer
+
+    from models.loading import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())              # tiny-llama's tokenizer
+    tokens = tok.convert_ids_to_tokens(tok(MARKDOWN_PROMPT, add_special_tokens=False)["input_ids"])
+    assert tokens[3:5] == ["$", "20"]
+    query = urlencode({"model": "tiny-llama", "prompt": MARKDOWN_PROMPT, "policy": "topk", "density": "0.5"})
+    page = _open(browser, f"{server}/attribution?{query}")
+    page.get_by_text("Sparse - dense", exact=True).wait_for(timeout=180_000)    # the last of the three rows
+    page.wait_for_timeout(1000)
+    _shot(page, tmp_path, "attribution-markdown-prompt")
+    _no_formula(page)
+    spans = page.locator("[data-testid='stMain'] [data-testid='stMarkdownContainer'] span[title]")
+    assert spans.count() == 3 * len(tokens) and spans.all_inner_texts()[:len(tokens)] == tokens
+    rows = page.locator("[data-testid='stMain'] [data-testid='stMarkdownContainer']:has(span[title])")
+    assert rows.count() == 3 and rows.locator("em, code, a, b, del").count() == 0
+    page.close()
+
+    page = _open(browser, f"{server}/?{query}")
+    _wait_for_titles(page, ["which neurons the sparse model computed"])
+    _no_formula(page)
+    page.close()
+
+    page = _open(browser, f"{server}/compare?{query}")
+    page.get_by_role("button", name="Continue with both models").click(timeout=180_000)
+    dense = page.locator("[data-testid='stMain'] p").filter(has_text=re.compile(r"^Dense:"))
+    dense.wait_for(timeout=120_000)
+    _shot(page, tmp_path, "compare-markdown-prompt")
+    _no_formula(page)
+    assert "##" not in dense.inner_text()
     page.close()

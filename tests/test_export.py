@@ -111,6 +111,16 @@ def test_html_without_figures(llama):
     assert "plotly.js" not in page and "tiny-llama" in page and XSS not in page
 
 
+def test_html_shows_markdown_signs_in_the_prompt_literally():
+    from test_text import PROMPT, parse_html
+
+    prompt = PROMPT + "\n# not a heading\n$$x$$"
+    a = analyze(shared("tiny-llama"), RunSpec(prompt=prompt, model="tiny-llama", policy="topk", density=0.5))
+    page = to_html(a, [])
+    pre = page[page.index("<pre>"):page.index("</pre>") + len("</pre>")]
+    assert "".join(parse_html(pre).text) == prompt and "<b>" not in pre
+
+
 def html_escaped(s):
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
