@@ -4,8 +4,10 @@ TopKMLP against the equation written here by hand: h = silu(W_gate x) * (W_up x)
 k = round(density * d_ff) largest abs(h_j) per token set to 0, y = W_down h; and against the app's
 own `topk` policy on the exported checkpoint (so training computes what inference computes).
 """
+import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -24,6 +26,15 @@ SENTENCES = [
     "The with statement wraps a block with methods defined by a context manager.",
     "A module is a file containing Python definitions and statements.",
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine the threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _by_hand(mlp: LlamaMLP, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -98,9 +109,14 @@ def test_batches_are_a_function_of_seed_and_step():
         assert set(w.tolist()) <= set(flat)
 
 
-def test_tiny_training_exports_a_plain_llama_that_the_app_runs_as_trained(tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    data.mkdir()
+TINY = train_demo.TrainConfig(steps=3, batch=2, context=8, warmup=1, hidden=32, d_ff=64, layers=2, heads=2,
+                              log_every=1, eval_windows=4)
+
+
+def _tiny_data(out):
+    """out/data as `prepare` writes it, from the sentences above (no python3.11-doc needed)."""
+    data = out / "data"
+    data.mkdir(parents=True)
     tokenizer = demo_data.train_tokenizer(SENTENCES[:6], vocab_size=300)
     demo_data.save_tokenizer(tokenizer, data / "tokenizer")
     torch.save(demo_data.split_tokens(tokenizer, [demo_data.Document("a", s) for s in SENTENCES[:6] * 4]),
@@ -108,8 +124,36 @@ def test_tiny_training_exports_a_plain_llama_that_the_app_runs_as_trained(tmp_pa
     torch.save(demo_data.split_tokens(tokenizer, [demo_data.Document("b", s) for s in SENTENCES[6:]]),
                data / "test.pt")
     (data / "manifest.json").write_text(json.dumps({"train": {}, "test": {}}))
-    cfg = train_demo.TrainConfig(steps=3, batch=2, context=8, warmup=1, hidden=32, d_ff=64, layers=2, heads=2,
-                                 log_every=1, eval_windows=4)
+    return tokenizer
+
+
+def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    cfg = dataclasses.replace(TINY, ckpt_minutes=0.0)                      # a checkpoint every step
+    _tiny_data(tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole" / "data", tmp_path / "stopped" / "data")
+    whole = train_demo.Run(tmp_path / "whole", "sparse", cfg)
+    whole.train()
+    save = train_demo.Run.save
+
+    def crash_after_step_2(run):
+        save(run)
+        if run.step == 2:
+            raise RuntimeError("stopped")
+    monkeypatch.setattr(train_demo.Run, "save", crash_after_step_2)
+    with pytest.raises(RuntimeError, match="stopped"):
+        train_demo.Run(tmp_path / "stopped", "sparse", cfg).train()
+    monkeypatch.setattr(train_demo.Run, "save", save)
+    resumed = train_demo.Run(tmp_path / "stopped", "sparse", cfg)
+    assert resumed.step == 2
+    resumed.train()
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [r["step"] for r in resumed.train_curve] == [1, 2, 3]
+
+
+def test_tiny_training_exports_a_plain_llama_that_the_app_runs_as_trained(tmp_path, monkeypatch):
+    tokenizer = _tiny_data(tmp_path)
+    cfg = TINY
     res = train_demo.run_variant(tmp_path, "sparse", cfg)
     assert res["steps"] == 3 and res["tokens_seen"] == 3 * 2 * 8
     curves = json.loads((tmp_path / "runs" / "sparse" / "curves.json").read_text())
