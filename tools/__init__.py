@@ -1,0 +1,1 @@
+"""Scripts that build what the repository ships (the demo models); not imported by the library."""
