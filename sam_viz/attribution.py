@@ -204,7 +204,7 @@ def noise_floor(n_terms: int, f: tuple[float, float], dtype: torch.dtype) -> flo
 
 
 def _side(loaded, kernel, fn, ids, method, steps, step, frac, label, pol, frozen) -> _Side:
-    from captum.attr import LayerGradientXActivation, LayerIntegratedGradients
+    from captum.attr import LayerGradientXActivation, LayerIntegratedGradients   # ~0.5 s: only when attributing
 
     step(frac, f"{label}: token attribution ({method}, {steps} steps)" if method == "ig" else label)
     emb_layer, baseline, n = loaded.model.get_input_embeddings(), _baseline(loaded, ids), ids.shape[1]
