@@ -137,7 +137,8 @@ def neuron_attribution_plot(attribution, layer: int, top: int = 20) -> Plot:
     ids = torch.topk(rank.abs(), min(top, rank.numel()) if series else 0).indices.tolist()[::-1]
     kept, n = attribution.kept[layer], len(attribution.tokens)
     labels = [f"neuron {j} · " + ("dropped" if kept[j] == 0 else f"kept {int(kept[j])}/{n}") for j in ids]
-    fig = go.Figure([go.Bar(name=name, y=labels, x=[float(values[j]) for j in ids], orientation="h")
-                     for name, values in series])
+    colors = {"dense": "#636efa", "sparse": "#ef553b"}                # the same colour with or without the other
+    fig = go.Figure([go.Bar(name=name, y=labels, x=[float(values[j]) for j in ids], orientation="h",
+                            marker_color=colors[name]) for name, values in series])
     return Plot(_style(fig, f"Layer {layer}: neurons carrying the most attribution", "attribution (sum over tokens)",
-                       "neuron", barmode="group", height=max(360, 110 + 24 * len(ids))))
+                       "neuron", barmode="group", showlegend=True, height=max(360, 110 + 24 * len(ids))))
