@@ -34,7 +34,7 @@ def main(argv=None) -> None:
             deltas.append((a.delta_dense, a.delta_sparse))
         print(f"minilm, {len(a.tokens)} tokens, {method}{f' {steps} steps' if method == 'ig' else ''}: "
               f"median {statistics.median(times):.2f} s (runs {', '.join(f'{t:.2f}' for t in times)}); "
-              f"delta dense/sparse {deltas[-1]}; mass lost {[round(x, 3) for x in a.mass_lost]}")
+              f"delta dense/sparse {deltas[-1]}; mass lost {[x if x is None else round(x, 3) for x in a.mass_lost]}")
 
 
 if __name__ == "__main__":

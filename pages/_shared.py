@@ -24,7 +24,7 @@ PRESETS = {
     "Facts": "Paris is the capital of France. The Nile is the longest river in Africa. Water boils at 100 degrees.",
 }
 DEFAULT_PROMPT = PRESETS["Fox"]
-PAGE_KEYS = ("layer", "token", "order", "freq")          # page selections that also live in the URL
+PAGE_KEYS = ("layer", "token", "order", "freq", "query")  # page selections that also live in the URL
 PAGE_PATHS = ("density", "compare", "routing", "attribution", "speed", "runs")   # the firing map is the default page, at /
 ANALYSIS_CACHE_SIZE = 16
 

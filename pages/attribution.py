@@ -1,23 +1,28 @@
 """Attribution: which input tokens drive the output, in the dense and the sparse model, and which
-MLP neurons carry it (captum)."""
+MLP neurons carry it (captum). Results are kept on the analysis (shared by sessions, saved with the
+run), so a widget that only changes the view does not compute them again."""
 import pandas as pd
 import streamlit as st
 
 from pages._shared import explain, page_context, show
 from sam_viz import InputError
-from sam_viz.attribution import MAX_STEPS, attribute, likely_targets
+from sam_viz.attribution import (MAX_QUERY_CHARS, MAX_STEPS, attribute, attribution_key, default_query,
+                                 likely_targets, recall, remember)
 from sam_viz.routing_plots import neuron_attribution_plot
-from sam_viz.text import colored_tokens
+from sam_viz.text import colored_tokens, escape_markdown
+
+METHOD_NAMES = {"ig": "integrated gradients", "ixg": "input x gradient"}
 
 ctx = page_context()
 st.header("Attribution")
 explain("""
 **Which tokens of the prompt drive the output?** For a language model the output is the score
-(logit) of one next token you pick; for a sentence encoder it is how close the embedding stays to
-the dense model's embedding. Integrated gradients walks from a neutral input (every word replaced by
-an unknown-word token) to your prompt and adds up how much each token's embedding moved the
-output; the **delta** is how far that sum is from the real change of the output (0 = exact).
-Input x gradient is a faster, rougher estimate.
+(logit) of one next token you pick. For a sentence encoder it is, as in semantic search, the cosine
+of the prompt's embedding to the dense model's embedding of a **query** sentence you give (by
+default the prompt's first sentence when it has several, else a fixed question). Integrated
+gradients walks from a neutral input (every word replaced by an unknown-word token) to your prompt
+and adds up how much each token's embedding moved the output; the **delta** is how far that sum is
+from the real change of the output (0 = exact). Input x gradient is a faster, rougher estimate.
 
 **Under sparsity**: the sparse model keeps, along the whole path, the neurons it chose on your
 prompt (its selection is *frozen*), so what is explained is exactly the sparse model that ran. If
@@ -27,37 +32,73 @@ and the gradients would not see those jumps. (Mixture-of-experts layers keep rou
 **Neurons**: the same question one level down: which MLP neurons of a layer carry the output.
 **Attribution mass lost** is the share of the dense model's neuron attribution that sits on
 neurons the sparse model dropped; 0 means the sparse model kept everything that mattered.
+
+**Rounding noise**: where the output's gradient is zero at the input (a query equal to the
+prompt, for one), the attributions are rounding errors of the model's number format: values whose
+total is below that format's precision times the output's size are not drawn.
 """)
-if ctx.run_id:
-    st.info("Attribution needs the model; open this run's settings as a live analysis to compute it.")
-    st.stop()
 
-loaded = ctx.model()
-c1, c2, c3 = st.columns([2, 1, 1])
-with c1:
-    if loaded.kind == "causal-lm":
-        choices = likely_targets(loaded, ctx.spec)
-        pick = st.selectbox("Next token to explain", range(len(choices)),
-                            format_func=lambda i: f"{choices[i]['token']}  ({choices[i]['prob']:.1%})")
-        target_id = choices[pick]["id"]
-    else:
-        st.markdown("Target: **embedding cosine to the dense model's embedding**")
-        target_id = None
-with c2:
-    method = st.radio("Method", ["ig", "ixg"], horizontal=True,
-                      format_func=lambda m: {"ig": "integrated gradients", "ixg": "input x gradient"}[m])
-with c3:
-    steps = st.number_input("Steps", 2, MAX_STEPS, 50, disabled=method != "ig")
 
-bar = st.progress(0.0, text="Attributing...")
-try:
-    a = attribute(loaded, ctx.spec, method=method, steps=int(steps), target_id=target_id,
-                  progress=lambda f, t: bar.progress(f, text=t))
-except InputError as exc:
-    st.error(str(exc))
-    st.stop()
-bar.empty()
+def noise_sentence(which: tuple[bool, bool], what: str) -> str:
+    """One sentence: whose values (which: dense, sparse) are noise and left out."""
+    whose = {(True, False): "dense model's", (False, True): "sparse model's"}.get(which, "dense and sparse models'")
+    return (f"The {whose} {what} are within rounding noise of zero (the output's gradient vanishes at the "
+            "input), so they are not drawn.")
 
+
+def live_attribution():
+    """The target and method widgets; the attribution kept on the analysis, else computed now."""
+    loaded = ctx.model()
+    c1, c2, c3 = st.columns([2, 1, 1])
+    with c1:
+        if loaded.kind == "causal-lm":
+            choices = likely_targets(loaded, ctx.spec)
+            pick = st.selectbox("Next token to explain", range(len(choices)),
+                                format_func=lambda i: f"{choices[i]['token']}  ({choices[i]['prob']:.1%})")
+            target_id, query = choices[pick]["id"], None
+        else:
+            default = default_query(ctx.spec.prompt)
+            typed = st.text_input("Query: the output is the prompt's similarity to this sentence", key="query",
+                                  bind="query-params", max_chars=MAX_QUERY_CHARS, placeholder=default,
+                                  help=f"Empty: {escape_markdown(default)}")
+            target_id, query = None, (typed or "").strip() or default
+    with c2:
+        method = st.radio("Method", ["ig", "ixg"], horizontal=True, format_func=METHOD_NAMES.get)
+    with c3:
+        steps = st.number_input("Steps", 2, MAX_STEPS, 50, disabled=method != "ig")
+    kept = recall(ctx.analysis, attribution_key(method, int(steps), target_id, query))
+    if kept is not None:
+        return kept
+    bar = st.progress(0.0, text="Attributing...")
+    try:
+        result = attribute(loaded, ctx.spec, method=method, steps=int(steps), target_id=target_id, query=query,
+                           progress=lambda f, t: bar.progress(f, text=t))
+    except InputError as exc:
+        st.error(str(exc))
+        st.stop()
+    bar.empty()
+    remember(ctx.analysis, result)
+    return result
+
+
+def describe(a) -> str:
+    target = (f"next token '{a.target['token']}'" if a.target["kind"] == "logit"
+              else f"similarity to '{a.target['query'][:60]}'")
+    return f"{METHOD_NAMES[a.method]}{f' ({a.steps} steps)' if a.steps else ''}, {target}"
+
+
+def saved_attribution():
+    """A saved run: the attributions it was saved with; computing a new one needs the model."""
+    stored = ctx.analysis.attributions
+    if not stored:
+        st.info("This run was saved without an attribution, and computing one needs the model; open this run's "
+                "settings as a live analysis to compute it.")
+        st.stop()
+    pick = st.selectbox("Saved attribution", range(len(stored)), format_func=lambda i: describe(stored[i]))
+    return stored[pick]
+
+
+a = saved_attribution() if ctx.run_id else live_attribution()
 m1, m2, m3 = st.columns(3)
 if a.delta_dense is not None:
     m1.metric("delta, dense", f"{a.delta_dense:.2e}", help="sum of attributions - (f(input) - f(baseline))")
@@ -65,19 +106,33 @@ if a.delta_dense is not None:
 m3.metric("time", f"{a.timings_ms['total'] / 1000:.2f} s")
 
 
-diff = [s - d for d, s in zip(a.dense, a.sparse)]
+noise = a.token_noise
+rows = [(label, values) for label, values, noisy in (("Dense", a.dense, noise[0]), ("Sparse", a.sparse, noise[1]))
+        if not noisy]
+if not any(noise):
+    rows.append(("Sparse - dense", [s - d for d, s in zip(a.dense, a.sparse)]))
 st.caption("Red pushes the output up, blue pulls it down; stronger colour = larger share.")
-for label, values in (("Dense", a.dense), ("Sparse", a.sparse), ("Sparse - dense", diff)):
+for label, values in rows:
     st.markdown(f"**{label}**<br>{colored_tokens(a.tokens, values)}", unsafe_allow_html=True)
+if any(noise):
+    st.info(noise_sentence(noise, "token attributions"))
 
 if a.mass_lost:
     st.subheader("Neurons")
     layer = st.number_input("Layer", 0, len(a.mass_lost) - 1, 0, key="layer", bind="query-params")
     c1, c2 = st.columns([2, 1])
     with c1:
-        show(neuron_attribution_plot(a, layer), key="neuron_attr")
+        if not all(a.neuron_noise[layer]):
+            show(neuron_attribution_plot(a, layer), key="neuron_attr")
+        if any(a.neuron_noise[layer]):
+            st.info(noise_sentence(a.neuron_noise[layer], f"neuron attributions in layer {layer}"))
     with c2:
-        st.dataframe(pd.DataFrame({"layer": range(len(a.mass_lost)), "attribution mass lost": a.mass_lost}),
+        st.dataframe(pd.DataFrame({"layer": range(len(a.mass_lost)), "attribution mass lost": a.mass_lost,
+                                   "L1 dense": a.neuron_l1_dense, "L1 sparse": a.neuron_l1_sparse}),
                      hide_index=True)
+        noisy = [str(i) for i, lost in enumerate(a.mass_lost) if lost is None]
+        if noisy:
+            st.info(f"Attribution mass lost is left out for layer{'s' if len(noisy) > 1 else ''} {', '.join(noisy)}, "
+                    "where the dense model's neuron attributions are within rounding noise.")
 else:
     st.info("Neuron attribution is not available for mixture-of-experts models yet.")

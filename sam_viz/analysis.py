@@ -57,6 +57,8 @@ class Analysis:
     sweep: list[dict] | None = None                     # filled on request: density_sweep
     timings_ms: dict[str, float] = field(default_factory=dict)
     cost: dict[str, float] | None = None                # per token, see sam_viz.cost (predictor included)
+    attributions: list = field(default_factory=list)    # sam_viz.attribution.Attribution results kept by the
+                                                        # app; a saved run carries them (see sam_viz.store)
 
     @property
     def n_neurons(self) -> int:

@@ -5,7 +5,11 @@ dropped ("attribution mass lost").
 - Token attribution: LayerIntegratedGradients on the input embeddings (with its convergence
   delta), or LayerGradientXActivation on them (InputXGradient at the embedding layer, the fast
   option). Target: the logit of one next token for causal LMs (default: the dense model's top
-  token); for encoders, the cosine of the mean-pooled embedding to the dense model's embedding.
+  token). For encoders, as in semantic search, the cosine of the prompt's mean-pooled embedding to
+  the DENSE model's embedding of a second sentence, the query (a fixed vector). Default query: the
+  prompt's first sentence when it has several (which words make the passage match its opening),
+  else a fixed question. Not the dense embedding of the prompt itself: that cosine is at its
+  maximum (1) at the input, so the dense gradient there is zero and the attributions are noise.
 - Under sparsity the selection is FROZEN at the one the sparse model made on the real input: along
   the integration path (and for the gradients) every token keeps the neurons it used, so the
   sparse function explained is smooth and IG's completeness holds. (Recomputing the selection at
@@ -13,48 +17,116 @@ dropped ("attribution mass lost").
   not see the jumps.) MoE layers keep routing and choosing per step: only dense MLPs are frozen.
 - Neuron attribution: LayerGradientXActivation on every MLP's activation h (SparseMLP.neurons);
   not for MoE models yet (each expert sees a different subset of the tokens).
+- Rounding noise: where the true gradient at the input is zero, the gradient autograd returns is
+  what the cancellation at the output leaves, about eps * (the output gradient's size), carried
+  back through the network: the n attribution terms are then about eps times those of a target of
+  the same size with a gradient, whose L1 norm is at most sqrt(n) times their L2 norm, itself about
+  |f| (the terms share out a change of f). Floor: sqrt(n) * eps(dtype) * |f|, |f| the larger of
+  |f(input)|, |f(baseline)|; n = T * d_model for the token values, T * d_ff for one layer's neurons.
+  Values whose L1 norm is at or below it are flagged as noise, and mass lost is None for such a
+  layer. Measured (float32): zero-gradient attributions 45-80x under the floor on minilm (1e3x on
+  tiny-bert), the weakest real ones (sparse tiny-bert next to its maximum) 17x over it, minilm's
+  query targets over 1e4x.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from captum.attr import LayerGradientXActivation, LayerIntegratedGradients
 
 from models import InputError, LoadedModel
 from sparse_ops import LayerFiring, Policy, Recorder, install, sparsified
 from sparse_ops.policy import selection_mask
 
-from .analysis import Outputs, Progress, encode_prompt, forward, sentence_embedding
+from .analysis import Analysis, Outputs, Progress, encode_prompt, forward, sentence_embedding, split_sentences
 from .spec import RunSpec
 
 METHODS = ("ig", "ixg")
 MAX_STEPS = 300
+MAX_QUERY_CHARS = 2000
+FALLBACK_QUERY = "What is this text about?"
+KEEP = 8                       # attributions kept on one Analysis (and saved with it), least recent dropped
 
 
 @dataclass
 class Attribution:
     tokens: list[str]
     method: str
-    target: dict                       # {"kind": "logit", "token": str, "id": int} or {"kind": "cosine"}
+    steps: int | None                  # integration steps for ig, None for ixg
+    target: dict                       # {"kind": "logit", "id": int, "token": str} or {"kind": "cosine", "query": str}
     dense: list[float]                 # one attribution per token
     sparse: list[float]
     delta_dense: float | None          # IG convergence delta (None for ixg)
     delta_sparse: float | None
     f_dense: tuple[float, float]       # (f(input), f(baseline))
     f_sparse: tuple[float, float]
-    mass_lost: list[float]             # per layer (empty for MoE models: see neuron attribution below)
+    mass_lost: list[float | None]      # per layer, None where the dense neuron attribution is noise (empty for MoE)
     neurons_dense: list[torch.Tensor]  # per layer [n_neurons]: sum over tokens of the neuron attribution
     neurons_sparse: list[torch.Tensor]
     kept: list[torch.Tensor]           # per layer [n_neurons] int: tokens for which the sparse model computed it
+    neuron_l1_dense: list[float]       # per layer: sum over tokens and neurons of |attribution|
+    neuron_l1_sparse: list[float]
+    floor_tokens: tuple[float, float]  # (dense, sparse): L1 of the token values at or below which they are noise
+    floor_neurons: tuple[float, float]  # the same for one layer's neuron attributions
     timings_ms: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def key(self) -> tuple:
+        return attribution_key(self.method, self.steps, self.target.get("id"), self.target.get("query"))
+
+    @property
+    def token_noise(self) -> tuple[bool, bool]:
+        """(dense, sparse): the token values are within rounding noise of zero."""
+        return (_l1(self.dense) <= self.floor_tokens[0], _l1(self.sparse) <= self.floor_tokens[1])
+
+    @property
+    def neuron_noise(self) -> list[tuple[bool, bool]]:
+        """Per layer (dense, sparse): the neuron attributions are within rounding noise of zero."""
+        return [(d <= self.floor_neurons[0], s <= self.floor_neurons[1])
+                for d, s in zip(self.neuron_l1_dense, self.neuron_l1_sparse)]
+
     def to_json(self) -> dict:
-        return {"tokens": self.tokens, "method": self.method, "target": self.target, "dense": self.dense,
-                "sparse": self.sparse, "delta_dense": self.delta_dense, "delta_sparse": self.delta_sparse,
-                "mass_lost": self.mass_lost}
+        noise = self.token_noise
+        layers = [{"layer": i, "mass_lost": lost, "neuron_l1_dense": d, "neuron_l1_sparse": s,
+                   "noise_dense": nd, "noise_sparse": ns}
+                  for i, (lost, d, s, (nd, ns)) in enumerate(zip(self.mass_lost, self.neuron_l1_dense,
+                                                                  self.neuron_l1_sparse, self.neuron_noise))]
+        return {"tokens": self.tokens, "method": self.method, "steps": self.steps, "target": self.target,
+                "dense": self.dense, "sparse": self.sparse, "delta_dense": self.delta_dense,
+                "delta_sparse": self.delta_sparse, "f_dense": list(self.f_dense), "f_sparse": list(self.f_sparse),
+                "noise": {"tokens_dense": noise[0], "tokens_sparse": noise[1],
+                          "floor_tokens": list(self.floor_tokens), "floor_neurons": list(self.floor_neurons)},
+                "mass_lost": self.mass_lost, "layers": layers}
+
+
+def attribution_key(method: str, steps: int | None, target_id: int | None, query: str | None) -> tuple:
+    """What identifies an attribution of one analysis: method, steps (ig only), target."""
+    return (method, int(steps) if method == "ig" else None, target_id, query)
+
+
+def recall(analysis: Analysis, key: tuple) -> Attribution | None:
+    """The attribution kept on the analysis under `key` (marked most recent), or None."""
+    hit = next((a for a in analysis.attributions if a.key == key), None)
+    if hit is not None:
+        remember(analysis, hit)
+    return hit
+
+
+def remember(analysis: Analysis, result: Attribution) -> None:
+    """Keep `result` on the analysis (a saved run carries it), at most KEEP, least recent dropped. A new
+    list, never an edit in place: sessions share the cached analysis and may be saving it."""
+    others = [a for a in analysis.attributions if a.key != result.key]
+    analysis.attributions = others[max(0, len(others) - KEEP + 1):] + [result]
+
+
+def default_query(prompt: str) -> str:
+    """The prompt's first sentence when it has several, else a fixed question."""
+    sentences = split_sentences(prompt)
+    first = sentences[0] if len(sentences) > 1 else ""
+    return first if 0 < len(first) <= MAX_QUERY_CHARS else FALLBACK_QUERY
 
 
 def likely_targets(loaded: LoadedModel, spec: RunSpec, k: int = 10) -> list[dict]:
@@ -77,20 +149,92 @@ def _baseline(loaded: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(loaded.special_tokens_mask(ids[0])[None], ids, torch.full_like(ids, neutral))
 
 
-def _target_fn(loaded: LoadedModel, enc: dict, target_id: int | None, reference: torch.Tensor | None):
+def _target(loaded: LoadedModel, enc: dict, target_id: int | None, query: str | None) -> tuple[dict, object]:
+    """The target's description and f: input ids [B, T] -> [B]."""
     mask = enc["attention_mask"]
-
-    def f(input_ids: torch.Tensor) -> torch.Tensor:             # [B, T] -> [B]
-        out = loaded.model(input_ids=input_ids, attention_mask=mask.expand(input_ids.shape[0], -1))
+    if loaded.kind == "causal-lm":
+        if query is not None:
+            raise InputError("a query is for sentence encoders; a causal language model explains a next token")
+        logits = forward(loaded, enc).logits[0, -1]                              # [vocab]
+        target_id, reference = int(logits.argmax()) if target_id is None else int(target_id), None
+        if not 0 <= target_id < logits.shape[-1]:
+            raise InputError(f"target token id {target_id} is outside the vocabulary")
+        target = {"kind": "logit", "id": target_id, "token": loaded.token_strings(torch.tensor([target_id]))[0]}
+    else:
         if target_id is not None:
+            raise InputError("a target token is for causal language models; an encoder explains a query's similarity")
+        reference = _query_embedding(loaded, query)
+        target = {"kind": "cosine", "query": query}
+
+    def f(input_ids: torch.Tensor) -> torch.Tensor:                     # [B, T] -> [B]
+        batch_mask = mask.expand(input_ids.shape[0], -1)
+        out = loaded.model(input_ids=input_ids, attention_mask=batch_mask)
+        if reference is None:
             return out.logits[:, -1, target_id]
-        emb = sentence_embedding(Outputs((out.last_hidden_state,), None), mask.expand(input_ids.shape[0], -1))
-        return emb @ reference
-    return f
+        return sentence_embedding(Outputs((out.last_hidden_state,), None), batch_mask) @ reference
+    return target, f
+
+
+def _query_embedding(loaded: LoadedModel, query: str) -> torch.Tensor:
+    """The dense model's unit embedding of the query [d]."""
+    if not isinstance(query, str) or not query.strip():
+        raise InputError("the query is empty; give a sentence to compare the prompt with")
+    if len(query) > MAX_QUERY_CHARS:
+        raise InputError(f"the query is {len(query):,} characters; the limit is {MAX_QUERY_CHARS:,}")
+    enc = loaded.encode(query)
+    if enc["input_ids"].shape[1] > loaded.max_tokens:
+        raise InputError(f"the query is {enc['input_ids'].shape[1]} tokens; the limit is {loaded.max_tokens}")
+    return sentence_embedding(forward(loaded, enc), enc["attention_mask"])[0]
+
+
+@dataclass
+class _Side:
+    """One model's attributions: per token [T], delta, (f(input), f(baseline)), per layer [T, d_ff]."""
+    tokens: torch.Tensor
+    delta: float | None
+    f: tuple[float, float]
+    neurons: list[torch.Tensor]
+    floor_tokens: float
+    floor_neurons: float
+
+
+def noise_floor(n_terms: int, f: tuple[float, float], dtype: torch.dtype) -> float:
+    """L1 norm at or below which n_terms attribution terms are rounding noise (see the docstring)."""
+    return math.sqrt(n_terms) * torch.finfo(dtype).eps * max(abs(f[0]), abs(f[1]))
+
+
+def _side(loaded, kernel, fn, ids, method, steps, step, frac, label, pol, frozen) -> _Side:
+    from captum.attr import LayerGradientXActivation, LayerIntegratedGradients   # ~0.5 s: only when attributing
+
+    step(frac, f"{label}: token attribution ({method}, {steps} steps)" if method == "ig" else label)
+    emb_layer, baseline, n = loaded.model.get_input_embeddings(), _baseline(loaded, ids), ids.shape[1]
+    dtype = next(loaded.model.parameters()).dtype
+    with sparsified(loaded, pol, kernel=kernel, frozen=frozen), torch.no_grad():
+        f = (float(fn(ids)[0]), float(fn(baseline)[0]))
+    with sparsified(loaded, pol, kernel=kernel, frozen=frozen):
+        if method == "ig":
+            attr, delta = LayerIntegratedGradients(fn, emb_layer).attribute(
+                ids, baselines=baseline, n_steps=steps, internal_batch_size=min(steps, 32),
+                return_convergence_delta=True)
+            delta = float(delta[0])
+        else:
+            attr, delta = LayerGradientXActivation(fn, emb_layer).attribute(ids), None
+    per_token = attr[0].sum(-1).detach()                                           # [T]
+    floor_tokens = noise_floor(attr[0].numel(), f, dtype)
+    neurons = []
+    if not loaded.n_experts:          # experts see subsets of the tokens: no per-position h to expose
+        step(frac + 0.2, f"{label}: neuron attribution")
+        with sparsified(loaded, pol, kernel=kernel, frozen=frozen, seq_len=n):
+            neurons = [a[0].detach() for a in LayerGradientXActivation(
+                fn, [m.neurons for m in install(loaded)]).attribute(ids)]           # [T, d_ff] each
+    return _Side(per_token, delta, f, neurons, floor_tokens, noise_floor(n * loaded.d_ff, f, dtype))
 
 
 def attribute(loaded: LoadedModel, spec: RunSpec, method: str = "ig", steps: int = 50,
-              target_id: int | None = None, progress: Progress | None = None) -> Attribution:
+              target_id: int | None = None, query: str | None = None,
+              progress: Progress | None = None) -> Attribution:
+    """Token and neuron attribution of the target, dense and sparse. Encoders: `query` None means
+    default_query(prompt)."""
     step = progress or (lambda frac, text: None)
     if method not in METHODS:
         raise InputError(f"unknown attribution method '{str(method)[:20]}'; choose one of {', '.join(METHODS)}")
@@ -100,16 +244,9 @@ def attribute(loaded: LoadedModel, spec: RunSpec, method: str = "ig", steps: int
     enc = encode_prompt(loaded, spec.prompt)
     ids, n = enc["input_ids"], enc["input_ids"].shape[1]
     step(0.05, "dense pass and the sparse model's selection")
-    dense_out = forward(loaded, enc)
-    reference = None
-    if loaded.kind == "causal-lm":
-        target_id = int(dense_out.logits[0, -1].argmax()) if target_id is None else int(target_id)
-        if not 0 <= target_id < dense_out.logits.shape[-1]:
-            raise InputError(f"target token id {target_id} is outside the vocabulary")
-        target = {"kind": "logit", "id": target_id, "token": loaded.token_strings(torch.tensor([target_id]))[0]}
-    else:
-        reference = sentence_embedding(dense_out, enc["attention_mask"])[0]
-        target_id, target = None, {"kind": "cosine"}
+    if loaded.kind != "causal-lm" and query is None:
+        query = default_query(spec.prompt)
+    target, fn = _target(loaded, enc, target_id, query)
     rec = Recorder()
     policy = spec.to_policy()
     with sparsified(loaded, policy, kernel=spec.kernel, recorder=rec):
@@ -117,44 +254,27 @@ def attribute(loaded: LoadedModel, spec: RunSpec, method: str = "ig", steps: int
     sparse_layers = rec.layers(n, loaded.d_ff * max(1, loaded.n_experts))
     frozen = None if policy.kind == "dense" or loaded.n_experts else {
         i: lf.padded_ids() for i, lf in enumerate(sparse_layers)}
-    fn = _target_fn(loaded, enc, target_id, reference)
-    baseline = _baseline(loaded, ids)
-    emb_layer = loaded.model.get_input_embeddings()
-
-    def tokens_and_neurons(frac: float, label: str, pol: Policy, frz):
-        step(frac, f"{label}: token attribution ({method}, {steps} steps)" if method == "ig" else label)
-        with sparsified(loaded, pol, kernel=spec.kernel, frozen=frz), torch.no_grad():
-            fx, fb = float(fn(ids)[0]), float(fn(baseline)[0])
-        with sparsified(loaded, pol, kernel=spec.kernel, frozen=frz):
-            if method == "ig":
-                attr, delta = LayerIntegratedGradients(fn, emb_layer).attribute(
-                    ids, baselines=baseline, n_steps=steps, internal_batch_size=min(steps, 32),
-                    return_convergence_delta=True)
-                delta = float(delta[0])
-            else:
-                attr, delta = LayerGradientXActivation(fn, emb_layer).attribute(ids), None
-        per_token = attr[0].sum(-1).detach()                                       # [T]
-        if loaded.n_experts:         # experts see subsets of the tokens: no per-position h to expose
-            return per_token, delta, (fx, fb), []
-        step(frac + 0.2, f"{label}: neuron attribution")
-        with sparsified(loaded, pol, kernel=spec.kernel, frozen=frz, seq_len=n):
-            neuron = LayerGradientXActivation(fn, [m.neurons for m in install(loaded)]).attribute(ids)
-        return per_token, delta, (fx, fb), [a[0].detach() for a in neuron]         # [T, d_ff] each
-
-    full = Policy("topk", 1.0)                     # every neuron, through the exposed path: equals dense
-    d_tok, d_delta, d_f, d_neur = tokens_and_neurons(0.1, "dense model", full, None)
-    s_tok, s_delta, s_f, s_neur = tokens_and_neurons(0.55, "sparse model", policy, frozen)
+    args = (loaded, spec.kernel, fn, ids, method, steps, step)
+    d = _side(*args, 0.1, "dense model", Policy("topk", 1.0), None)   # every neuron, exposed: equals dense
+    s = _side(*args, 0.55, "sparse model", policy, frozen)
     step(1.0, "done")
-    selected = [_selected_mask(lf, n, loaded.d_ff) for lf in sparse_layers] if d_neur else []
+    selected = [_selected_mask(lf, n, loaded.d_ff) for lf in sparse_layers] if d.neurons else []
+    l1_dense, l1_sparse = [float(a.abs().sum()) for a in d.neurons], [float(a.abs().sum()) for a in s.neurons]
     return Attribution(
-        tokens=loaded.token_strings(ids[0]), method=method, target=target,
-        dense=d_tok.tolist(), sparse=s_tok.tolist(), delta_dense=d_delta, delta_sparse=s_delta,
-        f_dense=d_f, f_sparse=s_f,
-        mass_lost=[_mass_lost(a, sel) for a, sel in zip(d_neur, selected)],
-        neurons_dense=[a.sum(0) for a in d_neur], neurons_sparse=[a.sum(0) for a in s_neur],
-        kept=[sel.sum(0) for sel in selected],
+        tokens=loaded.token_strings(ids[0]), method=method, steps=steps if method == "ig" else None,
+        target=target, dense=d.tokens.tolist(), sparse=s.tokens.tolist(), delta_dense=d.delta,
+        delta_sparse=s.delta, f_dense=d.f, f_sparse=s.f,
+        mass_lost=[None if l1 <= d.floor_neurons else _mass_lost(a, sel)
+                   for a, sel, l1 in zip(d.neurons, selected, l1_dense)],
+        neurons_dense=[a.sum(0) for a in d.neurons], neurons_sparse=[a.sum(0) for a in s.neurons],
+        kept=[sel.sum(0) for sel in selected], neuron_l1_dense=l1_dense, neuron_l1_sparse=l1_sparse,
+        floor_tokens=(d.floor_tokens, s.floor_tokens), floor_neurons=(d.floor_neurons, s.floor_neurons),
         timings_ms={"total": round((time.perf_counter() - t0) * 1000, 1)},
     )
+
+
+def _l1(values: list[float]) -> float:
+    return sum(abs(v) for v in values)
 
 
 def _selected_mask(lf: LayerFiring, n_tokens: int, d_ff: int) -> torch.Tensor:

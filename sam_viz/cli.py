@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", default="50", help="integration steps for ig")
     t.add_argument("--target", default=None, help="causal LMs: the next token to explain (default: the "
                    "dense model's top token)")
+    t.add_argument("--query", default=None, help="encoders: explain the cosine of the prompt's embedding to "
+                   "this sentence's (dense) embedding (default: the prompt's first sentence when it has several, "
+                   "else a fixed question)")
     t.add_argument("--json", action="store_true")
     b = sub.add_parser("bench", help="benchmarks: kernels (sparse MLP vs dense vs the bandwidth floor), "
                        "decode (greedy tokens/s of a random TinyLlama-shaped model, dense vs sparse)")
@@ -105,22 +108,34 @@ def cmd_attribute(args) -> int:
     _quiet_libraries()
     loaded = load_model(spec.model)
     target_id = _target_id(loaded, args.target) if args.target is not None else None
-    result = attribute(loaded, spec, method=args.method, steps=steps, target_id=target_id)
+    if args.query is not None and loaded.kind == "causal-lm":
+        raise InputError("--query is for sentence encoders; causal language models explain a next token (--target)")
+    result = attribute(loaded, spec, method=args.method, steps=steps, target_id=target_id, query=args.query)
     if args.json:
         print(json.dumps(_finite(result.to_json()), allow_nan=False))
         return 0
+    _print_attribution(spec, result)
+    return 0
+
+
+def _print_attribution(spec, result) -> None:
     print(f"{spec.model}  {spec.policy} at {spec.density:g}  method={result.method}  target={result.target}")
     print(f"{'token':>16}  {'dense':>9}  {'sparse':>9}")
+    noise = result.token_noise
     for tok, d, s in zip(result.tokens, result.dense, result.sparse):
-        print(f"{tok[:16]:>16}  {d:9.4f}  {s:9.4f}")
+        print(f"{tok[:16]:>16}  {'noise' if noise[0] else f'{d:.4f}':>9}  {'noise' if noise[1] else f'{s:.4f}':>9}")
     print(f"delta dense={result.delta_dense}  delta sparse={result.delta_sparse}")
-    print("attribution mass lost per layer: " + " ".join(f"{x:.3f}" for x in result.mass_lost))
-    return 0
+    print("layer  mass_lost  neuron_l1_dense  neuron_l1_sparse")
+    for row in result.to_json()["layers"]:
+        lost = "noise" if row["mass_lost"] is None else f"{row['mass_lost']:.3f}"
+        print(f"{row['layer']:>5}  {lost:>9}  {row['neuron_l1_dense']:15.4g}  {row['neuron_l1_sparse']:16.4g}")
+    if any(noise) or any(d or s for d, s in result.neuron_noise):
+        print("noise: values within rounding noise of zero (the target's gradient vanishes at the input)")
 
 
 def _target_id(loaded, token: str) -> int:
     if loaded.kind != "causal-lm":
-        raise InputError("--target is for causal language models; encoders explain the embedding cosine")
+        raise InputError("--target is for causal language models; encoders explain a query's similarity (--query)")
     ids = loaded.plain_ids(token)
     if len(ids) != 1:
         raise InputError(f"target '{token[:40]}' is {len(ids)} tokens for this tokenizer; give a single token")

@@ -138,13 +138,19 @@ def expert_load(a: Analysis) -> Plot:
 
 def neuron_attribution_plot(attribution, layer: int, top: int = 20) -> Plot:
     """The layer's `top` neurons by |dense attribution| (summed over tokens): dense next to sparse,
-    each labelled with the number of tokens for which the sparse model computed it."""
-    dense, sparse = attribution.neurons_dense[layer], attribution.neurons_sparse[layer]
-    ids = torch.topk(dense.abs(), min(top, dense.numel())).indices.tolist()[::-1]
+    each labelled with the number of tokens for which the sparse model computed it. A model whose
+    attributions are within rounding noise (attribution.neuron_noise) is left out, and ranks nothing."""
+    series = [(name, values) for name, values, noise in
+              zip(("dense", "sparse"), (attribution.neurons_dense[layer], attribution.neurons_sparse[layer]),
+                  attribution.neuron_noise[layer]) if not noise]
+    rank = series[0][1] if series else attribution.neurons_dense[layer]
+    ids = torch.topk(rank.abs(), min(top, rank.numel()) if series else 0).indices.tolist()[::-1]
     kept, n = attribution.kept[layer], len(attribution.tokens)
     labels = [f"neuron {j} · " + ("dropped" if kept[j] == 0 else f"kept {int(kept[j])}/{n}") for j in ids]
-    fig = go.Figure([go.Bar(name="dense", y=labels, x=[float(dense[j]) for j in ids], orientation="h"),
-                     go.Bar(name="sparse", y=labels, x=[float(sparse[j]) for j in ids], orientation="h")])
+    colors = {"dense": "#636efa", "sparse": "#ef553b"}                # the same colour with or without the other
+    fig = go.Figure([go.Bar(name=name, y=labels, x=[float(values[j]) for j in ids], orientation="h",
+                            marker_color=colors[name]) for name, values in series])
     return Plot(_style(fig, f"Layer {layer}: neurons carrying the most attribution", "attribution (sum over tokens)",
-                       "neuron", sub=f"top {len(ids)} by |dense attribution| · kept: tokens computed",
-                       barmode="group", height=max(360, 130 + 24 * len(ids))))
+                       "neuron", sub=f"top {len(ids)} by |{series[0][0] if series else 'dense'} attribution| · "
+                       "kept: tokens computed", barmode="group", showlegend=True,
+                       height=max(360, 130 + 24 * len(ids))))

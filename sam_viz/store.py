@@ -1,9 +1,12 @@
 """Saved runs behind share links (`?run=<id>`): an Analysis as bytes, and a SQLite run store.
 
-Format, version 1, no pickle: one safetensors file (Hugging Face's safe tensor format). Tensors are
+Format, version 2, no pickle: one safetensors file (Hugging Face's safe tensor format). Tensors are
 named `layers.<i>.<field>` and `dense_layers.<i>.<field>` after LayerFiring's fields; a field that
-is None has no tensor. The header's `__metadata__` holds `format` ("sam-viz-run"), `version` ("1")
+is None has no tensor. The header's `__metadata__` holds `format` ("sam-viz-run"), `version` ("2")
 and `analysis`: JSON of every other Analysis field, with the RunSpec as a dict and the layer counts.
+Version 2 adds the attributions computed before saving (sam_viz.attribution.Attribution): their
+per-layer tensors as `attributions.<k>.<field>.<layer>` (neurons_dense, neurons_sparse, kept), every
+other field in the JSON list `attributions`. Version 1 (no attributions) still loads.
 Loading validates structure, types and shapes; anything else is one InputError sentence.
 """
 from __future__ import annotations
@@ -28,11 +31,13 @@ from models import InputError
 from sparse_ops import LayerFiring
 
 from .analysis import Analysis
+from .attribution import KEEP, MAX_STEPS, METHODS, Attribution
 from .spec import RunSpec
 
 log = logging.getLogger(__name__)
 
-FORMAT, VERSION = "sam-viz-run", "1"
+FORMAT, VERSION = "sam-viz-run", "2"
+READS = ("1", "2")                                  # versions this code loads
 CORRUPT = "saved run is corrupt or from an incompatible version"
 TRACES = ("layers", "dense_layers")
 LAYER_FIELDS = tuple(f.name for f in fields(LayerFiring))
@@ -41,6 +46,10 @@ META_TYPES = {"kind": str, "model_type": str, "tokens": list, "d_ff": int, "n_ex
               "compare": dict, "layer_divergence": list, "next_tokens": (dict, type(None)),
               "sentence_cosines": (list, type(None)), "continuation": (dict, type(None)),
               "sweep": (list, type(None)), "timings_ms": dict}
+ATTR_TENSORS = ("neurons_dense", "neurons_sparse", "kept")                # one [d_ff] tensor per layer each
+ATTR_FLOAT_LISTS = ("dense", "sparse", "neuron_l1_dense", "neuron_l1_sparse")
+ATTR_PAIRS = ("f_dense", "f_sparse", "floor_tokens", "floor_neurons")       # tuples of two floats
+ATTR_FIELDS = tuple(f.name for f in fields(Attribution))
 _KERNEL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 DEFAULT_DB = Path("runs") / "runs.sqlite"
@@ -58,8 +67,13 @@ def analysis_to_bytes(a: Analysis) -> bytes:
     tensors = {f"{trace}.{i}.{name}": t.detach().cpu().clone(memory_format=torch.contiguous_format)
                for trace in TRACES for i, layer in enumerate(getattr(a, trace))
                for name in LAYER_FIELDS if (t := getattr(layer, name)) is not None}
+    tensors.update({f"attributions.{k}.{name}.{i}": t.detach().cpu().contiguous()
+                    for k, r in enumerate(a.attributions) for name in ATTR_TENSORS
+                    for i, t in enumerate(getattr(r, name))})
     meta = {f.name: getattr(a, f.name) for f in fields(Analysis) if f.name not in TRACES}
     meta["spec"] = asdict(a.spec)
+    meta["attributions"] = [{name: getattr(r, name) for name in ATTR_FIELDS if name not in ATTR_TENSORS}
+                            for r in a.attributions]
     meta["n_layers"] = {trace: len(getattr(a, trace)) for trace in TRACES}
     return safetensors.torch.save(tensors, metadata={"format": FORMAT, "version": VERSION,
                                                      "analysis": json.dumps(meta)})
@@ -79,20 +93,85 @@ def _decode(blob: bytes) -> Analysis:
     if not 0 < n <= len(blob) - 8:
         raise ValueError("header length out of range")
     head = json.loads(blob[8:8 + n])["__metadata__"]
-    if head["format"] != FORMAT or head["version"] != VERSION:
+    if head["format"] != FORMAT or head["version"] not in READS:
         raise ValueError(f"format {head['format']!r} version {head['version']!r}")
     meta = json.loads(head["analysis"])
     tensors = safetensors.torch.load(blob)
     counts = meta.pop("n_layers")
+    saved = meta.pop("attributions", [] if head["version"] == "1" else None)
     traces = {trace: [_layer(tensors, f"{trace}.{i}") for i in range(counts[trace])] for trace in TRACES}
-    if tensors:
-        raise ValueError(f"unexpected tensors {sorted(tensors)[:3]}")
     for name, kind in META_TYPES.items():
         if not isinstance(meta[name], kind) or isinstance(meta[name], bool):
             raise ValueError(f"{name} has type {type(meta[name]).__name__}")
     a = Analysis(spec=_spec(meta.pop("spec")), **traces, **meta)
     _check_shapes(a)
+    a.attributions = _attributions(saved, tensors, a)
+    if tensors:
+        raise ValueError(f"unexpected tensors {sorted(tensors)[:3]}")
     return a
+
+
+def _attributions(saved: list, tensors: dict[str, torch.Tensor], a: Analysis) -> list[Attribution]:
+    """The saved attributions, each checked against the analysis it belongs to; tensors are popped."""
+    if not isinstance(saved, list) or len(saved) > KEEP:
+        raise ValueError("attributions must be a short list")
+    out = []
+    for k, d in enumerate(saved):
+        if not isinstance(d, dict) or set(d) != set(ATTR_FIELDS) - set(ATTR_TENSORS):
+            raise ValueError("attribution fields")
+        n_layers = len(d["mass_lost"]) if isinstance(d["mass_lost"], list) else -1
+        if n_layers not in ((0,) if a.n_experts else (a.n_layers,)):
+            raise ValueError("attribution layers do not match the analysis")
+        layers = {name: [tensors.pop(f"attributions.{k}.{name}.{i}") for i in range(n_layers)] for name in ATTR_TENSORS}
+        r = Attribution(**{**d, **{name: tuple(d[name]) for name in ATTR_PAIRS if isinstance(d[name], list)}},
+                        **layers)
+        _check_attribution(r, a)
+        out.append(r)
+    if len({r.key for r in out}) != len(out):
+        raise ValueError("two attributions with one key")
+    return out
+
+
+def _check_attribution(r: Attribution, a: Analysis) -> None:
+    n_tokens, n_layers = len(a.tokens), len(r.mass_lost)
+    if r.tokens != a.tokens or r.method not in METHODS:
+        raise ValueError("attribution tokens or method")
+    ig = r.method == "ig"
+    if (ig and not (_int(r.steps) and 2 <= r.steps <= MAX_STEPS)) or (not ig and r.steps is not None):
+        raise ValueError("attribution steps")
+    deltas = (r.delta_dense, r.delta_sparse)
+    if not (all(map(_float, deltas)) if ig else deltas == (None, None)):
+        raise ValueError("attribution deltas")
+    want = {"causal-lm": {"kind": "logit", "id": 0, "token": ""}}.get(a.kind, {"kind": "cosine", "query": ""})
+    if not (isinstance(r.target, dict) and set(r.target) == set(want) and r.target["kind"] == want["kind"]
+            and all(type(r.target[k]) is type(v) for k, v in want.items())):
+        raise ValueError("attribution target")
+    if not all(_floats(getattr(r, name), n_tokens if name in ("dense", "sparse") else n_layers)
+               for name in ATTR_FLOAT_LISTS):
+        raise ValueError("attribution values")
+    if not all(isinstance(getattr(r, name), tuple) and _floats(list(getattr(r, name)), 2) for name in ATTR_PAIRS):
+        raise ValueError("attribution pairs")
+    if not (all(x is None or _float(x) for x in r.mass_lost) and isinstance(r.timings_ms, dict)
+            and all(isinstance(k, str) and _float(v) for k, v in r.timings_ms.items())):
+        raise ValueError("attribution mass lost or timings")
+    for name in ATTR_TENSORS:
+        for t in getattr(r, name):
+            if tuple(t.shape) != (a.d_ff,) or t.is_floating_point() != (name != "kept"):
+                raise ValueError(f"attribution tensor {name}")
+    if any(int(t.min()) < 0 or int(t.max()) > n_tokens for t in r.kept):
+        raise ValueError("attribution kept counts")
+
+
+def _float(x) -> bool:
+    return isinstance(x, float)
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _floats(values, n: int) -> bool:
+    return isinstance(values, list) and len(values) == n and all(_float(v) for v in values)
 
 
 def _layer(tensors: dict[str, torch.Tensor], prefix: str) -> LayerFiring:

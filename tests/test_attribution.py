@@ -1,31 +1,40 @@
 """Attribution through sparse MLPs (captum): completeness, density-1 equality, attribution mass
-lost, and no hooks left behind (also after an error inside the computation)."""
+lost, the encoders' query target, rounding-noise flags, neuron L1 norms against autograd by hand,
+and no hooks left behind (also after an error inside the computation)."""
 import json
+import math
 
 import pytest
 import torch
 
 from conftest import HELD_OUT, shared
 from sam_viz import RunSpec, analyze
-from sam_viz.attribution import attribute
+from sam_viz.attribution import FALLBACK_QUERY, attribute, default_query
 from sam_viz.cli import main
-from sparse_ops import KERNELS, current_run, sparsified
+from sparse_ops import KERNELS, current_run, install, sparsified
 from test_isolation import GLOBAL_HOOKS, hook_snapshot
 
 PROMPT = "The old sailor told stories about storms and distant harbours."
+EPS32 = torch.finfo(torch.float32).eps
 
 
-def _f_input(m, spec, target_id):
-    """f(x) computed here: the target logit, or the embedding cosine to the dense embedding."""
+def _pool(out):
+    """Mean-pooled, unit last hidden state of a one-sequence batch (no padding)."""
+    return torch.nn.functional.normalize(out.last_hidden_state[0].mean(0), dim=0)
+
+
+def _f_input(m, spec, target):
+    """f(x) computed here: the target logit, or the cosine of the embedding to the dense model's
+    embedding of the query."""
     enc = m.encode(spec.prompt)
     with torch.no_grad():
         dense = m.model(**enc)
         with sparsified(m, spec.to_policy()):
             sparse = m.model(**enc)
-    if m.kind == "causal-lm":
-        return float(dense.logits[0, -1, target_id]), float(sparse.logits[0, -1, target_id])
-    pool = lambda o: torch.nn.functional.normalize(o.last_hidden_state[0].mean(0), dim=0)  # noqa: E731
-    return 1.0, float(pool(dense) @ pool(sparse))
+        if m.kind == "causal-lm":
+            return float(dense.logits[0, -1, target["id"]]), float(sparse.logits[0, -1, target["id"]])
+        query = _pool(m.model(**m.encode(target["query"])))
+    return float(_pool(dense) @ query), float(_pool(sparse) @ query)
 
 
 @pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt2", "minilm"])
@@ -34,7 +43,7 @@ def test_integrated_gradients_are_complete(spec, policy, density):
     m = shared(spec)
     run = RunSpec(prompt=PROMPT, model=spec, policy=policy, density=density)
     a = attribute(m, run, method="ig", steps=50)
-    fx_dense, fx_sparse = _f_input(m, run, a.target.get("id"))
+    fx_dense, fx_sparse = _f_input(m, run, a.target)
     assert a.f_dense[0] == pytest.approx(fx_dense, abs=1e-4)
     assert a.f_sparse[0] == pytest.approx(fx_sparse, abs=1e-4)
     for attrs, (fx, fb), delta in ((a.dense, a.f_dense, a.delta_dense), (a.sparse, a.f_sparse, a.delta_sparse)):
@@ -103,14 +112,105 @@ def test_cli_attribute_json(capsys):
     assert main(["attribute", "--model", "tiny-llama", "--prompt", PROMPT, "--policy", "threshold",
                  "--density", "0.3", "--steps", "30", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert {"tokens", "dense", "sparse", "delta_dense", "delta_sparse", "mass_lost"} <= set(out)
+    assert {"tokens", "dense", "sparse", "delta_dense", "delta_sparse", "mass_lost", "noise", "layers"} <= set(out)
     assert len(out["dense"]) == len(out["sparse"]) == len(out["tokens"])
     assert len(out["mass_lost"]) == 2
+    assert [set(layer) for layer in out["layers"]] == [{"layer", "mass_lost", "neuron_l1_dense", "neuron_l1_sparse",
+                                                        "noise_dense", "noise_sparse"}] * 2
+
+
+def _hand_neuron_l1(m, spec: RunSpec, target: dict, sparse: bool) -> list[float]:
+    """Per layer, sum over tokens and neurons of |h * df/dh|, by hand: autograd on the activations h
+    entering each down projection (the original modules, outside any sparse run); for the sparse
+    model, h is masked to each token's top k = round(density * d_ff) neurons by |h| at every layer."""
+    enc = m.encode(spec.prompt)
+    k, hs = round(spec.density * m.d_ff), []
+    if target["kind"] == "cosine":
+        with torch.no_grad():
+            query = _pool(m.model(**m.encode(target["query"])))
+
+    def capture(module, inputs):
+        h = inputs[0]                                                   # [1, T, d_ff]
+        if sparse:
+            h = h * torch.zeros_like(h).scatter(-1, h.abs().topk(k, dim=-1).indices, 1.0)
+        h.retain_grad()
+        hs.append(h)
+        return (h,)
+
+    handles = [mlp.resolve(m.adapter.down).register_forward_pre_hook(capture) for mlp in install(m)]
+    try:
+        emb = m.model.get_input_embeddings()(enc["input_ids"]).detach().requires_grad_()
+        out = m.model(inputs_embeds=emb, attention_mask=enc["attention_mask"])
+        f = out.logits[0, -1, target["id"]] if target["kind"] == "logit" else _pool(out) @ query
+        f.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [float((h.detach() * h.grad).abs().sum()) for h in hs]
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-bert"])
+def test_cli_neuron_l1_norms_equal_gradient_x_activation_by_hand(spec, capsys):
+    assert main(["attribute", "--model", spec, "--prompt", PROMPT, "--policy", "topk", "--density", "0.25",
+                 "--method", "ixg", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    run = RunSpec(prompt=PROMPT, model=spec, policy="topk", density=0.25)
+    for name, sparse in (("neuron_l1_dense", False), ("neuron_l1_sparse", True)):
+        by_hand = _hand_neuron_l1(shared(spec), run, out["target"], sparse)
+        assert [layer[name] for layer in out["layers"]] == pytest.approx(by_hand, rel=1e-4)
+        assert min(by_hand) > 0
+
+
+def test_default_query_is_the_first_of_several_sentences_else_a_fixed_question():
+    assert default_query("Cats purr. Dogs bark!") == "Cats purr."
+    assert default_query(PROMPT) == FALLBACK_QUERY
+    assert default_query("x" * 3000 + ". Second one.") == FALLBACK_QUERY
+
+
+@pytest.fixture(scope="module")
+def minilm_targets():
+    """minilm with the default query, and with the prompt as its own query (the old target: the
+    cosine is at its maximum at the input, so the dense gradient there is zero)."""
+    m, run = shared("minilm"), RunSpec(prompt=PROMPT, model="minilm", policy="topk", density=0.5)
+    return attribute(m, run, method="ixg"), attribute(m, run, method="ixg", query=PROMPT)
+
+
+def test_minilm_default_query_is_far_above_rounding_noise(minilm_targets):
+    a, at_maximum = minilm_targets
+    assert a.target == {"kind": "cosine", "query": FALLBACK_QUERY}
+    assert a.token_noise == (False, False) and a.neuron_noise == [(False, False)] * 6
+    floor = math.sqrt(len(a.tokens) * 1536) * EPS32 * max(map(abs, a.f_dense))
+    for dense, sparse, noise in zip(a.neuron_l1_dense, a.neuron_l1_sparse, at_maximum.neuron_l1_dense):
+        assert dense > 1e3 * noise and dense > 1e3 * floor         # float32 noise, measured and bounded
+        assert 0.1 < dense / sparse < 10                          # comparable with the sparse model's
+    assert all(isinstance(x, float) and 0 < x < 1 for x in a.mass_lost)
+
+
+def test_a_target_with_zero_gradient_is_flagged_as_noise(minilm_targets):
+    _, a = minilm_targets
+    assert a.f_dense[0] == pytest.approx(1.0, abs=1e-6)            # cosine to itself: the maximum
+    assert a.token_noise == (True, False)                          # the sparse cosine is below 1: a gradient
+    assert a.neuron_noise == [(True, False)] * 6
+    assert a.mass_lost == [None] * 6
+    assert a.to_json()["mass_lost"] == [None] * 6
+
+
+def test_cli_attribute_json_gives_null_mass_lost_for_noise(capsys):
+    assert main(["attribute", "--model", "tiny-bert", "--prompt", PROMPT, "--query", PROMPT, "--method", "ixg",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["target"] == {"kind": "cosine", "query": PROMPT}
+    assert out["mass_lost"] == [None, None] and [layer["mass_lost"] for layer in out["layers"]] == [None, None]
+    assert [(layer["noise_dense"], layer["noise_sparse"]) for layer in out["layers"]] == [(True, False)] * 2
+    assert out["noise"]["tokens_dense"] is True and out["noise"]["tokens_sparse"] is False
 
 
 @pytest.mark.parametrize("args", [["--density", "abc"], ["--policy", "nope"], ["--model", "/etc"],
                                   ["--steps", "0"], ["--steps", "x"], ["--method", "shap"],
-                                  ["--model", "tiny-llama", "--target", "two words"], ["--prompt", ""]])
+                                  ["--model", "tiny-llama", "--target", "two words"], ["--prompt", ""],
+                                  ["--model", "tiny-llama", "--query", "a question"],
+                                  ["--model", "tiny-bert", "--target", "a"], ["--model", "tiny-bert", "--query", " "],
+                                  ["--model", "tiny-bert", "--query", "x" * 3000]])
 def test_cli_attribute_bad_input(args, capsys):
     assert main(["attribute", "--prompt", PROMPT, *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()

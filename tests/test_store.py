@@ -1,12 +1,13 @@
 """Saved runs: byte round trip of every Analysis field (checked field by field, independently of the
-serialiser), corrupt input, and the SQLite run store (restart, WAL, ids, hostile ids, threads)."""
+serialiser) and of the attributions saved with it, corrupt input, the old format (version 1), and
+the SQLite run store (restart, WAL, ids, hostile ids, threads)."""
 import json
 import math
 import re
 import sqlite3
 import struct
 import threading
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from datetime import datetime
 
 import pytest
@@ -15,19 +16,24 @@ import torch
 
 from conftest import shared
 from sam_viz import Analysis, InputError, RunSpec, analyze, density_sweep, greedy_continuation
+from sam_viz.attribution import KEEP, attribute, recall, remember
 from sam_viz.store import RunStore, analysis_from_bytes, analysis_to_bytes
 
 HOSTILE_IDS = ("' OR 1=1 --", "x" * 10_000, "", None, 123, "../../etc/pass", "AAAAAAAAAAA\x00",
                "AAAAAAAAAAAA;", "ÄAAAAAAAAAAA", "AAAAAAAAAAAA\n", ["AAAAAAAAAAAA"])
 
 
-def run(spec, prompt="The cat sat on the mat. Then it slept.", policy="threshold", density=0.3):
-    return analyze(shared(spec), RunSpec(prompt=prompt, model=spec, policy=policy, density=density))
+def run(spec, prompt="The cat sat on the mat. Then it slept.", policy="threshold", density=0.3, attributions=()):
+    """An analysis, with the attributions computed for it (as the Attribution page keeps them)."""
+    a = analyze(shared(spec), RunSpec(prompt=prompt, model=spec, policy=policy, density=density))
+    for kwargs in attributions:
+        remember(a, attribute(shared(spec), a.spec, **kwargs))
+    return a
 
 
 @pytest.fixture(scope="module")
 def llama():
-    a = run("tiny-llama")
+    a = run("tiny-llama", attributions=[dict(method="ig", steps=8), dict(method="ixg", target_id=5)])
     m = shared("tiny-llama")
     a.sweep = density_sweep(m, a.spec, densities=(0.1, 0.5))
     a.continuation = greedy_continuation(m, a.spec, 5)
@@ -36,12 +42,13 @@ def llama():
 
 @pytest.fixture(scope="module")
 def mixtral():
-    return run("tiny-mixtral", policy="topk")
+    return run("tiny-mixtral", policy="topk", attributions=[dict(method="ixg")])
 
 
 @pytest.fixture(scope="module")
 def bert():
-    return run("tiny-bert", prompt="First sentence here. A second one! And a third?")
+    prompt = "First sentence here. A second one! And a third?"
+    return run("tiny-bert", prompt=prompt, attributions=[dict(method="ixg", query=prompt), dict(steps=4)])
 
 
 def assert_same(x, y, path="analysis"):
@@ -85,12 +92,17 @@ def test_round_trip_covers_optional_fields(llama, mixtral, bert):
     assert bert.sentence_cosines and len(bert.sentence_cosines) == 3 and bert.next_tokens is None
     b = analysis_from_bytes(analysis_to_bytes(mixtral))
     assert torch.equal(b.layers[1].experts, mixtral.layers[1].experts)
+    assert [len(a.attributions) for a in (llama, mixtral, bert)] == [2, 1, 2]
+    assert mixtral.attributions[0].mass_lost == [] and len(llama.attributions[0].mass_lost) == 2
+    assert bert.attributions[0].mass_lost == [None, None]         # its query is the prompt: dense is noise
+    assert {a.target["kind"] for a in bert.attributions} == {"cosine"}
 
 
 def test_round_trip_of_unusual_values(llama):
     a = analysis_from_bytes(analysis_to_bytes(llama))
     a.compare = {"kl": float("nan"), "max_abs_diff": float("inf")}
     a.tokens = ["<script>", "\u2581caf\u00e9", "\ud83d", "\x00"] + a.tokens[4:]
+    a.attributions = [replace(r, tokens=a.tokens, f_dense=(float("nan"), float("-inf"))) for r in a.attributions]
     a.layers[0].activations = None
     assert_same(a, analysis_from_bytes(analysis_to_bytes(a)))
 
@@ -126,6 +138,102 @@ def test_malformed_bytes_raise_one_input_error(llama):
     for blob in cases:
         with pytest.raises(InputError, match="^saved run is corrupt or from an incompatible version$"):
             analysis_from_bytes(blob)
+
+
+def _with_attribution(blob, k=0, tensors=None, **changes):
+    """The blob with fields of its k-th saved attribution changed, and tensors changed (None: drop)."""
+    meta = _header(blob)
+    analysis = json.loads(meta["analysis"])
+    analysis["attributions"][k].update(changes)
+    meta["analysis"] = json.dumps(analysis)
+    stored = safetensors.torch.load(blob)
+    for name, t in (tensors or {}).items():
+        if t is None:
+            del stored[name]
+        else:
+            stored[name] = t
+    return safetensors.torch.save(stored, metadata=meta)
+
+
+def _version_1(blob, keep_tensors=False):
+    """The blob as version 1 wrote it: no attributions in the metadata, none in the tensors."""
+    meta = _header(blob)
+    analysis = json.loads(meta["analysis"])
+    del analysis["attributions"]
+    stored = {k: v for k, v in safetensors.torch.load(blob).items() if keep_tensors or not k.startswith("attributions.")}
+    return safetensors.torch.save(stored, metadata={**meta, "version": "1", "analysis": json.dumps(analysis)})
+
+
+def test_saved_attributions_come_back_as_computed(llama, bert):
+    for a in (llama, bert):
+        b = analysis_from_bytes(analysis_to_bytes(a))
+        assert_same(a.attributions, b.attributions)
+        assert [r.key for r in b.attributions] == [r.key for r in a.attributions]
+        assert [r.to_json() for r in b.attributions] == [r.to_json() for r in a.attributions]
+    assert llama.attributions[1].key == ("ixg", None, 5, None)
+
+
+def test_old_format_without_attributions_still_loads(llama, bert):
+    for a in (llama, bert):
+        old = analysis_from_bytes(_version_1(analysis_to_bytes(a)))
+        assert old.attributions == []
+        assert_same(replace(a, attributions=[]), old)
+    with pytest.raises(InputError, match="^saved run is corrupt or from an incompatible version$"):
+        analysis_from_bytes(_version_1(analysis_to_bytes(llama), keep_tensors=True))
+
+
+def test_hostile_attribution_metadata_raises_one_input_error(llama, bert):
+    good = analysis_to_bytes(llama)
+    n_tokens = len(llama.tokens)
+    meta = json.loads(_header(good)["analysis"])
+    first, tensors = meta["attributions"][0], safetensors.torch.load(good)
+    copy_tensors = {k.replace("attributions.0.", "attributions.2."): v for k, v in tensors.items()
+                    if k.startswith("attributions.0.")}
+    cases = [_with_metadata(good, attributions="x"), _with_metadata(good, attributions=[{}]),
+             _with_metadata(good, attributions=[first] * (KEEP + 1)),
+             _with_metadata(good, attributions=meta["attributions"] + [first]),       # tensors missing
+             _with_attribution(_with_metadata(good, attributions=meta["attributions"] + [first]),
+                               tensors=copy_tensors),                                 # the same key twice
+             _with_attribution(good, method="shap"), _with_attribution(good, steps=0),
+             _with_attribution(good, steps="8"), _with_attribution(good, steps=True),
+             _with_attribution(good, k=1, steps=8), _with_attribution(good, delta_dense=None),
+             _with_attribution(good, target={"kind": "cosine", "query": "x"}),
+             _with_attribution(good, target={"kind": "logit", "id": "5", "token": "a"}),
+             _with_attribution(good, target={**first["target"], "extra": 1}),
+             _with_attribution(good, dense=first["dense"][:-1]), _with_attribution(good, dense=["1"] * n_tokens),
+             _with_attribution(good, sparse=[True] * n_tokens), _with_attribution(good, f_dense=[1.0, 2.0, 3.0]),
+             _with_attribution(good, mass_lost=[0.1]), _with_attribution(good, mass_lost=["x", 0.1]),
+             _with_attribution(good, neuron_l1_dense=[1.0]), _with_attribution(good, tokens=["a"] * n_tokens),
+             _with_attribution(good, timings_ms={"total": "slow"}), _with_attribution(good, floor_tokens="x"),
+             _with_attribution(good, surprise=1),
+             _with_attribution(good, tensors={"attributions.0.neurons_dense.0": torch.zeros(3)}),
+             _with_attribution(good, tensors={"attributions.0.kept.1": torch.full((llama.d_ff,), n_tokens + 1)}),
+             _with_attribution(good, tensors={"attributions.0.kept.1": torch.zeros(llama.d_ff)}),
+             _with_attribution(good, tensors={"attributions.0.neurons_sparse.1": None}),
+             _with_attribution(good, tensors={"attributions.0.neurons_dense.9": torch.zeros(llama.d_ff)}),
+             _with_attribution(analysis_to_bytes(bert), target={"kind": "logit", "id": 1, "token": "a"})]
+    analysis_from_bytes(_with_attribution(good))                      # unchanged, it loads
+    headless = _header(good)
+    del headless["analysis"]
+    no_list = json.loads(_header(good)["analysis"])
+    del no_list["attributions"]
+    cases.append(safetensors.torch.save(tensors, metadata={**headless, "analysis": json.dumps(no_list)}))
+    for blob in cases:
+        with pytest.raises(InputError, match="^saved run is corrupt or from an incompatible version$"):
+            analysis_from_bytes(blob)
+
+
+def test_an_analysis_keeps_its_most_recently_used_attributions(llama):
+    a = replace(llama, attributions=[])
+    results = [replace(llama.attributions[0], steps=s) for s in range(2, 2 + KEEP + 2)]
+    for r in results:
+        remember(a, r)
+    assert [r.steps for r in a.attributions] == [r.steps for r in results[-KEEP:]]
+    oldest = a.attributions[0]
+    assert recall(a, oldest.key) is oldest and a.attributions[-1] is oldest
+    assert recall(a, ("ig", 999, None, None)) is None
+    remember(a, results[0])                                          # the least recently used one goes
+    assert [r.steps for r in a.attributions] == [r.steps for r in results[-KEEP + 2:]] + [oldest.steps, 2]
 
 
 def test_kernel_missing_here_is_kept_as_history(llama):
