@@ -15,12 +15,11 @@ Reported per density: dense and sparse tokens/s (timed decode steps only, KV cac
 sparse runs interleaved), f_mlp = share of a dense decode step spent in the MLPs (timed inside the
 step), the ideal speedup 1 / (f_other + f_mlp * density) and the share of it achieved.
 
-    python -m sam_viz bench decode [--quick] [--json]
+    python -m sam_viz bench decode [--quick] [--json]      (or python -m bench.decode)
 """
 from __future__ import annotations
 
 import functools
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -158,21 +157,16 @@ def run(cfg: DecodeConfig = DecodeConfig(), densities=DENSITIES, progress=None) 
     return [row(d, dense, sparse[d], f_mlp, cfg) for d in densities]
 
 
-def main(argv: list[str]) -> int:
-    quick, as_json = "--quick" in argv, "--json" in argv
-    cfg = QUICK if quick else DecodeConfig()
-    rows = run(cfg)
-    if as_json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    print(f"random Llama: hidden {cfg.hidden}, intermediate {cfg.intermediate}, {cfg.heads} heads / "
-          f"{cfg.kv_heads} KV heads, {cfg.layers} layers, vocab {cfg.vocab}, fp32; batch 1, prompt {cfg.prompt}, "
-          f"{cfg.new} greedy steps x {cfg.repeats} repeats (medians per step); threads {torch.get_num_threads()}")
-    print("policy static (static sets from a bench-built calibration on random tokens), kernel cpu; "
-          f"f_mlp = {rows[0]['f_mlp']:.3f} of a dense step; ideal = 1 / (f_other + f_mlp * density), relative "
-          "to torch's dense MLP (a kernel that reads rows faster than torch's dense GEMV can pass 100%)")
-    print("density  dense_tok_s  sparse_tok_s  speedup  ideal  share_of_ideal")
+def report(rows: list[dict], cfg: DecodeConfig) -> list[str]:
+    """The rows as the table `bench decode` prints, after the setting and the f_mlp it measured."""
+    lines = [f"random Llama: hidden {cfg.hidden}, intermediate {cfg.intermediate}, {cfg.heads} heads / "
+             f"{cfg.kv_heads} KV heads, {cfg.layers} layers, vocab {cfg.vocab}, fp32; batch 1, prompt {cfg.prompt}, "
+             f"{cfg.new} greedy steps x {cfg.repeats} repeats (medians per step); threads {torch.get_num_threads()}",
+             "policy static (static sets from a bench-built calibration on random tokens), kernel cpu; "
+             f"f_mlp = {rows[0]['f_mlp']:.3f} of a dense step; ideal = 1 / (f_other + f_mlp * density), relative "
+             "to torch's dense MLP (a kernel that reads rows faster than torch's dense GEMV can pass 100%)",
+             "density  dense_tok_s  sparse_tok_s  speedup  ideal  share_of_ideal"]
     for r in rows:
-        print(f"{r['density']:7.2f}  {r['dense_tok_s']:11.2f}  {r['sparse_tok_s']:12.2f}  {r['speedup']:7.2f}  "
-              f"{r['ideal_speedup']:5.2f}  {r['share_of_ideal']:14.1%}")
-    return 0
+        lines.append(f"{r['density']:7.2f}  {r['dense_tok_s']:11.2f}  {r['sparse_tok_s']:12.2f}  {r['speedup']:7.2f}  "
+                     f"{r['ideal_speedup']:5.2f}  {r['share_of_ideal']:14.1%}")
+    return lines

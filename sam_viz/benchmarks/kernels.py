@@ -6,11 +6,10 @@ the time to read *all* rows that way (`dense_floor_ms`, what a dense MLP at full
 take), since torch's bf16 dense GEMV runs well below bandwidth and flatters a bf16 speedup.
 Weight copies are rotated so that each call reads from memory, not from a warm cache.
 
-    python -m sam_viz bench kernels [--quick] [--json]
+    python -m sam_viz bench kernels [--quick] [--json]     (or python -m bench.kernels)
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -126,20 +125,14 @@ def run(shapes=SHAPES, dtypes=("fp32", "bf16"), densities=DENSITIES, calls: int 
     return rows
 
 
-def main(argv: list[str]) -> int:
-    quick, as_json = "--quick" in argv, "--json" in argv
-    settings = QUICK if quick else FULL
-    rows = run(**settings)
-    if as_json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    n = settings["calls"]
-    print(f"threads {torch.get_num_threads()}; cpu kernel path {rows[0]['isa']}; medians of {n} calls (dense, "
-          f"dense floor) and {2 * n} (cpu, floor), interleaved; weights rotated past L3")
-    print("shape      dtype  density  dense_ms  dense_floor_ms  cpu_ms  floor_ms  cpu/floor  floor_GB/s  "
-          "x_dense  x_dense_floor")
+def report(rows: list[dict], calls: int) -> list[str]:
+    """The rows as the table `bench kernels` prints, with a line saying how they were timed."""
+    lines = [f"threads {torch.get_num_threads()}; cpu kernel path {rows[0]['isa']}; medians of {calls} calls (dense, "
+             f"dense floor) and {2 * calls} (cpu, floor), interleaved; weights rotated past L3",
+             "shape      dtype  density  dense_ms  dense_floor_ms  cpu_ms  floor_ms  cpu/floor  floor_GB/s  "
+             "x_dense  x_dense_floor"]
     for r in rows:
-        print(f"{r['shape']:10s} {r['dtype']:5s}  {r['density']:7.2f}  {r['dense_ms']:8.2f}  {r['dense_floor_ms']:14.2f}  "
-              f"{r['ms']:6.2f}  {r['floor_ms']:8.2f}  {r['vs_floor']:9.2f}  {r['floor_gb_s']:10.1f}  "
-              f"{r['speedup_vs_dense']:7.2f}  {r['speedup_vs_dense_floor']:13.2f}")
-    return 0
+        lines.append(f"{r['shape']:10s} {r['dtype']:5s}  {r['density']:7.2f}  {r['dense_ms']:8.2f}  "
+                     f"{r['dense_floor_ms']:14.2f}  {r['ms']:6.2f}  {r['floor_ms']:8.2f}  {r['vs_floor']:9.2f}  "
+                     f"{r['floor_gb_s']:10.1f}  {r['speedup_vs_dense']:7.2f}  {r['speedup_vs_dense_floor']:13.2f}")
+    return lines

@@ -1,0 +1,8 @@
+"""The kernel benchmark (sam_viz.benchmarks.kernels), as a script: `python -m bench.kernels [--quick] [--json]`,
+the same as `python -m sam_viz bench kernels`."""
+import sys
+
+from sam_viz.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "kernels", *sys.argv[1:]]))
