@@ -195,3 +195,11 @@ def test_saved_gpu_results_become_kernel_rows(tmp_path):
     assert speed.saved_gpu_rows(f) == ({}, [])
     assert speed.saved_gpu_rows(tmp_path / "missing.json") == ({}, [])
     assert len(speed.saved_gpu_rows()[1]) == 24                      # the committed H200 results
+
+
+def test_the_note_on_passing_one_over_density_names_the_dense_floor_ratios():
+    rows = [{**r, "dense_floor_ms": 4.0 if r["dtype"] == "bf16" else 6.4} for r in kernel_rows()]
+    note = speed.beyond_ideal_note(rows)
+    assert "1/density" in note and "bf16" in note
+    assert "1.25x its floor (tinyllama fp32)" in note and "2.00x its floor (tinyllama bf16)" in note   # 8/6.4, 8/4
+    assert "not known" in speed.beyond_ideal_note(kernel_rows())
