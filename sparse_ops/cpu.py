@@ -10,6 +10,7 @@ machine is never loaded there. `readiness()` says, without building, whether it 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -58,8 +59,9 @@ def default_variant() -> str:
 
 
 def _name(variant: str) -> str:
-    """The extension's name: a new one whenever the CPU, the variant or the source changes."""
-    text = _cpu_flags() + variant + SOURCE.read_text() + HEADER.read_text()
+    """The extension's name: a new one whenever the CPU, the variant, the flags or the source change,
+    so that a library built under this name can be loaded as it is."""
+    text = _cpu_flags() + variant + " ".join(_cflags(variant)) + SOURCE.read_text() + HEADER.read_text()
     return f"sam_viz_sparse_mlp_{variant}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -87,16 +89,37 @@ def extension(variant: str | None = None):
         raise InputError(f"SAM_VIZ_CPU_ISA must be one of {', '.join(VARIANTS)}, not '{variant}'")
     with _LOCK:
         if variant not in _EXT:
-            from torch.utils.cpp_extension import load
-
             try:
-                _EXT[variant] = load(name=_name(variant), sources=[str(SOURCE)], extra_cflags=_cflags(variant),
-                                     extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"], verbose=False)
+                _EXT[variant] = _load_built(variant) or _build(variant)
             except Exception as exc:  # noqa: BLE001 - compiler errors come in many types
                 last = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ""
                 _FAILED[variant] = f"its build failed ({type(exc).__name__}: {last})"
                 raise InputError(f"the cpu kernel could not be built here ({type(exc).__name__}: {last})") from None
     return _EXT[variant]
+
+
+def _load_built(variant: str):
+    """The library already built under this variant's name, imported as it is; None if there is none
+    or it does not import (a build still being written: _build then waits for it). torch's load()
+    would run ninja first, and rebuild whenever the sources sit at another path than at build time
+    (an installed copy next to a checkout), so each would rebuild the other's library."""
+    lib = built_library(variant)
+    if not lib.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(lib.stem, lib)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError:
+        return None
+    return module
+
+
+def _build(variant: str):
+    from torch.utils.cpp_extension import load
+
+    return load(name=_name(variant), sources=[str(SOURCE)], extra_cflags=_cflags(variant),
+                extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"], verbose=False)
 
 
 _FAILED: dict[str, str] = {}               # variant -> why its build failed in this process
