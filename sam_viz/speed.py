@@ -149,7 +149,7 @@ def parse_bench_json(data: bytes | str) -> tuple[str, list[dict]]:
     return kind, rows
 
 
-GPU_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "triton_h200.json"
+GPU_RESULTS = Path(__file__).with_name("data") / "triton_h200.json"      # from bench/gpu_check.sh on an H200
 
 
 def saved_gpu_rows(path=GPU_RESULTS) -> tuple[dict, list[dict]]:
