@@ -9,6 +9,7 @@ machine is never loaded there. `readiness()` says, without building, whether it 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -58,9 +59,11 @@ def default_variant() -> str:
     return os.environ.get("SAM_VIZ_CPU_ISA") or "native"
 
 
+@functools.cache
 def _name(variant: str) -> str:
     """The extension's name: a new one whenever the CPU, the variant, the flags or the source change,
-    so that a library built under this name can be loaded as it is."""
+    so that a library built under this name can be loaded as it is. (Once per process: the probe
+    asks on every page and every run.)"""
     text = _cpu_flags() + variant + " ".join(_cflags(variant)) + SOURCE.read_text() + HEADER.read_text()
     return f"sam_viz_sparse_mlp_{variant}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
