@@ -1,23 +1,30 @@
-# Quick start: `make run` (app on the embedded minilm) and `make test`. Both create .venv when needed.
+# Quick start: `make run` (app on the embedded minilm) and `make test`. Both create .venv when needed
+# and build the compiled cpu kernel (the default kernel wherever it builds; a warning, not a failure,
+# on a machine without a C++ compiler).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench kernels clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-run: $(STAMP)
+# Cheap when built (it loads the cached library); the build lands in torch's extension root
+# (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), where the app and the tests look.
+kernels: $(STAMP)
+	$(PY) -m sam_viz build-kernels
+
+run: kernels
 	HF_HUB_OFFLINE=1 $(PY) -m streamlit run app.py --browser.gatherUsageStats false
 
-test: $(STAMP)
+test: kernels
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
-bench: $(STAMP)
+bench: kernels
 	HF_HUB_OFFLINE=1 $(PY) -m bench.foundation
 
 clean:

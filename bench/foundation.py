@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    report = {"threads": torch.get_num_threads()}
+    report = {"threads": torch.get_num_threads(), "kernel": RunSpec(prompt="x").kernel}   # the default: cpu if built
 
     report["load_minilm_ms"] = _median_ms(lambda: load_model("minilm"), 3)
     m = load_model("minilm")

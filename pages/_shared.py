@@ -10,11 +10,11 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
-from models import BUILTIN_SPECS, DEFAULT_MODEL, allowed_roots
-from sam_viz import Analysis, InputError, LoadedModel, RunSpec, analyze, load_model
+from sam_viz import (BUILTIN_SPECS, DEFAULT_MODEL, Analysis, InputError, LoadedModel, RunSpec, allowed_roots,
+                     analyze, load_model)
 from sam_viz.store import RunStore
 from sam_viz.text import escape_markdown
-from sparse_ops import POLICIES, available_kernels
+from sparse_ops import POLICIES, available_kernels, default_kernel, unavailable_kernels
 
 PRESETS = {
     "Fox": "The quick brown fox jumps over the lazy dog.",
@@ -157,7 +157,9 @@ def _url_not_taken(raw: dict[str, str | None]) -> list[str]:
         else:
             ok, shown = want == str(got), str(got)
         if not ok:
-            out.append(f"The link's {key} '{escape_markdown(want[:40])}' is not one this app can use; "
+            why = unavailable_kernels().get(want) if key == "kernel" else None
+            out.append(f"The link's {key} '{escape_markdown(want[:40])}' is not one this app can use"
+                       f"{f' ({why})' if why else ''}; "
                        f"showing {key} {shown}.")
     return out
 
@@ -180,7 +182,12 @@ def sidebar() -> RunSpec:
                  "|act(gate)| above a per-layer value calibrated on sample prompts. dense: every neuron.")
     sb.slider("Density", 0.05, 1.0, 0.5, 0.05, key="density", bind="query-params",
               help="Share of each MLP's neurons computed per token.")
-    sb.selectbox("Kernel", available_kernels(), key="kernel", bind="query-params")
+    kernels, missing = available_kernels(), unavailable_kernels()
+    sb.selectbox("Kernel", kernels, index=kernels.index(default_kernel()), key="kernel", bind="query-params",
+                 help="cpu: the compiled kernel that reads only the selected rows. reference: plain torch, "
+                 "computes every neuron and masks (the oracle in tests). triton: the same on a GPU.")
+    if missing:
+        sb.caption("Not offered here: " + "; ".join(f"`{k}` ({why})" for k, why in missing.items()) + ".")
     for line in _url_not_taken(raw):
         st.warning(line)
     s = st.session_state

@@ -1,4 +1,5 @@
-"""`python -m sam_viz analyze ...`: the analysis from the command line.
+"""`python -m sam_viz analyze ...` (or `sam-viz analyze ...` once installed): the analysis, attribution,
+benchmarks, calibration and the kernel build from the command line.
 
 User mistakes exit 2 with one line on stderr beginning `error:`; never a traceback.
 """
@@ -14,6 +15,7 @@ import sys
 from models import DEFAULT_MODEL, InputError
 
 EXIT_USAGE = 2
+KERNEL_HELP = "reference, cpu or triton (default: cpu where it is built, else reference)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,14 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prompt", required=True)
     a.add_argument("--policy", default="topk", help="dense, topk, threshold, predictor or static")
     a.add_argument("--density", default="0.5", help="share of MLP neurons computed per token, in (0, 1]")
-    a.add_argument("--kernel", default="reference")
+    a.add_argument("--kernel", default=None, help=KERNEL_HELP)
     a.add_argument("--json", action="store_true", help="print one JSON object")
     t = sub.add_parser("attribute", help="token and neuron attribution, dense vs sparse (captum)")
     t.add_argument("--model", default=DEFAULT_MODEL)
     t.add_argument("--prompt", required=True)
     t.add_argument("--policy", default="topk")
     t.add_argument("--density", default="0.5")
-    t.add_argument("--kernel", default="reference")
+    t.add_argument("--kernel", default=None, help=KERNEL_HELP)
     t.add_argument("--method", default="ig", help="ig (integrated gradients) or ixg (input x gradient, fast)")
     t.add_argument("--steps", default="50", help="integration steps for ig")
     t.add_argument("--target", default=None, help="causal LMs: the next token to explain (default: the "
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["kernels", "decode"])
     b.add_argument("--quick", action="store_true", help="fewer shapes, steps and repeats (under a minute)")
     b.add_argument("--json", action="store_true")
+    sub.add_parser("build-kernels", help="build the compiled cpu kernel now (make does), so that it is the "
+                   "default kernel; without a C++ compiler, a warning and exit 0")
     c = sub.add_parser("calibrate", help="train and store thresholds, predictors and static sets for a model")
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--force", action="store_true", help="train again even if a calibration is stored")
@@ -143,11 +147,44 @@ def _target_id(loaded, token: str) -> int:
 
 
 def cmd_bench(args) -> int:
-    from bench import decode, kernels
+    from sparse_ops import unavailable_kernels
 
+    from .benchmarks import decode, kernels
+
+    why = unavailable_kernels().get("cpu")
+    if why:
+        raise InputError(f"the benchmarks time the cpu kernel, which cannot run here: {why}")
     _quiet_libraries()
-    bench = {"kernels": kernels, "decode": decode}[args.what]
-    return bench.main((["--quick"] if args.quick else []) + (["--json"] if args.json else []))
+    if args.what == "kernels":
+        settings = kernels.QUICK if args.quick else kernels.FULL
+        rows = kernels.run(**settings)
+        lines = kernels.report(rows, settings["calls"])
+    else:
+        cfg = decode.QUICK if args.quick else decode.DecodeConfig()
+        rows = decode.run(cfg)
+        lines = decode.report(rows, cfg)
+    print(json.dumps(rows, indent=1) if args.json else "\n".join(lines))
+    return 0
+
+
+def cmd_build_kernels(args) -> int:
+    """One line: where the cpu kernel is built, or a warning (exit 0 all the same: `make` goes on,
+    and the app offers the reference kernel)."""
+    import time
+
+    from sparse_ops import cpu
+
+    t0 = time.perf_counter()
+    try:
+        state, why = cpu.readiness()
+        if state == "unavailable":
+            raise InputError(f"the cpu kernel cannot be used here: {why}")
+        ext = cpu.extension()
+        print(f"cpu kernel: ready ({ext.isa()} path, {time.perf_counter() - t0:.0f} s), "
+              f"in {cpu.built_library().parent}")
+    except Exception as exc:  # noqa: BLE001 - never fail the set-up for an optional kernel
+        print(f"warning: {exc}; the app and the CLI use the reference kernel", file=sys.stderr)
+    return 0
 
 
 def _fmt(x) -> str:
@@ -197,8 +234,12 @@ def _finite(obj):
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "kernel", "") is None:
+            from sparse_ops import default_kernel
+
+            args.kernel = default_kernel()
         return {"analyze": cmd_analyze, "attribute": cmd_attribute, "bench": cmd_bench,
-                "calibrate": cmd_calibrate}[args.command](args)
+                "build-kernels": cmd_build_kernels, "calibrate": cmd_calibrate}[args.command](args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -211,3 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
               "rerun with SAM_VIZ_DEBUG=1 for details", file=sys.stderr)
         return 1
+
+
+def main_entry() -> None:
+    """The `sam-viz` command that `pip install` makes (pyproject.toml's project.scripts)."""
+    sys.exit(main())

@@ -5,10 +5,11 @@ field is checked here and a bad one raises InputError with one sentence.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from models import DEFAULT_MODEL, InputError
-from sparse_ops import POLICIES, Policy, available_kernels, parse_density
+from sparse_ops import (KERNELS, POLICIES, Policy, available_kernels, default_kernel, parse_density,
+                        unavailable_kernels)
 
 MAX_PROMPT_CHARS = 20_000
 
@@ -19,7 +20,7 @@ class RunSpec:
     model: str = DEFAULT_MODEL
     policy: str = "topk"
     density: float = 0.5
-    kernel: str = "reference"
+    kernel: str = field(default_factory=default_kernel)     # cpu where it is built, else reference
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -30,9 +31,12 @@ class RunSpec:
             raise InputError("model is empty; name a model spec")
         if self.policy not in POLICIES:
             raise InputError(f"unknown policy '{str(self.policy)[:40]}'; choose one of {', '.join(POLICIES)}")
-        if self.kernel not in available_kernels():
+        if not isinstance(self.kernel, str) or self.kernel not in KERNELS:
             raise InputError(f"unknown kernel '{str(self.kernel)[:40]}'; available here: "
                              f"{', '.join(available_kernels())}")
+        why = unavailable_kernels().get(self.kernel)
+        if why:
+            raise InputError(f"the {self.kernel} kernel cannot run here: {why}")
         object.__setattr__(self, "density", parse_density(self.density))
 
     def to_policy(self) -> Policy:

@@ -1,8 +1,9 @@
-"""Speed of the current run: dense and sparse forward times of the prompt (interleaved medians, as
-bench/kernels.py times kernels), the MLP weight bytes and FLOPs per token (sam_viz.cost), and the
-floor a batch-1 decoder cannot beat: the time to read those bytes once at this machine's measured
-read bandwidth (the physical limit in DESIGN.md's background, as TEAL and Deja Vu argue it).
-Also reads benchmark rows saved with `python -m sam_viz bench kernels|decode --json`.
+"""Speed of the current run: dense and sparse forward times of the prompt (warmed up, then rounds
+of one dense and one sparse pass side by side, as the kernel benchmark times kernels), the MLP weight
+bytes and FLOPs per token (sam_viz.cost), and the floor a batch-1 decoder cannot beat: the time to
+read those bytes once at this machine's measured read bandwidth (the physical limit in DESIGN.md's
+background, as TEAL and Deja Vu argue it). Also reads benchmark rows saved with
+`python -m sam_viz bench kernels|decode --json`.
 """
 from __future__ import annotations
 
@@ -12,17 +13,25 @@ import math
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from models import InputError, LoadedModel
-from sparse_ops import sparsified
+from sparse_ops import sparsified, unavailable_kernels
 
 from .analysis import Analysis, encode_prompt
 from .spec import RunSpec
 
 BANDWIDTH_BYTES = 384 * 2**20      # > 2x the L3 of the machines seen here (105-260 MiB)
-MAX_REPEATS = 50
+ROUNDS = 7
+MAX_ROUNDS = 50
+# Untimed rounds first. Measured in 5 fresh processes x 10 rounds (tiny-llama and minilm, topk with
+# the cpu kernel at 0.1, one thread), medians per round: the first sparse pass took 5-13x a settled
+# one (tiny-llama 109 vs 8 ms, minilm 219 vs 47 ms: the kernel's weight layout is made, the extension
+# loaded), the first dense pass 1.3x; from the second round on the medians stay within the noise.
+# Two rounds leave a margin.
+WARMUP_ROUNDS = 2
 MAX_BENCH_BYTES = 2 * 2**20        # a benchmark JSON file this large is not one of ours
 MAX_BENCH_ROWS = 500
 BENCH_FIELDS = {                   # the numeric fields each benchmark's rows must carry
@@ -31,29 +40,59 @@ BENCH_FIELDS = {                   # the numeric fields each benchmark's rows mu
 }
 
 
-def time_forward(loaded: LoadedModel, spec: RunSpec, repeats: int = 5) -> dict:
-    """Medians of `repeats` forward passes of the prompt, dense and sparse (spec's policy, density
-    and kernel), timed one after the other so that a noisy neighbour slows both alike. Only the
-    forward is timed; entering `sparsified` (and a first-use calibration) is not."""
-    repeats = max(1, min(int(repeats), MAX_REPEATS))
+def paired_rounds(dense: Callable[[], float], sparse: Callable[[], float], rounds: int = ROUNDS,
+                  warmup: int = WARMUP_ROUNDS) -> list[tuple[float, float]]:
+    """(dense, sparse) per timed round, from passes that each return their own time. `warmup`
+    rounds run first and are dropped. In a round the two passes run back to back, dense first in
+    even rounds and sparse first in odd ones, so that neither always runs after the other."""
+    out = []
+    for i in range(warmup + rounds):
+        if i % 2 == 0:
+            d, s = dense(), sparse()
+        else:
+            s, d = sparse(), dense()
+        if i >= warmup:
+            out.append((d, s))
+    return out
+
+
+def summarize_rounds(pairs: list[tuple[float, float]]) -> dict:
+    """Medians of the dense and sparse times, and the speedup dense / sparse as the median of the
+    per-round ratios with their range. Per round, not a ratio of medians: the two passes of a round
+    run under the same load, so a slow spell on this machine slows both and cancels in their ratio,
+    while a ratio of medians may divide a quiet dense pass by a busy sparse one."""
+    ratios = [d / s for d, s in pairs]
+    return {"dense_ms": statistics.median(d for d, _ in pairs), "sparse_ms": statistics.median(s for _, s in pairs),
+            "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "rounds": len(pairs)}
+
+
+def time_forward(loaded: LoadedModel, spec: RunSpec, rounds: int = ROUNDS, warmup: int = WARMUP_ROUNDS) -> dict:
+    """The prompt's forward pass, dense and sparse (spec's policy, density and kernel), timed in
+    `rounds` paired rounds after `warmup` untimed ones (see paired_rounds, summarize_rounds). Only
+    the forward is timed; entering `sparsified` (and a first-use calibration) is not."""
+    rounds = max(1, min(int(rounds), MAX_ROUNDS))
     enc = encode_prompt(loaded, spec.prompt)
     policy = spec.to_policy()
-    dense, sparse = [], []
+
+    def forward() -> float:
+        t0 = time.perf_counter()
+        loaded.model(**enc)
+        return (time.perf_counter() - t0) * 1000
+
+    def sparse() -> float:
+        with sparsified(loaded, policy, kernel=spec.kernel):
+            return forward()
+
     with torch.no_grad():
-        for i in range(repeats + 1):                                   # round 0 warms up (kernel layouts)
-            t0 = time.perf_counter()
-            loaded.model(**enc)
-            t1 = time.perf_counter()
-            with sparsified(loaded, policy, kernel=spec.kernel):
-                t2 = time.perf_counter()
-                loaded.model(**enc)
-                t3 = time.perf_counter()
-            if i:
-                dense.append((t1 - t0) * 1000)
-                sparse.append((t3 - t2) * 1000)
-    dense_ms, sparse_ms = statistics.median(dense), statistics.median(sparse)
-    return {"dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
-            "tokens": int(enc["input_ids"].shape[1]), "repeats": repeats}
+        pairs = paired_rounds(forward, sparse, rounds, max(0, int(warmup)))
+    return {**summarize_rounds(pairs), "tokens": int(enc["input_ids"].shape[1]), "warmup": max(0, int(warmup))}
+
+
+def speedup_text(timing: dict) -> str:
+    """'0.95x (0.88-1.02 over 7 rounds)': the median per-round speedup and its range."""
+    return (f"{timing['speedup']:.2f}x ({timing['speedup_min']:.2f}-{timing['speedup_max']:.2f} "
+            f"over {timing['rounds']} rounds)")
 
 
 @functools.cache
@@ -110,7 +149,7 @@ def parse_bench_json(data: bytes | str) -> tuple[str, list[dict]]:
     return kind, rows
 
 
-GPU_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "triton_h200.json"
+GPU_RESULTS = Path(__file__).with_name("data") / "triton_h200.json"      # from bench/gpu_check.sh on an H200
 
 
 def saved_gpu_rows(path=GPU_RESULTS) -> tuple[dict, list[dict]]:
@@ -134,3 +173,36 @@ def saved_gpu_rows(path=GPU_RESULTS) -> tuple[dict, list[dict]]:
             out.append(row)
     info = data.get("info", {}) if isinstance(data.get("info"), dict) else {}
     return {k: str(v)[:60] for k, v in info.items()}, out
+
+
+def dense_vs_floor(rows: list[dict]) -> list[dict]:
+    """Per shape and dtype of kernel rows that carry `dense_floor_ms` (the time to read every row
+    once, in the kernel's access pattern): torch's dense MLP time over it. Above 1, torch's dense
+    MLP runs slower than reading its weights once at full bandwidth, so a sparse kernel that reaches
+    its own floor beats dense by more than 1/density."""
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        floor = r.get("dense_floor_ms")
+        if isinstance(floor, (int, float)) and not isinstance(floor, bool) and math.isfinite(floor) and floor > 0:
+            ratios.setdefault((str(r["shape"]), str(r["dtype"])), []).append(r["dense_ms"] / floor)
+    return [{"shape": s, "dtype": d, "dense_over_floor": statistics.median(v)} for (s, d), v in ratios.items()]
+
+
+def benchmarks_unavailable() -> str | None:
+    """Why the kernel and decode benchmarks (which time the cpu kernel) cannot run here; None if they can."""
+    return unavailable_kernels().get("cpu")
+
+
+def beyond_ideal_note(rows: list[dict]) -> str:
+    """Why a measured kernel speedup can pass 1/density (and a share of ideal pass 100%), with the
+    dense baseline's distance to its own floor where the rows carry it (markdown, one paragraph)."""
+    over = dense_vs_floor(rows)
+    measured = ("Here torch's dense MLP took " + ", ".join(
+        f"{r['dense_over_floor']:.2f}x its floor ({r['shape']} {r['dtype']})" for r in over) + "." if over else
+        "These results carry no `dense_floor_ms`, so how far the dense baseline is from its floor is not known.")
+    return ("**Why a speedup can pass 1/density.** The ideal 1/density assumes that dense and sparse read "
+            "weights equally fast. The dense baseline is torch's `F.linear`, which reads bf16 weights at about "
+            "half the bandwidth that our kernel and the floor loop reach, so it is slower than its own floor "
+            "(`dense_floor_ms`: every row read once, as the floor loop reads them). A sparse kernel near its "
+            "floor then beats dense by more than 1/density: a share of the ideal above 100% means that the dense "
+            "baseline is slower than its floor, not that the kernel beat the bandwidth. " + measured)

@@ -3,7 +3,8 @@
 from .calibration import (GRID, Calibration, Settings, calibrate, calibrate_thresholds, calibration_texts,
                           get_calibration)
 from .context import Run, current_run
-from .kernels import KERNELS, activations, available_kernels, get_kernel, reference
+from .kernels import (KERNELS, activations, available_kernels, default_kernel, get_kernel, reference,
+                      unavailable_kernels)
 from .mlp import Absorbed, SparseMLP, install
 from .policy import CALIBRATED, POLICIES, Policy, parse_density, topk_indices
 from .recorder import LayerFiring, Recorder
@@ -12,6 +13,6 @@ from .runtime import sparsified
 __all__ = [
     "Absorbed", "CALIBRATED", "Calibration", "GRID", "KERNELS", "LayerFiring", "POLICIES", "Policy",
     "Recorder", "Run", "Settings", "SparseMLP", "activations", "available_kernels", "calibrate",
-    "calibrate_thresholds", "calibration_texts", "current_run", "get_calibration", "get_kernel", "install",
-    "parse_density", "reference", "sparsified", "topk_indices",
+    "calibrate_thresholds", "calibration_texts", "current_run", "default_kernel", "get_calibration", "get_kernel",
+    "install", "parse_density", "reference", "sparsified", "topk_indices", "unavailable_kernels",
 ]

@@ -2,14 +2,19 @@
 the selected rows of a layout prepared once per MLP: gate and up rows interleaved so one pass reads
 both, and the down projection as rows of W_down^T (as Deja Vu and TEAL lay weights out).
 
-Built on first use with torch.utils.cpp_extension (ninja, OpenMP, -O3 for this machine's SIMD) and
-cached per CPU feature set, so a cache copied to another machine is never loaded there.
+Built with torch.utils.cpp_extension (ninja, OpenMP, -O3 for this machine's SIMD) by `python -m sam_viz
+build-kernels` (which `make` runs) or on first use, and cached per CPU feature set under torch's
+extension root (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), so a cache copied to another
+machine is never loaded there. `readiness()` says, without building, whether it runs here.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import os
 import platform
+import shutil
 import threading
 import weakref
 from dataclasses import dataclass
@@ -50,6 +55,27 @@ def _cflags(variant: str) -> list[str]:
     return flags + ["-DSAM_VIZ_PORTABLE"] + (["-march=x86-64-v3", "-mno-avx512f"] if x86 else [])
 
 
+def default_variant() -> str:
+    return os.environ.get("SAM_VIZ_CPU_ISA") or "native"
+
+
+@functools.cache
+def _name(variant: str) -> str:
+    """The extension's name: a new one whenever the CPU, the variant, the flags or the source change,
+    so that a library built under this name can be loaded as it is. (Once per process: the probe
+    asks on every page and every run.)"""
+    text = _cpu_flags() + variant + " ".join(_cflags(variant)) + SOURCE.read_text() + HEADER.read_text()
+    return f"sam_viz_sparse_mlp_{variant}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def built_library(variant: str | None = None) -> Path:
+    """Where torch's cpp_extension puts (or has put) the compiled library of this variant."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    name = _name(variant or default_variant())
+    return Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+
+
 def extension(variant: str | None = None):
     """The compiled module, built (once per CPU feature set and variant) on first use. With no
     variant: SAM_VIZ_CPU_ISA's, or native, read on the first call (the per-call path stays a lookup)."""
@@ -57,7 +83,7 @@ def extension(variant: str | None = None):
         ext = _EXT.get(None)
         if ext is not None:
             return ext
-        ext = _EXT[None] = extension(os.environ.get("SAM_VIZ_CPU_ISA") or "native")
+        ext = _EXT[None] = extension(default_variant())
         return ext
     ext = _EXT.get(variant)                         # built already: no lock on the per-call path
     if ext is not None:
@@ -66,18 +92,68 @@ def extension(variant: str | None = None):
         raise InputError(f"SAM_VIZ_CPU_ISA must be one of {', '.join(VARIANTS)}, not '{variant}'")
     with _LOCK:
         if variant not in _EXT:
-            from torch.utils.cpp_extension import load
-
-            text = _cpu_flags() + variant + SOURCE.read_text() + HEADER.read_text()
-            tag = hashlib.sha256(text.encode()).hexdigest()[:12]
             try:
-                _EXT[variant] = load(name=f"sam_viz_sparse_mlp_{variant}_{tag}", sources=[str(SOURCE)],
-                                     extra_cflags=_cflags(variant), extra_include_paths=[str(CSRC)],
-                                     extra_ldflags=["-fopenmp"], verbose=False)
+                _EXT[variant] = _load_built(variant) or _build(variant)
             except Exception as exc:  # noqa: BLE001 - compiler errors come in many types
-                raise InputError(f"the cpu kernel could not be built here ({type(exc).__name__}: "
-                                 f"{str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''})") from None
+                last = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ""
+                _FAILED[variant] = f"its build failed ({type(exc).__name__}: {last})"
+                raise InputError(f"the cpu kernel could not be built here ({type(exc).__name__}: {last})") from None
     return _EXT[variant]
+
+
+def _load_built(variant: str):
+    """The library already built under this variant's name, imported as it is; None if there is none
+    or it does not import (a build still being written: _build then waits for it). torch's load()
+    would run ninja first, and rebuild whenever the sources sit at another path than at build time
+    (an installed copy next to a checkout), so each would rebuild the other's library."""
+    lib = built_library(variant)
+    if not lib.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(lib.stem, lib)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError:
+        return None
+    return module
+
+
+def _build(variant: str):
+    from torch.utils.cpp_extension import load
+
+    return load(name=_name(variant), sources=[str(SOURCE)], extra_cflags=_cflags(variant),
+                extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"], verbose=False)
+
+
+_FAILED: dict[str, str] = {}               # variant -> why its build failed in this process
+
+
+def readiness() -> tuple[str, str]:
+    """Whether the default variant runs here, without building it: ("ready", "") when it is loaded,
+    or built and loads; ("buildable", why not ready) when it is not built but a C++ compiler and
+    ninja are found (it builds on first use, about a minute); ("unavailable", why) otherwise. Cheap:
+    at most one load of an already built library per process."""
+    variant = default_variant()
+    if _EXT.get(None) is not None or _EXT.get(variant) is not None:
+        return "ready", ""
+    if variant not in VARIANTS:
+        return "unavailable", f"SAM_VIZ_CPU_ISA is '{variant[:20]}', not one of {', '.join(VARIANTS)}"
+    if variant in _FAILED:
+        return "unavailable", _FAILED[variant]
+    if built_library(variant).is_file():
+        try:
+            extension()
+            return "ready", ""
+        except InputError:
+            return "unavailable", _FAILED.get(variant, "its built library does not load")
+    from torch.utils.cpp_extension import is_ninja_available
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return "unavailable", f"it needs a C++ compiler to build, and '{compiler[:40]}' is not on the PATH"
+    if not is_ninja_available():
+        return "unavailable", "it needs ninja to build, and ninja is not installed"
+    return "buildable", "it is not built yet: `python -m sam_viz build-kernels` builds it (about a minute)"
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,17 @@ ALL_ATTENTION_FUNCTIONS).
 y = sum over selected j of h_j * w.down_t[j] (+ b_down); h holds the selected activations
 (0 where idx is -1). Backends: `reference` (plain torch, the oracle in tests), `cpu` (compiled
 gather-GEMV reading only the selected rows, sparse_ops/cpu.py) and `triton` (the same on a GPU,
-sparse_ops/triton_kernel.py). Asking for one that cannot run
-fails with a clear error, never a fallback.
+sparse_ops/triton_kernel.py). `available_kernels()` names those that run on this machine,
+`unavailable_kernels()` says why each other one does not, and asking for one of those fails with
+that reason, never a fallback. `default_kernel()` is `cpu` where it is built and loads, else `reference`.
+
+The compiled backends have no backward pass: when autograd needs one (x requires grad, as in
+attribution), they compute the same equation with torch ops (`reference`), which autograd can follow.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Callable
 
 import torch
@@ -18,6 +24,7 @@ import torch.nn.functional as F
 
 from models import InputError, MLPWeights
 
+from . import cpu
 from .policy import selection_mask
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, MLPWeights], tuple[torch.Tensor, torch.Tensor]]
@@ -38,13 +45,19 @@ def reference(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.
     return y, torch.gather(h_all, 1, idx.clamp(min=0)) * (idx >= 0)
 
 
-def _cpu(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
-    from .cpu import cpu_kernel                # built on first use
+def _needs_grad(x: torch.Tensor, w: MLPWeights) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or w.gate.requires_grad or w.down_t.requires_grad)
 
-    return cpu_kernel(x, idx, w)
+
+def _cpu(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    if _needs_grad(x, w):
+        return reference(x, idx, w)
+    return cpu.cpu_kernel(x, idx, w)
 
 
 def _triton(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    if _needs_grad(x, w):
+        return reference(x, idx, w)
     try:                                       # imported on first use: triton is optional here
         from .triton_kernel import triton_kernel
     except ImportError as exc:
@@ -55,12 +68,37 @@ def _triton(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Te
 KERNELS: dict[str, Kernel] = {"reference": reference, "cpu": _cpu, "triton": _triton}
 
 
+def _triton_unavailable() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "it needs the triton package, which is not installed"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "it needs a CUDA GPU and torch finds none here (TRITON_INTERPRET=1 runs it slowly on the CPU)"
+    return None
+
+
+def unavailable_kernels() -> dict[str, str]:
+    """{name: why it cannot run on this machine}, for the registered kernels that cannot."""
+    state, why = cpu.readiness()
+    out = {"cpu": why} if state == "unavailable" else {}
+    triton_why = _triton_unavailable()
+    return out | ({"triton": triton_why} if triton_why else {})
+
+
 def available_kernels() -> list[str]:
-    return list(KERNELS)
+    """The registered kernels that run here (`cpu` also when not built yet but buildable)."""
+    missing = unavailable_kernels()
+    return [name for name in KERNELS if name not in missing]
+
+
+def default_kernel() -> str:
+    """`cpu` where it is built and loads (`make` builds it), else `reference`; never builds."""
+    return "cpu" if cpu.readiness()[0] == "ready" else "reference"
 
 
 def get_kernel(name: str) -> Kernel:
-    try:
-        return KERNELS[name]
-    except KeyError:
-        raise InputError(f"unknown kernel '{name}'; available here: {', '.join(KERNELS)}") from None
+    if name not in KERNELS:
+        raise InputError(f"unknown kernel '{str(name)[:40]}'; available here: {', '.join(available_kernels())}")
+    why = unavailable_kernels().get(name)
+    if why:
+        raise InputError(f"the {name} kernel cannot run here: {why}")
+    return KERNELS[name]

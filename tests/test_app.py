@@ -2,6 +2,7 @@
 reopened in a new process without any model being loaded."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -208,8 +209,9 @@ def test_on_demand_sweep_and_continuation():
 
 
 def test_speed_page_times_the_run_and_charts_both_benchmarks(monkeypatch):
-    from bench import decode, kernels
     from pages._shared import st
+    from sam_viz import speed
+    from sam_viz.benchmarks import decode, kernels
 
     st.cache_resource.clear()                                       # no results from an earlier test
     monkeypatch.setattr(kernels, "QUICK", dict(shapes={"toy": (32, 64)}, densities=(0.25, 0.5), calls=2))
@@ -218,6 +220,11 @@ def test_speed_page_times_the_run_and_charts_both_benchmarks(monkeypatch):
     at = open_app("speed", model="tiny-llama", prompt=PROMPT, policy="topk", density="0.5", kernel="cpu")
     assert not at.exception and not at.error
     assert at.metric[0].label.startswith("Dense forward (") and "cpu kernel" in at.metric[1].label
+    delta = at.metric[1].proto.delta                                  # median of per-round ratios, its range
+    lo_med_hi = re.fullmatch(rf"(\d+\.\d\d)x \((\d+\.\d\d)-(\d+\.\d\d) over {speed.ROUNDS} rounds\) vs dense", delta)
+    assert lo_med_hi, delta
+    med, lo, hi = map(float, lo_med_hi.groups())
+    assert lo <= med <= hi
     next(b for b in at.button if b.label.startswith("Run kernel benchmark")).click().run()
     next(b for b in at.button if b.label.startswith("Run decode benchmark")).click().run()
     assert not at.exception and not at.error
@@ -225,7 +232,9 @@ def test_speed_page_times_the_run_and_charts_both_benchmarks(monkeypatch):
     ms = next(c for t, c in by_title.items() if t.startswith("Sparse MLP kernel"))
     assert {t["name"] for t in ms["data"]} == {"dense", "cpu kernel", "floor (read once)"}
     assert len(ms["data"]) == 6 and ms["data"][0]["x"] == [0.25, 0.5]              # fp32 and bf16 panels
+    note = next(m.value for m in at.markdown if m.value.startswith("**Why a speedup can pass 1/density.**"))
+    assert "its floor (toy fp32)" in note and "its floor (toy bf16)" in note
     tok = next(c for t, c in by_title.items() if t.startswith("Greedy decode"))
     assert [t["x"] for t in tok["data"]] == [list(decode.DENSITIES)] * 3
-    assert any("of an ideal" in c.value for c in at.caption)
+    assert any("of an ideal" in c.value and "above 100%" in c.value for c in at.caption)
     assert {b.label for b in at.get("download_button")} >= {"Download the kernels results (JSON)"}

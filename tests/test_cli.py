@@ -101,6 +101,54 @@ def test_test_command_sets_up_a_fresh_clone(tmp_path):
     assert dry.returncode == 0, dry.stderr
     assert "-m venv .venv" in dry.stdout and "pip install --quiet -r requirements.txt" in dry.stdout
     assert "pytest" in dry.stdout
+    for target in ("test", "run"):                                   # the cpu kernel is built at set-up
+        dry = subprocess.run(["make", "-n", target], cwd=clone, capture_output=True, text=True, timeout=60)
+        steps = dry.stdout.splitlines()
+        build = next(i for i, line in enumerate(steps) if line.endswith("-m sam_viz build-kernels"))
+        assert build < next(i for i, line in enumerate(steps) if "pytest" in line or "streamlit run" in line)
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme and "make run" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_default_kernel_is_cpu_where_it_is_built(capsys):
+    from sparse_ops import cpu
+
+    cpu.extension()                                                   # `make` builds it before the tests
+    assert main(["analyze", "--model", "tiny-llama", "--prompt", "one two three", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kernel"] == "cpu"
+    assert main(["analyze", "--model", "tiny-llama", "--prompt", "one two three", "--kernel", "reference",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kernel"] == "reference"
+
+
+def test_triton_without_a_gpu_is_one_sentence_naming_why():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "sam_viz", "analyze", "--model", "tiny-llama", "--prompt", "hi",
+                           "--kernel", "triton"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: the triton kernel cannot run here: "), \
+        proc.stderr
+    assert "CUDA GPU" in proc.stderr
+
+
+def test_build_kernels_says_where_or_warns_and_never_fails(tmp_path):
+    proc = run_cli("build-kernels")
+    assert proc.returncode == 0 and proc.stdout.startswith("cpu kernel: ready (") and proc.stdout.count("\n") == 1
+    from sparse_ops import cpu
+
+    assert str(cpu.built_library().parent) in proc.stdout
+    proc = run_cli("build-kernels", env={"TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "no-such-compiler"})
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert proc.stderr.startswith("warning: the cpu kernel cannot be used here: it needs a C++ compiler")
+    assert proc.stderr.count("\n") == 1 and not list(tmp_path.rglob("*.so"))
+
+
+def test_bench_without_the_cpu_kernel_is_one_sentence(monkeypatch, capsys):
+    from sparse_ops import cpu
+
+    monkeypatch.setattr(cpu, "readiness", lambda: ("unavailable", "it needs a C++ compiler to build"))
+    assert main(["bench", "kernels", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: the benchmarks time the cpu kernel, which cannot run here: it needs a C++ compiler to build\n"

@@ -121,7 +121,7 @@ def test_activation_is_identified_by_value():
 @pytest.mark.parametrize("policy", ["topk", "threshold"])
 def test_whole_model_cpu_equals_reference(spec, policy):
     m = shared(spec)
-    ref = analyze(m, RunSpec(prompt=HELD_OUT[1], model=spec, policy=policy, density=0.3))
+    ref = analyze(m, RunSpec(prompt=HELD_OUT[1], model=spec, policy=policy, density=0.3, kernel="reference"))
     cpu = analyze(m, RunSpec(prompt=HELD_OUT[1], model=spec, policy=policy, density=0.3, kernel="cpu"))
     for a, b in zip(ref.layers, cpu.layers):
         assert torch.equal(a.ids, b.ids)

@@ -1,4 +1,4 @@
-"""bench/decode.py at test size: the greedy loop against transformers' own generate, the sparse
+"""sam_viz.benchmarks.decode at test size: the greedy loop against transformers' own generate, the sparse
 decode path (static policy, cpu and reference kernels) against a pruned copy of the model run as
 shipped, the bench's static calibration against counts made by hand, and the row math."""
 import copy
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from bench import decode
 from sam_viz import cli
+from sam_viz.benchmarks import decode
 from sparse_ops import GRID, Policy, SparseMLP, sparsified
 from sparse_ops.calibration import static_calibration
 

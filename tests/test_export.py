@@ -101,7 +101,7 @@ def test_html_is_standalone_and_escaped(llama):
     assert "cdn." not in outside and "http://" not in outside and "https://" not in outside
     assert XSS not in page and html_escaped(XSS) in page
     assert f"note {html_escaped(XSS)}" in page
-    for text in ("tiny-llama", "threshold", "reference", "kl", "top1_agreement", "mass kept", "Heat", "Line"):
+    for text in ("tiny-llama", "threshold", llama.spec.kernel, "kl", "top1_agreement", "mass kept", "Heat", "Line"):
         assert text in outside
     assert "</table>" in outside and outside.count("<tr>") >= 1 + llama.n_layers
 

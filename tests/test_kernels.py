@@ -1,8 +1,11 @@
-"""Every kernel backend against the equation y = sum_{j in S} h_j W_down^T[j] + b, on random shapes."""
+"""Every kernel backend against the equation y = sum_{j in S} h_j W_down^T[j] + b, on random shapes, and
+its gradient; which kernels are offered on this machine, why the others are not, and the default."""
+from pathlib import Path
+
 import pytest
 import torch
 
-from models import MLPWeights
+from models import InputError, MLPWeights
 from sparse_ops import KERNELS, topk_indices
 
 
@@ -55,3 +58,74 @@ def test_topk_ties_go_to_the_lower_index():
     h = torch.tensor([[1.0, -3.0, 3.0, 2.0, -3.0, 0.5]])
     assert topk_indices(h, 3).tolist() == [[1, 2, 4]]
     assert topk_indices(h, 2).tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_compiled_kernels_pass_gradients_as_the_equation_does(backend):
+    """Attribution differentiates through the sparse MLP: d(sum y)/dx must be the equation's."""
+    gen = torch.Generator().manual_seed(7)
+    w = _weights(12, 24, True, True, gen)
+    x = torch.randn(3, 12, generator=gen)
+    idx = torch.stack([torch.randperm(24, generator=gen)[:9] for _ in range(3)])
+    xg = x.clone().requires_grad_()
+    KERNELS[backend](xg, idx, w)[0].sum().backward()
+    xd = x.double().requires_grad_()
+    _by_equation(xd, idx, w)[0].sum().backward()
+    torch.testing.assert_close(xg.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_offered_are_those_that_run_here(monkeypatch):
+    from sam_viz import RunSpec
+    from sparse_ops import cpu, default_kernel, get_kernel, unavailable_kernels
+    from sparse_ops.kernels import available_kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "triton" in available_kernels()                       # the interpreter runs it (as in CI)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    why = unavailable_kernels()["triton"]
+    assert "CUDA GPU" in why and "triton" not in available_kernels()
+    for ask in (lambda: get_kernel("triton"), lambda: RunSpec(prompt="hi", kernel="triton")):
+        with pytest.raises(InputError, match=r"^the triton kernel cannot run here: it needs a CUDA GPU") as err:
+            ask()
+        assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(InputError, match="^unknown kernel 'warp'"):
+        get_kernel("warp")
+
+    monkeypatch.setattr(cpu, "readiness", lambda: ("unavailable", "it needs a C++ compiler to build"))
+    assert available_kernels() == ["reference"] and default_kernel() == "reference"
+    assert RunSpec(prompt="hi").kernel == "reference"
+    assert unavailable_kernels()["cpu"] == "it needs a C++ compiler to build"
+    monkeypatch.setattr(cpu, "readiness", lambda: ("buildable", "it is not built yet"))
+    assert available_kernels() == ["reference", "cpu"] and default_kernel() == "reference"   # never built on a click
+    monkeypatch.setattr(cpu, "readiness", lambda: ("ready", ""))
+    assert default_kernel() == "cpu" and RunSpec(prompt="hi").kernel == "cpu"
+
+
+def test_cpu_probe_loads_what_is_built_and_never_builds(tmp_path):
+    """In fresh processes: with the library built, `ready`; with an empty extension root, `buildable`
+    and nothing built by asking; without a compiler, `unavailable` naming it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sparse_ops import cpu
+
+    cpu.extension()                                                  # built here (once) if it is not yet
+    code = ("import json, sparse_ops.cpu as c, sparse_ops as s; "
+            "print(json.dumps([c.readiness(), s.default_kernel(), c.built_library().is_file()]))")
+
+    def probe(**env):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert probe() == [["ready", ""], "cpu", True]
+    state, default, built = probe(TORCH_EXTENSIONS_DIR=str(tmp_path / "a"))
+    assert state[0] == "buildable" and "build-kernels" in state[1] and default == "reference" and not built
+    assert not list((tmp_path / "a").rglob("*.so"))
+    state, default, _ = probe(TORCH_EXTENSIONS_DIR=str(tmp_path / "b"), CXX="no-such-compiler")
+    assert state == ["unavailable", "it needs a C++ compiler to build, and 'no-such-compiler' is not on the PATH"]
+    assert default == "reference"

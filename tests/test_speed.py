@@ -1,14 +1,15 @@
-"""sam_viz.speed (forward timing, bandwidth, per-token floors, benchmark files), the speed figures
-(well-formed, bounded), and bench.kernels' progress callback."""
+"""sam_viz.speed (forward timing: warm-up, paired rounds, median and range of the speedup; bandwidth,
+per-token floors, benchmark files, dense vs its floor), the speed figures (well-formed, bounded), and
+sam_viz.benchmarks.kernels' progress callback."""
 import json
 import math
 
 import pytest
 
-from bench import kernels
 from conftest import shared
 from models import InputError
 from sam_viz import RunSpec, analyze, speed, speed_plots
+from sam_viz.benchmarks import kernels
 from sam_viz.speed_plots import MAX_ROWS
 
 PROMPT = "The lighthouse keeper counted ships."
@@ -24,14 +25,58 @@ def decode_rows(densities=(0.05, 0.1, 0.25, 0.5), f_mlp=0.6):
              "ideal_speedup": 1 / (1 - f_mlp + f_mlp * d), "share_of_ideal": 0.9, "f_mlp": f_mlp} for d in densities]
 
 
-def test_time_forward_times_both_passes_of_the_prompt():
+def fake_pass(times: list[float], log: list[str], name: str):
+    """A pass that returns the next of `times` as its own duration and logs that it ran."""
+    it = iter(times)
+
+    def run() -> float:
+        log.append(name)
+        return next(it)
+    return run
+
+
+def test_paired_rounds_drop_the_warm_up_and_alternate_the_order():
+    """The first passes are slow (layouts, allocator): the warm-up rounds take them and are not kept."""
+    log = []
+    dense = fake_pass([50.0, 40.0, 10.0, 11.0, 12.0, 13.0], log, "d")
+    sparse = fake_pass([900.0, 60.0, 5.0, 4.0, 6.0, 8.0], log, "s")
+    pairs = speed.paired_rounds(dense, sparse, rounds=4, warmup=2)
+    assert pairs == [(10.0, 5.0), (11.0, 4.0), (12.0, 6.0), (13.0, 8.0)]
+    assert log == ["d", "s", "s", "d", "d", "s", "s", "d", "d", "s", "s", "d"]     # ABBA: neither always second
+    assert speed.paired_rounds(fake_pass([1.0], [], "d"), fake_pass([2.0], [], "s"), rounds=1, warmup=0) == [(1.0, 2.0)]
+
+
+def test_speedup_is_the_median_of_per_round_ratios_with_its_range():
+    pairs = [(10.0, 5.0), (10.0, 20.0), (30.0, 10.0)]               # ratios 2, 0.5, 3 by hand
+    s = speed.summarize_rounds(pairs)
+    assert s["speedup"] == 2.0 and s["speedup_min"] == 0.5 and s["speedup_max"] == 3.0
+    assert s["dense_ms"] == 10.0 and s["sparse_ms"] == 10.0 and s["rounds"] == 3    # a ratio of medians says 1.0
+    assert speed.speedup_text({**s, "speedup": 0.954, "speedup_min": 0.876, "speedup_max": 1.018, "rounds": 7}) == \
+        "0.95x (0.88-1.02 over 7 rounds)"
+
+
+def test_time_forward_warms_up_then_times_paired_rounds_of_the_prompt():
     loaded = shared("tiny-llama")
     spec = RunSpec(prompt=PROMPT, model="tiny-llama", policy="topk", density=0.5, kernel="cpu")
-    t = speed.time_forward(loaded, spec, repeats=3)
-    assert t["tokens"] == len(loaded.encode(PROMPT)["input_ids"][0]) and t["repeats"] == 3
+    calls = []
+    handle = loaded.model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        t = speed.time_forward(loaded, spec, rounds=3, warmup=2)
+    finally:
+        handle.remove()
+    assert len(calls) == 2 * (2 + 3)                                   # dense and sparse, warm-up included
+    assert t["tokens"] == len(loaded.encode(PROMPT)["input_ids"][0]) and t["rounds"] == 3 and t["warmup"] == 2
     assert t["dense_ms"] > 0 and t["sparse_ms"] > 0
-    assert t["speedup"] == pytest.approx(t["dense_ms"] / t["sparse_ms"])
-    assert speed.time_forward(loaded, spec, repeats=-4)["repeats"] == 1
+    assert t["speedup_min"] <= t["speedup"] <= t["speedup_max"]
+    assert speed.time_forward(loaded, spec, rounds=-4, warmup=0)["rounds"] == 1
+
+
+def test_dense_against_its_floor_from_kernel_rows():
+    rows = [{**r, "dense_floor_ms": 4.0 if r["dtype"] == "bf16" else 8.0} for r in kernel_rows()]
+    got = {(r["shape"], r["dtype"]): r["dense_over_floor"] for r in speed.dense_vs_floor(rows)}
+    assert got == {("tinyllama", "fp32"): pytest.approx(8.0 / 8.0), ("tinyllama", "bf16"): pytest.approx(8.0 / 4.0)}
+    assert speed.dense_vs_floor(kernel_rows()) == []                    # older files: no dense floor, no claim
+    assert speed.dense_vs_floor([{**rows[0], "dense_floor_ms": 0}]) == []
 
 
 def test_bandwidth_is_a_plausible_number():
@@ -150,3 +195,11 @@ def test_saved_gpu_results_become_kernel_rows(tmp_path):
     assert speed.saved_gpu_rows(f) == ({}, [])
     assert speed.saved_gpu_rows(tmp_path / "missing.json") == ({}, [])
     assert len(speed.saved_gpu_rows()[1]) == 24                      # the committed H200 results
+
+
+def test_the_note_on_passing_one_over_density_names_the_dense_floor_ratios():
+    rows = [{**r, "dense_floor_ms": 4.0 if r["dtype"] == "bf16" else 6.4} for r in kernel_rows()]
+    note = speed.beyond_ideal_note(rows)
+    assert "1/density" in note and "bf16" in note
+    assert "1.25x its floor (tinyllama fp32)" in note and "2.00x its floor (tinyllama bf16)" in note   # 8/6.4, 8/4
+    assert "not known" in speed.beyond_ideal_note(kernel_rows())
