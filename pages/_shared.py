@@ -2,19 +2,23 @@
 link, and small widgets. Streamlit lives here and in the pages only; all computing is sam_viz's."""
 from __future__ import annotations
 
+import math
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import streamlit as st
+from streamlit.errors import StreamlitAPIException
 
 from sam_viz import (BUILTIN_SPECS, DEFAULT_MODEL, Analysis, InputError, LoadedModel, RunSpec, allowed_roots,
                      analyze, load_model)
+from sam_viz.analysis import TooManyTokens, truncate_to_tokens
 from sam_viz.store import RunStore
 from sam_viz.text import escape_markdown
-from sparse_ops import POLICIES, available_kernels, default_kernel, unavailable_kernels
+from sparse_ops import CALIBRATED, POLICIES, available_kernels, default_kernel, get_calibration, unavailable_kernels
 
 PRESETS = {
     "Fox": "The quick brown fox jumps over the lazy dog.",
@@ -75,7 +79,24 @@ def page_context() -> Context:
     if ctx is None:
         st.stop()
     st.session_state["ctx"] = ctx
+    if ctx.run_id:
+        saved_run_line(ctx.run_id)
     return ctx
+
+
+def saved_run_line(run_id: str) -> None:
+    """The one line every page of a saved run shows, with the way back to a live analysis."""
+    left, right = st.columns([6, 1], vertical_alignment="center")
+    left.info(f"Saved run `{run_id}`: the stored analysis, shown without running the model. Changing a "
+              "setting in the sidebar leaves it.", icon=":material/bookmark:")
+    right.button("Analyse live", on_click=_leave_saved_run, help="Run this prompt and settings on the model "
+                 "here, for what needs the model (sweep, continuation, timing, attribution).")
+
+
+def _leave_saved_run() -> None:
+    st.session_state.pop("_opened_run", None)
+    if "run" in st.query_params:
+        del st.query_params["run"]
 
 
 @st.cache_resource(show_spinner=False)
@@ -99,7 +120,8 @@ def _run_store(path: str) -> RunStore:
 
 
 def cached_analysis(spec: RunSpec) -> Analysis:
-    """One Analysis per RunSpec, shared by all sessions (LRU); progress shown while computing."""
+    """One Analysis per RunSpec, shared by all sessions (LRU). A progress bar says what is being done
+    (a first calibration of the model included) and goes when the work ends, also when it fails."""
     cache, lock = _analysis_cache()
     with lock:
         if spec in cache:
@@ -107,16 +129,32 @@ def cached_analysis(spec: RunSpec) -> Analysis:
             return cache[spec]
     with st.spinner(f"Loading {escape_markdown(spec.model)}..."):
         loaded = cached_model(spec.model)
-    with st.status(f"Analyzing the prompt on {escape_markdown(spec.model)}...", expanded=False) as status:
-        bar = st.progress(0.0)
-        result = analyze(loaded, spec, progress=lambda frac, text: bar.progress(frac, text=text))
-        status.update(label=f"Analyzed {len(result.tokens)} tokens in {result.timings_ms['total']:.0f} ms",
-                      state="complete")
+    box = st.empty()
+    try:
+        if spec.policy in CALIBRATED and spec.density < 1 and get_calibration(loaded, train=False) is None:
+            get_calibration(loaded, progress=_calibration_progress(box, spec.model))
+        result = analyze(loaded, spec, progress=lambda frac, text: box.progress(
+            frac, text=f"Analysing the prompt on {escape_markdown(spec.model)}: {text}"))
+    finally:
+        box.empty()
     with lock:
         cache[spec] = result
         while len(cache) > ANALYSIS_CACHE_SIZE:
             cache.popitem(last=False)
     return result
+
+
+def _calibration_progress(box, model: str):
+    """Progress of a first calibration in `box`: the step in words, and the time left once it can
+    be guessed from the share done."""
+    start = time.monotonic()
+
+    def show(frac: float, text: str) -> None:
+        spent = time.monotonic() - start
+        left = f"about {spent / frac * (1 - frac):.0f} s left" if frac >= 0.05 and spent > 1 else "once per model"
+        box.progress(frac, text=f"Calibrating {escape_markdown(model)} for the first time ({left}): "
+                                f"{text[:1].lower()}{text[1:]}")
+    return show
 
 
 def _apply_saved_spec(spec: RunSpec) -> None:
@@ -137,36 +175,64 @@ def _use_preset() -> None:
         st.session_state["prompt"] = PRESETS[name]
 
 
-URL_CHOICES = ("policy", "density", "kernel")     # bound widgets that drop a URL value they cannot take
+URL_CHOICES = ("policy", "kernel")     # bound selectboxes that drop a URL value they cannot take
+DENSITY_MIN, DENSITY_MAX, DENSITY_STEP, DENSITY_DEFAULT = 0.05, 1.0, 0.05, 0.5     # the sidebar's slider
 
 
 def _url_not_taken(raw: dict[str, str | None]) -> list[str]:
-    """One line per value the link asked for that a bound widget did not take: Streamlit drops an
-    unknown policy, a density off the slider or a word where a number goes without a word."""
+    """One line per choice the link asked for that a bound selectbox did not take: Streamlit drops an
+    unknown policy or kernel without a word."""
     out = []
     for key in URL_CHOICES:
         want, got = raw.get(key), st.session_state.get(key)
-        if want is None:
-            continue
-        if key == "density":
-            try:
-                ok = abs(float(want) - float(got)) < 1e-9
-            except (TypeError, ValueError):
-                ok = False
-            shown = f"{got:g}" if isinstance(got, float) else str(got)
-        else:
-            ok, shown = want == str(got), str(got)
-        if not ok:
+        if want is not None and want != str(got):
             why = unavailable_kernels().get(want) if key == "kernel" else None
             out.append(f"The link's {key} '{escape_markdown(want[:40])}' is not one this app can use"
-                       f"{f' ({why})' if why else ''}; "
-                       f"showing {key} {shown}.")
+                       f"{f' ({why})' if why else ''}; showing {key} {got}.")
     return out
+
+
+def link_density(raw: str) -> tuple[float, str | None]:
+    """The slider's value nearest to a link's density (on its 0.05 steps, within [0.05, 1]; the
+    default for what is not a finite number), and a note when that is not what the link says."""
+    try:
+        number = float(raw)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        return DENSITY_DEFAULT, f"The link's density '{raw[:40]}' is not a number; analysing {DENSITY_DEFAULT:g}."
+    value = round(round(min(DENSITY_MAX, max(DENSITY_MIN, number)) / DENSITY_STEP) * DENSITY_STEP, 2)
+    if abs(number - value) < 1e-9:
+        return value, None
+    why = (f"is not on the slider's {DENSITY_STEP:g} steps" if DENSITY_MIN <= number <= DENSITY_MAX
+           else f"is outside the slider's {DENSITY_MIN:g} to {DENSITY_MAX:g} range")
+    return value, f"The link's density {raw[:40]} {why}; analysing {value:g}."
+
+
+def _url_density(raw: str | None) -> tuple[float, str] | None:
+    """(slider value, note) when a link's density is one the slider cannot show, else None.
+    Streamlit keeps a value off the slider's steps (the slider shows the nearest step, the analysis
+    would use the link's value) and drops one out of range or not a number for the default. Called
+    before the slider binds the URL, so the URL can still be set to the value analysed. (Where
+    Streamlit drops the link's value it also removes ours: the URL lacks `density` then, until the
+    slider moves.)"""
+    value, note = link_density(raw) if raw is not None else (None, None)
+    if note is None:
+        return None
+    try:
+        st.query_params["density"] = f"{value:g}"
+    except StreamlitAPIException:          # the slider is bound already, and keeps the URL itself
+        pass
+    return value, note
 
 
 def sidebar() -> RunSpec:
     """The shared sidebar, bound to the URL; raises InputError for a bad combination."""
-    raw = {key: st.query_params.get(key) for key in URL_CHOICES}   # before the widgets take (or drop) them
+    raw = {key: st.query_params.get(key) for key in (*URL_CHOICES, "density")}   # before the widgets take them
+    snapped = st.session_state.pop("_density_snap", None)       # a link's density, put on the slider's grid
+    if snapped is not None:
+        st.session_state["density"] = snapped[0]
+    fix = None if snapped else _url_density(raw["density"])
     sb = st.sidebar
     sb.selectbox("Model", list(BUILTIN_SPECS), key="model", bind="query-params", accept_new_options=True,
                  help="A built-in model, or type a checkpoint directory under an allowed root.")
@@ -180,8 +246,8 @@ def sidebar() -> RunSpec:
     sb.selectbox("Policy", list(POLICIES), index=list(POLICIES).index("topk"), key="policy",
                  bind="query-params", help="topk: the k largest |h| per token (oracle). threshold: "
                  "|act(gate)| above a per-layer value calibrated on sample prompts. dense: every neuron.")
-    sb.slider("Density", 0.05, 1.0, 0.5, 0.05, key="density", bind="query-params",
-              help="Share of each MLP's neurons computed per token.")
+    sb.slider("Density", DENSITY_MIN, DENSITY_MAX, DENSITY_DEFAULT, DENSITY_STEP, key="density",
+              bind="query-params", help="Share of each MLP's neurons computed per token.")
     kernels, missing = available_kernels(), unavailable_kernels()
     sb.selectbox("Kernel", kernels, index=kernels.index(default_kernel()), key="kernel", bind="query-params",
                  help="cpu: the compiled kernel that reads only the selected rows. reference: plain torch, "
@@ -190,35 +256,59 @@ def sidebar() -> RunSpec:
         sb.caption("Not offered here: " + "; ".join(f"`{k}` ({why})" for k, why in missing.items()) + ".")
     for line in _url_not_taken(raw):
         st.warning(line)
+    if fix and abs(st.session_state["density"] - fix[0]) > 1e-9:
+        st.session_state["_density_snap"] = fix       # the slider took the link's value: give it ours
+        st.rerun()
+    if fix or snapped:
+        st.warning((fix or snapped)[1])
     s = st.session_state
     return RunSpec(prompt=s["prompt"], model=s["model"] or DEFAULT_MODEL, policy=s["policy"],
                    density=s["density"], kernel=s["kernel"])
 
 
 def resolve_context() -> Context | None:
-    """Saved run (?run=<id>) or live analysis of the sidebar's spec; None after showing an error."""
-    run_id = st.query_params.get("run")
-    saved = None
-    if run_id:
-        saved = run_store().load(run_id)
-        if saved is None:
-            st.error(f"There is no saved run with id '{escape_markdown(run_id[:40])}'; "
-                     "showing a live analysis instead.")
-            del st.query_params["run"]
-            run_id = None
-        elif st.session_state.get("_opened_run") != run_id:
-            _apply_saved_spec(saved.spec)
-            st.session_state["_opened_run"] = run_id
+    """Saved run or live analysis of the sidebar's spec; None after showing an error. A saved run
+    opened in this session (?run=<id>) stays the view on every page, also when a menu link drops
+    `run` from the URL (it is put back), until a setting differs from the saved one."""
+    in_url = st.query_params.get("run")
+    run_id = in_url or st.session_state.get("_opened_run")
+    saved = _saved_run(run_id) if run_id else None
     try:
+        if saved is not None and (in_url is None or st.session_state.get("_opened_run") != run_id):
+            _apply_saved_spec(saved.spec)          # opened here, or a menu link that kept no settings
+            st.session_state["_opened_run"] = run_id
         spec = sidebar()
         if saved is not None and spec == saved.spec:
+            if st.query_params.get("run") != run_id:
+                st.query_params["run"] = run_id
             return Context(spec=spec, analysis=saved, run_id=run_id)
-        if run_id:
-            del st.query_params["run"]           # settings changed: this is no longer the saved run
+        if saved is not None:
+            _leave_saved_run()                    # settings changed: this is no longer the saved run
         return Context(spec=spec, analysis=cached_analysis(spec))
     except InputError as exc:
         st.error(escape_markdown(str(exc)))
+        if isinstance(exc, TooManyTokens):
+            st.button(f"Analyse the first {exc.limit} tokens", type="primary", on_click=_truncate_prompt,
+                      args=(exc.limit,))
         return None
+
+
+def _saved_run(run_id: str) -> Analysis | None:
+    """The saved run, or None after saying why it cannot be shown (and leaving it)."""
+    try:
+        saved = run_store().load(run_id)
+        why = f"There is no saved run with id '{run_id[:40]}'"
+    except InputError as exc:
+        saved, why = None, f"Saved run '{run_id[:40]}' cannot be opened ({exc})"
+    if saved is None:
+        st.error(f"{escape_markdown(why)}; showing a live analysis instead.")
+        _leave_saved_run()
+    return saved
+
+
+def _truncate_prompt(limit: int) -> None:
+    s = st.session_state
+    s["prompt"] = truncate_to_tokens(cached_model(s["model"] or DEFAULT_MODEL), s["prompt"], limit)
 
 
 def share_url(ctx: Context, page: str = "", run_id: str | None = None) -> str:

@@ -40,6 +40,8 @@ with c2:
 
 if a.kind == "causal-lm":
     st.subheader("Greedy continuation")
+    if ctx.run_id and not a.continuation:
+        st.info("This saved run has no continuation. Writing one runs the model: choose **Analyse live** above.")
     if ctx.run_id is None:
         n_new = st.number_input("Tokens to generate", 1, 64, 16)
         if st.button("Continue with both models"):

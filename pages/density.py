@@ -45,4 +45,4 @@ if a.sweep is None and ctx.run_id is None:
 if a.sweep:
     show(plots.sweep_plot(a.sweep, current=plots.target_density(a)), key="sweep")
 elif ctx.run_id:
-    st.info("This saved run has no sweep.")
+    st.info("This saved run has no sweep. A sweep runs the model: choose **Analyse live** above to run one.")

@@ -31,7 +31,8 @@ neurons tend to fire for the same tokens.
 layer = layer_picker(a)
 st.subheader(f"Policies side by side at density {a.spec.density:g}")
 if ctx.run_id:
-    st.info("This is a saved run: only its own policy is shown.")
+    st.info("This is a saved run: only its own policy is shown. Comparing policies runs the model: choose "
+            "**Analyse live** above.")
     show(routing_plots.recall_by_policy({a.spec.policy: a}), key="recall")
 else:
     trained = get_calibration(ctx.model(), train=False) is not None
@@ -60,7 +61,9 @@ with c1:
              key="frequency")
     else:
         if source == "calibration text":
-            st.caption("No calibration is stored for this model yet; showing this prompt.")
+            st.caption("A saved run is shown without the model, so its firing over the calibration text is not "
+                       "known; showing this prompt." if ctx.run_id else
+                       "No calibration is stored for this model yet; showing this prompt.")
         show(routing_plots.firing_frequency(firing_counts(a, layer), len(a.tokens), layer,
                                             f"selected by the {a.spec.policy} policy on this prompt"), key="frequency")
 with c2:

@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from pages._shared import page_context, explain, run_store, share_url
-from sam_viz import export
+from sam_viz import InputError, export
 from sam_viz.report import report_plots
 
 ctx = page_context()
@@ -22,11 +22,14 @@ st.code(share_url(ctx), language=None, wrap_lines=True)
 
 st.subheader("Save this run")
 if ctx.run_id:
-    st.success(f"This is saved run `{ctx.run_id}`.")
-elif st.button("Save run", type="primary"):
-    run_id = run_store().save(a)
-    st.success(f"Saved as `{run_id}`. Share this link:")
-    st.code(share_url(ctx, run_id=run_id), language=None, wrap_lines=True)
+    st.caption(f"This is saved run `{ctx.run_id}`: the link above opens it.")
+elif st.button("Save run", type="primary", help="Saving the same analysis again gives the same id."):
+    try:
+        run_id = run_store().save(a)
+        st.success(f"Saved as `{run_id}`. Share this link:")
+        st.code(share_url(ctx, run_id=run_id), language=None, wrap_lines=True)
+    except InputError as exc:
+        st.error(str(exc))
 
 st.subheader("Saved runs")
 runs = run_store().list(limit=50)

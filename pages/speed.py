@@ -57,7 +57,8 @@ with st.spinner("Measuring this machine's read bandwidth (once)..."):
     summary = speed.cost_summary(a, speed.read_bandwidth_gb_s())
 timing = None
 if ctx.run_id:
-    st.info("This is a saved run: timing needs the model, so only bytes and FLOPs are shown.")
+    st.info("This is a saved run: timing needs the model, so only bytes and FLOPs are shown. Choose "
+            "**Analyse live** above to time it.")
 else:
     timing = _timing()
     m1, m2, m3 = st.columns(3)

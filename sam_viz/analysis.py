@@ -95,12 +95,38 @@ class Analysis:
         }
 
 
+class TooManyTokens(InputError):
+    """The prompt is over the model's token limit; `limit` says how many tokens would fit."""
+
+    def __init__(self, n_tokens: int, loaded: LoadedModel):
+        super().__init__(f"prompt is {n_tokens} tokens; the limit for {loaded.spec} is {loaded.max_tokens}")
+        self.n_tokens, self.limit = n_tokens, loaded.max_tokens
+
+
 def encode_prompt(loaded: LoadedModel, prompt: str) -> dict[str, torch.Tensor]:
     enc = loaded.encode(prompt)
     n = enc["input_ids"].shape[1]
     if n > loaded.max_tokens:
-        raise InputError(f"prompt is {n} tokens; the limit for {loaded.spec} is {loaded.max_tokens}")
+        raise TooManyTokens(n, loaded)
     return enc
+
+
+def truncate_to_tokens(loaded: LoadedModel, text: str, n: int) -> str:
+    """The longest prefix of `text` ending where one of its tokens ends that encodes to at most n
+    tokens (special tokens included); "" when not even the first token fits."""
+    def fits(end: int) -> bool:
+        return loaded.encode(text[:end])["input_ids"].shape[1] <= n
+
+    if fits(len(text)):
+        return text
+    with loaded._tok_lock:                    # fast tokenizers are not safe to share across threads
+        spans = loaded.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    ends = sorted({end for _, end in spans if end > 0})
+    lo, hi = 0, len(ends)                     # ends[:lo] fit, ends[hi:] do not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if fits(ends[mid]) else (lo, mid)
+    return text[:ends[lo - 1]] if lo else ""
 
 
 def forward(loaded: LoadedModel, enc: dict[str, torch.Tensor]) -> Outputs:

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import replace
 
 from models import DEFAULT_MODEL, InputError
 
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--density", default="0.5", help="share of MLP neurons computed per token, in (0, 1]")
     a.add_argument("--kernel", default=None, help=KERNEL_HELP)
     a.add_argument("--json", action="store_true", help="print one JSON object")
+    a.add_argument("--truncate", action="store_true", help="a prompt over the model's token limit: analyse "
+                   "its first tokens instead of refusing it")
     t = sub.add_parser("attribute", help="token and neuron attribution, dense vs sparse (captum)")
     t.add_argument("--model", default=DEFAULT_MODEL)
     t.add_argument("--prompt", required=True)
@@ -72,7 +75,7 @@ def _quiet_libraries() -> None:
 def cmd_analyze(args) -> int:
     from models import load_model
 
-    from .analysis import analyze
+    from .analysis import TooManyTokens, analyze, truncate_to_tokens
     from .spec import RunSpec
 
     spec = RunSpec(prompt=args.prompt, model=args.model, policy=args.policy, density=args.density,
@@ -80,10 +83,20 @@ def cmd_analyze(args) -> int:
     _quiet_libraries()
 
     def progress(frac: float, text: str) -> None:        # only the slow first-use calibration is worth a line
-        if text.startswith("first use") and "training" in text:
+        if text.startswith("first use") and "training" in text.lower():
             print(text, file=sys.stderr, flush=True)
 
-    result = analyze(load_model(spec.model), spec, progress=progress)
+    loaded = load_model(spec.model)
+    if args.truncate:
+        prompt = truncate_to_tokens(loaded, spec.prompt, loaded.max_tokens)
+        if prompt != spec.prompt:
+            print(f"note: analysing the first {loaded.max_tokens} tokens ({len(prompt):,} of "
+                  f"{len(spec.prompt):,} characters)", file=sys.stderr)
+            spec = replace(spec, prompt=prompt)
+    try:
+        result = analyze(loaded, spec, progress=progress)
+    except TooManyTokens as exc:
+        raise InputError(f"{exc}; --truncate analyses its first {exc.limit} tokens") from None
     if args.json:
         print(json.dumps(_finite(result.to_json()), allow_nan=False))
         return 0

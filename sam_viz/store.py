@@ -11,6 +11,7 @@ Loading validates structure, types and shapes; anything else is one InputError s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -59,7 +60,7 @@ PREVIEW_CHARS = 80
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{12}")          # secrets.token_urlsafe(9)
 SCHEMA = """CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, created REAL NOT NULL, model TEXT, policy TEXT, density REAL,
-    n_tokens INTEGER, prompt_preview TEXT, blob BLOB NOT NULL)"""
+    n_tokens INTEGER, prompt_preview TEXT, blob BLOB NOT NULL, digest TEXT)"""
 
 
 def analysis_to_bytes(a: Analysis) -> bytes:
@@ -220,6 +221,9 @@ class RunStore:
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(SCHEMA)
+            if "digest" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
+                db.execute("ALTER TABLE runs ADD COLUMN digest TEXT")     # a store from before digests
+            db.execute("CREATE UNIQUE INDEX IF NOT EXISTS runs_digest ON runs (digest)")
 
     @contextmanager
     def _db(self):
@@ -231,20 +235,25 @@ class RunStore:
             db.close()
 
     def save(self, analysis: Analysis) -> str:
+        """The run's id: a new one, or the id it already has when the same content was saved before."""
         blob = analysis_to_bytes(analysis)
         if len(blob) > self.max_bytes:
             raise InputError(f"this run is {len(blob) / 1e6:,.1f} MB saved; the limit is "
                              f"{self.max_bytes / 1e6:,.1f} MB, so try a shorter prompt")
-        spec, preview = analysis.spec, " ".join(analysis.spec.prompt.split())
+        spec, preview, digest = analysis.spec, " ".join(analysis.spec.prompt.split()), content_digest(blob)
         if len(preview) > PREVIEW_CHARS:
             preview = preview[:PREVIEW_CHARS - 1] + "…"
-        for _ in range(3):                           # an id collision is ~2^-72; retry anyway
+        for _ in range(3):          # an id collision is ~2^-72, a digest race with another session rare
             run_id = secrets.token_urlsafe(9)
             try:
                 with self._db() as db:
-                    db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    same = db.execute("SELECT id FROM runs WHERE digest = ?", (digest,)).fetchone()
+                    if same:
+                        return same[0]
+                    db.execute("INSERT INTO runs (id, created, model, policy, density, n_tokens, prompt_preview, "
+                               "blob, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                (run_id, time.time(), spec.model, spec.policy, spec.density,
-                                len(analysis.tokens), preview, blob))
+                                len(analysis.tokens), preview, blob, digest))
                 return run_id
             except sqlite3.IntegrityError:
                 continue
@@ -272,6 +281,18 @@ class RunStore:
                               "FROM runs ORDER BY created DESC, rowid DESC LIMIT ?", (limit,)).fetchall()
         keys = ("id", "created", "model", "policy", "density", "n_tokens", "prompt_preview")
         return [dict(zip(keys, (r[0], _iso(r[1]), *r[2:]))) for r in rows]
+
+
+def content_digest(blob: bytes) -> str:
+    """sha256 of what a saved run holds, the same for the same analysis however often it is saved:
+    the header's JSON with sorted keys (safetensors writes its metadata in no fixed order), without
+    the timings (a recomputed run measures new ones), then the tensor bytes."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    head = json.loads(blob[8:8 + n])
+    meta = json.loads(head["__metadata__"]["analysis"])
+    meta.pop("timings_ms", None)
+    head["__metadata__"]["analysis"] = meta
+    return hashlib.sha256(json.dumps(head, sort_keys=True).encode() + blob[8 + n:]).hexdigest()
 
 
 def valid_id(run_id) -> bool:

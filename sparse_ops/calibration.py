@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ TRAIN_DENSITIES = (0.1, 0.25, 0.5)                          # the predictor's so
 FORMAT = "sam-viz-calibration/1"
 THRESHOLD_TOKENS = 3000        # real tokens used to calibrate thresholds (one padded batch)
 UNIT_TOKENS = 8192             # most tokens kept per unit for predictor / static training
+SHARES = {"collect": 0.15, "predictors": 0.55, "static": 0.02, "thresholds": 0.28}   # of calibrate's time, roughly
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 Unit = tuple[int, int]         # (layer, expert); expert -1 for a dense MLP
@@ -158,8 +160,10 @@ class Collector:
 def collect(loaded: LoadedModel, texts, progress: Progress, chunk: int = 16) -> tuple[Collector, int]:
     install(loaded)                                  # the wrappers are what feed the collector
     collector, n_tokens = Collector(), 0
+    n_batches = math.ceil(len(texts) / chunk)
     for i in range(0, len(texts), chunk):
-        progress(0.25 * i / len(texts), f"reading calibration text {i + 1}-{min(i + chunk, len(texts))}")
+        progress(i / len(texts), f"Collecting activations on the calibration text (batch {i // chunk + 1} "
+                 f"of {n_batches})")
         enc = loaded.encode_batch(texts[i:i + chunk], max_length=loaded.max_tokens)
         mask = enc["attention_mask"].reshape(-1).bool()
         n_tokens += int(mask.sum())
@@ -210,23 +214,39 @@ def calibrate(loaded: LoadedModel, settings: Settings = Settings(), progress: Pr
               thresholds: bool = True) -> Calibration:
     """Train predictors and static counts for every unit (and thresholds on the density grid)."""
     step = progress or (lambda frac, text: None)
-    collector, n_tokens = collect(loaded, calibration_texts()["train"], step)
+    shares = SHARES if thresholds else {k: v / (1 - SHARES["thresholds"]) for k, v in SHARES.items()}
+    phase = _phases(step, shares)
+    collector, n_tokens = collect(loaded, calibration_texts()["train"], phase("collect"))
     units = sorted(collector.x)
     if not units:
         raise RuntimeError(f"no MLP activations were collected from {loaded.spec}")
     cal = Calibration(fingerprint(loaded, settings), settings, {}, {}, n_tokens=n_tokens)
+    train = phase("predictors")
     for i, unit in enumerate(units):
-        step(0.25 + 0.6 * i / len(units), f"training the predictor of layer {unit[0]}"
-             + (f", expert {unit[1]}" if unit[1] >= 0 else ""))
-        x, h = collector.data(unit)
-        cal.predictors[unit] = train_predictor(x, h, settings)
-        cal.counts[unit] = topk_counts(h)
+        train(i / len(units), f"Training the predictor for {_unit_name(loaded, unit)}")
+        cal.predictors[unit] = train_predictor(*collector.data(unit), settings)
+    phase("static")(0.0, "Choosing the static sets")
+    cal.counts = {unit: topk_counts(collector.data(unit)[1]) for unit in units}
     if thresholds:
+        grid = phase("thresholds")
         for j, g in enumerate(GRID):
-            step(0.85 + 0.15 * j / len(GRID), f"calibrating thresholds at density {g:g}")
+            grid(j / len(GRID), f"Calibrating thresholds (density {g:g}, {j + 1} of {len(GRID)})")
             cal.thresholds[g] = dict(calibrate_thresholds(loaded, g))
-    step(1.0, "done")
+    step(1.0, "Calibration done")
     return cal
+
+
+def _phases(step: Progress, shares: dict[str, float]) -> Callable[[str], Progress]:
+    """phase(name): a Progress over [0, 1] that `step` sees as that phase's share of the whole."""
+    starts = dict(zip(shares, itertools.accumulate([0.0, *shares.values()])))
+    return lambda name: lambda frac, text: step(min(1.0, starts[name] + shares[name] * frac), text)
+
+
+def _unit_name(loaded: LoadedModel, unit: Unit) -> str:
+    """'layer 3 of 6' (counted from 1, as a person counts), with ', expert 2 of 8' for MoE units."""
+    layer, expert = unit
+    return f"layer {layer + 1} of {loaded.n_layers}" + (
+        f", expert {expert + 1} of {loaded.n_experts}" if expert >= 0 else "")
 
 
 def static_calibration(loaded: LoadedModel, input_ids: torch.Tensor) -> Calibration:

@@ -89,14 +89,19 @@ def test_routing_page_compares_all_policies_and_shows_experts():
     assert "Router entropy" in titles and "Expert load" in titles and "co-firing" in titles
 
 
-@pytest.mark.parametrize("params,shown", [(dict(density="abc"), "density 0.5"), (dict(density="7"), "density 0.5"),
-                                          (dict(policy="nope"), "policy topk")])
-def test_link_values_the_app_cannot_use_are_named_not_dropped_silently(params, shown):
+@pytest.mark.parametrize("params,warning,density", [
+    (dict(density="abc"), "The link's density 'abc' is not a number; analysing 0.5.", 0.5),
+    (dict(density="7"), "The link's density 7 is outside the slider's 0.05 to 1 range; analysing 1.", 1.0),
+    (dict(density="0.33"), "The link's density 0.33 is not on the slider's 0.05 steps; analysing 0.35.", 0.35),
+    (dict(policy="nope"), "The link's policy 'nope' is not one this app can use; showing policy topk.", 0.5)])
+def test_link_values_the_app_cannot_use_are_named_not_dropped_silently(params, warning, density):
+    """A density the slider cannot show becomes the nearest value it can (the issue asks for the
+    nearest valid value), and the analysis uses what the slider shows."""
     at = open_app(model="tiny-llama", prompt=PROMPT, **params)
     assert not at.exception and not at.error
-    (key, value), = params.items()
-    assert [w.value for w in at.warning] == [f"The link's {key} '{value}' is not one this app can use; showing {shown}."]
-    assert at.session_state["ctx"].spec.density == 0.5 and at.session_state["ctx"].spec.policy == "topk"
+    assert [w.value for w in at.warning] == [warning]
+    assert at.session_state["ctx"].spec.density == density == at.slider(key="density").value
+    assert at.session_state["ctx"].spec.policy == "topk"
 
 
 def test_valid_link_values_raise_no_warning():

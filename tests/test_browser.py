@@ -169,4 +169,35 @@ def test_markdown_signs_in_the_prompt_are_shown_as_text(server, browser, tmp_pat
     _shot(page, tmp_path, "compare-markdown-prompt")
     _no_formula(page)
     assert "##" not in dense.inner_text()
+
+
+def test_a_saved_run_stays_the_saved_run_through_the_whole_menu(server, browser, tmp_path):
+    """Save a run on the Runs page, open its link, then click every page of the menu: each shows the
+    saved-run line, the URL keeps run=<id>, and Runs does not offer to save it again."""
+    query = urlencode({"model": "tiny-llama", "prompt": "Seven eight nine ten eleven.", "policy": "threshold",
+                       "density": "0.4"})
+    page = _open(browser, f"{server}/runs?{query}")
+    page.get_by_role("button", name="Save run").click()
+    saved = page.locator("[data-testid='stAlert']", has_text="Saved as")
+    saved.wait_for(timeout=120_000)
+    run_id = saved.locator("code").inner_text()
+    page.close()
+
+    page = _open(browser, f"{server}/?run={run_id}")
+    links = page.locator("[data-testid='stSidebarNav'] a")
+    names = [links.nth(i).inner_text().strip().splitlines()[-1] for i in range(links.count())]   # after the icon
+    assert names == ["Firing map", "Density", "Dense vs sparse", "Routing", "Attribution", "Speed", "Runs and sharing"]
+    for name in names:
+        page.locator("[data-testid='stSidebarNav'] a", has_text=name).click()
+        page.wait_for_selector(f"h2:has-text('{name}')", timeout=120_000)
+        page.wait_for_function(f"location.search.includes('run={run_id}')", timeout=60_000)
+        line = page.locator("[data-testid='stAlert']", has_text="Saved run").filter(has_text=run_id)
+        line.wait_for(timeout=60_000)
+        assert line.count() == 1, name
+        assert page.locator("[data-testid='stException']").count() == 0, name
+    page.wait_for_selector("h3:has-text('Export')", timeout=60_000)             # the Runs page drawn to its end
+    page.wait_for_timeout(1000)
+    _shot(page, tmp_path, "saved-run-runs-page")
+    assert page.get_by_role("button", name="Save run").count() == 0
+    assert page.get_by_text(f"This is saved run {run_id}").count() == 1
     page.close()

@@ -265,7 +265,7 @@ def test_default_paths(tmp_path, monkeypatch, bert):
 
 def test_ids_are_short_url_safe_and_distinct(tmp_path, bert):
     store = RunStore(tmp_path / "r.sqlite")
-    ids = [store.save(bert) for _ in range(50)]
+    ids = [store.save(replace(bert, spec=replace(bert.spec, prompt=f"{bert.spec.prompt} {i}"))) for i in range(50)]
     assert len(set(ids)) == 50
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{12}", i) for i in ids)
 
@@ -333,4 +333,33 @@ def test_threads_save_and_load_concurrently(tmp_path, bert, llama):
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(set(saved)) == 20 and len(store.list()) == 20
+    assert not errors and len(saved) == 20 and len(set(saved)) == 2 and len(store.list()) == 2   # one row per run
+
+
+def test_saving_the_same_analysis_again_gives_its_id_and_no_new_row(tmp_path, llama, bert):
+    """Same content (also a copy read back from bytes, or one with new timings, as a recomputed run
+    has) -> the same id; anything else that is saved -> a new id."""
+    store = RunStore(tmp_path / "r.sqlite")
+    run_id = store.save(llama)
+    assert store.save(llama) == run_id
+    assert store.save(analysis_from_bytes(analysis_to_bytes(llama))) == run_id
+    assert store.save(replace(llama, timings_ms={"total": 1.0})) == run_id
+    with_sweep = store.save(replace(llama, sweep=llama.sweep[:1]))
+    other = store.save(bert)
+    assert len({run_id, with_sweep, other}) == 3
+    assert sorted(r["id"] for r in store.list()) == sorted([run_id, with_sweep, other])
+    assert RunStore(tmp_path / "r.sqlite").save(llama) == run_id              # after a restart too
+
+
+def test_a_store_from_before_digests_keeps_working(tmp_path, llama, bert):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:                  # the schema and insert of the store's first version
+        db.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, created REAL NOT NULL, model TEXT, policy TEXT, "
+                   "density REAL, n_tokens INTEGER, prompt_preview TEXT, blob BLOB NOT NULL)")
+        db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", ("oldrun000001", 1.0, "tiny-bert", "threshold",
+                   0.3, len(bert.tokens), "old", analysis_to_bytes(bert)))
+    store = RunStore(path)
+    assert_same(bert, store.load("oldrun000001"))
+    run_id = store.save(llama)
+    assert store.save(llama) == run_id and store.load(run_id) is not None
+    assert [r["id"] for r in store.list()] == [run_id, "oldrun000001"]
