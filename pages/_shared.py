@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from contextlib import contextmanager
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -117,6 +118,18 @@ def run_store() -> RunStore:
 @st.cache_resource(show_spinner=False)
 def _run_store(path: str) -> RunStore:
     return RunStore(path or None)
+
+
+@contextmanager
+def progress_bar(label: str):
+    """A progress bar for long work on the page, as a callback (fraction, text); it goes when the
+    work ends, also when the work fails or the page stops."""
+    box = st.empty()
+    box.progress(0.0, text=label)
+    try:
+        yield lambda frac, text: box.progress(frac, text=f"{label}: {text}")
+    finally:
+        box.empty()
 
 
 def cached_analysis(spec: RunSpec) -> Analysis:

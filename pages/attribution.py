@@ -4,7 +4,7 @@ run), so a widget that only changes the view does not compute them again."""
 import pandas as pd
 import streamlit as st
 
-from pages._shared import explain, page_context, show
+from pages._shared import explain, page_context, progress_bar, show
 from sam_viz import InputError
 from sam_viz.attribution import (MAX_QUERY_CHARS, MAX_STEPS, attribute, attribution_key, default_query,
                                  likely_targets, recall, remember)
@@ -69,14 +69,13 @@ def live_attribution():
     kept = recall(ctx.analysis, attribution_key(method, int(steps), target_id, query))
     if kept is not None:
         return kept
-    bar = st.progress(0.0, text="Attributing...")
     try:
-        result = attribute(loaded, ctx.spec, method=method, steps=int(steps), target_id=target_id, query=query,
-                           progress=lambda f, t: bar.progress(f, text=t))
+        with progress_bar("Attributing") as step:
+            result = attribute(loaded, ctx.spec, method=method, steps=int(steps), target_id=target_id, query=query,
+                               progress=step)
     except InputError as exc:
-        st.error(str(exc))
+        st.error(escape_markdown(str(exc)))
         st.stop()
-    bar.empty()
     remember(ctx.analysis, result)
     return result
 

@@ -2,8 +2,9 @@
 quality each density buys."""
 import streamlit as st
 
-from pages._shared import page_context, explain, show
-from sam_viz import SWEEP_DENSITIES, SWEEP_POLICIES, density_sweep, mass_curve, plots
+from pages._shared import explain, page_context, progress_bar, show
+from sam_viz import SWEEP_DENSITIES, SWEEP_POLICIES, InputError, density_sweep, mass_curve, plots
+from sam_viz.text import escape_markdown
 from sparse_ops import get_calibration
 
 ctx = page_context()
@@ -39,9 +40,11 @@ if a.sweep is None and ctx.run_id is None:
     policies = SWEEP_POLICIES + (("predictor", "static") if calibrated else ())
     if st.button("Run the sweep", help=f"{len(policies) * len(SWEEP_DENSITIES)} sparse passes of this prompt "
                  f"({', '.join(policies)})"):
-        bar = st.progress(0.0, text="Starting the sweep...")
-        a.sweep = density_sweep(loaded, ctx.spec, policies=policies, progress=lambda f, t: bar.progress(f, text=t))
-        bar.empty()
+        try:
+            with progress_bar("Density sweep") as step:
+                a.sweep = density_sweep(loaded, ctx.spec, policies=policies, progress=step)
+        except InputError as exc:
+            st.error(escape_markdown(str(exc)))
 if a.sweep:
     show(plots.sweep_plot(a.sweep, current=plots.target_density(a)), key="sweep")
 elif ctx.run_id:

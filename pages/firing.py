@@ -9,8 +9,7 @@ ctx = page_context()
 a = ctx.analysis
 st.header("Firing map")
 st.caption(f"{escape_markdown(a.spec.model)} · {a.spec.policy} at density {a.spec.density:g} · "
-           f"{len(a.tokens)} tokens · {a.n_layers} layers × {a.n_neurons} neurons"
-           + (" · saved run " + escape_markdown(ctx.run_id) if ctx.run_id else ""))
+           f"{len(a.tokens)} tokens · {a.n_layers} layers × {a.n_neurons} neurons")
 explain(f"""
 Every token passes through each layer's MLP, a block of **{a.n_neurons} neurons**. A dense model computes
 all of them for every token. A *sparse* model computes only a fraction, chosen per token: here

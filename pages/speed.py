@@ -5,7 +5,7 @@ import threading
 
 import streamlit as st
 
-from pages._shared import cost_delta, explain, page_context, show
+from pages._shared import cost_delta, explain, page_context, progress_bar, show
 from sam_viz import InputError, speed, speed_plots
 from sam_viz.benchmarks import decode, kernels
 
@@ -87,16 +87,14 @@ if blocked:
 b1, b2 = st.columns(2)
 if b1.button("Run kernel benchmark (quick, ~1 min)", disabled=bool(blocked), help="TinyLlama's MLP shape, fp32 and "
              "bf16, 15 calls per point; it loads this machine, so other sessions slow down meanwhile."):
-    bar = st.progress(0.0, text="Starting the kernel benchmark...")
-    rows = kernels.run(**kernels.QUICK, progress=lambda f, t: bar.progress(f, text=f"kernel benchmark: {t}"))
-    bar.empty()
+    with progress_bar("Kernel benchmark") as step:
+        rows = kernels.run(**kernels.QUICK, progress=step)
     with lock:
         results["kernels"] = rows
 if b2.button("Run decode benchmark (quick, ~1 min)", disabled=bool(blocked), help="Builds a random 4-layer "
              "TinyLlama-shaped model (about 0.8 GB) and decodes greedily, dense and sparse."):
-    bar = st.progress(0.0, text="Starting the decode benchmark...")
-    rows = decode.run(decode.QUICK, progress=lambda f, t: bar.progress(f, text=f"decode benchmark: {t}"))
-    bar.empty()
+    with progress_bar("Decode benchmark") as step:
+        rows = decode.run(decode.QUICK, progress=step)
     with lock:
         results["decode"] = rows
 upload = st.file_uploader("Or load results saved with `python -m sam_viz bench kernels|decode --json > file.json`",

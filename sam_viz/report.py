@@ -19,6 +19,6 @@ def report_plots(a: Analysis, layer: int = 0) -> list[tuple[str, Plot]]:
         plots += [("Distribution of |h|", activation_histogram(a)),
                   ("Mass kept vs density", mass_curve_plot(mass_curve(a, SWEEP_DENSITIES), SWEEP_DENSITIES))]
     if a.sweep:
-        plots.append(("Density sweep", sweep_plot(a.sweep)))
+        plots.append(("Density sweep", sweep_plot(a.sweep, current=a.spec.density)))
     plots += [("Divergence per layer", divergence_plot(a)), ("Dense vs sparse outputs", next_token_plot(a))]
     return plots

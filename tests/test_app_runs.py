@@ -163,3 +163,20 @@ def test_a_prompt_over_the_token_limit_can_be_cut_to_the_limit():
     assert loaded.encode(prompt)["input_ids"].shape[1] <= 512 < loaded.encode(words)["input_ids"].shape[1]
     assert len(at.session_state["ctx"].analysis.tokens) == loaded.encode(prompt)["input_ids"].shape[1]
     assert at.text_area(key="prompt").value == prompt
+
+
+def test_a_failed_sweep_leaves_its_error_and_no_progress_bar(monkeypatch):
+    """Long work on a page that fails part way: one error sentence, and its progress bar is gone."""
+    import sam_viz
+    from sam_viz import InputError
+
+    def failing(loaded, spec, policies, progress):
+        progress(0.3, "threshold at density 0.2")
+        raise InputError("the sweep failed on purpose")
+
+    monkeypatch.setattr(sam_viz, "density_sweep", failing)
+    at = open_app("density", model="tiny-llama", prompt=PROMPT, density="0.3")
+    next(b for b in at.button if b.label == "Run the sweep").click().run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["the sweep failed on purpose"]
+    assert not at.get("progress")
