@@ -90,8 +90,8 @@ def saved_attribution():
     """A saved run: the attributions it was saved with; computing a new one needs the model."""
     stored = ctx.analysis.attributions
     if not stored:
-        st.info("This run was saved without an attribution, and computing one needs the model; open this run's "
-                "settings as a live analysis to compute it.")
+        st.info("This run was saved without an attribution, and computing one needs the model: "
+                "**Analyse live** above runs these settings on the model.")
         st.stop()
     pick = st.selectbox("Saved attribution", range(len(stored)), format_func=lambda i: describe(stored[i]))
     return stored[pick]

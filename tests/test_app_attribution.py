@@ -60,6 +60,11 @@ def test_the_query_is_in_the_url_and_a_query_equal_to_the_prompt_is_not_drawn(ca
     assert [t["name"] for t in neurons["data"]] == ["sparse"]
 
 
+def notes(at) -> list[str]:
+    """The page's info boxes, less the line every page of a saved run shows."""
+    return [i.value for i in at.info if not i.value.startswith("Saved run `")]
+
+
 def test_a_saved_run_shows_the_attribution_computed_before_saving(calls, monkeypatch):
     live = open_app("attribution", **LIVE)
     runs = open_app("runs", **LIVE)
@@ -72,7 +77,7 @@ def test_a_saved_run_shows_the_attribution_computed_before_saving(calls, monkeyp
     monkeypatch.setattr(sam_viz.attribution, "attribute", forbidden)
     monkeypatch.setattr(pages._shared, "cached_model", forbidden)
     saved = open_app("attribution", run=run_id)
-    assert not saved.exception and not saved.error and not saved.info
+    assert not saved.exception and not saved.error and not notes(saved)
     assert "Saved attribution" in [s.label for s in saved.selectbox]
     assert charts(saved) == charts(live)
     assert [m.value for m in saved.markdown] == [m.value for m in live.markdown]
@@ -84,6 +89,6 @@ def test_a_run_saved_without_an_attribution_says_so(calls):
     next(b for b in runs.button if b.label == "Save run").click().run()
     saved = open_app("attribution", run=runs.success[0].value.split("`")[1])
     assert not saved.exception and not saved.error and not calls
-    assert [i.value for i in saved.info] == [
-        "This run was saved without an attribution, and computing one needs the model; open this run's "
-        "settings as a live analysis to compute it."]
+    assert notes(saved) == [
+        "This run was saved without an attribution, and computing one needs the model: "
+        "**Analyse live** above runs these settings on the model."]

@@ -282,7 +282,8 @@ def every_figure(a, sweep_rows):
     n = a.n_neurons
     attribution = SimpleNamespace(neurons_dense=[torch.linspace(-1, 1, n)] * a.n_layers,
                                   neurons_sparse=[torch.linspace(1, -1, n)] * a.n_layers,
-                                  kept=[torch.zeros(n)] * a.n_layers, tokens=a.tokens)
+                                  kept=[torch.zeros(n)] * a.n_layers, tokens=a.tokens,
+                                  neuron_noise=[(False, False)] * a.n_layers)
     yield R.neuron_attribution_plot(attribution, 1)
     yield S.forward_bars({"dense_ms": 5.0, "sparse_ms": 4.0, "speedup": 1.25, "tokens": 123, "repeats": 3},
                          {"dense_floor_ms": 0.2, "sparse_floor_ms": 0.05})
