@@ -1,4 +1,5 @@
-"""`python -m sam_viz analyze ...`: the analysis from the command line.
+"""`python -m sam_viz analyze ...`: the analysis from the command line; `eval` measures held-out
+perplexity (sam_viz.evaluate), `attribute`, `bench` and `calibrate` as their help says.
 
 User mistakes exit 2 with one line on stderr beginning `error:`; never a traceback.
 """
@@ -47,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["kernels", "decode"])
     b.add_argument("--quick", action="store_true", help="fewer shapes, steps and repeats (under a minute)")
     b.add_argument("--json", action="store_true")
+    e = sub.add_parser("eval", help="next-token perplexity of a causal LM on a text (default: the demo "
+                       "LMs' held-out split), dense or sparse")
+    e.add_argument("--model", default="demo-lm", help="a causal LM spec: demo-lm, demo-lm-dense, tiny-*, a "
+                   "checkpoint dir, or hf:org/name")
+    e.add_argument("--policy", default="dense")
+    e.add_argument("--density", default="0.5")
+    e.add_argument("--kernel", default="reference")
+    e.add_argument("--text", default=None, help="a UTF-8 text file; documents separated by <|endoftext|> "
+                   "(none: one document). Default: models/demo/heldout.txt")
+    e.add_argument("--max-tokens", default=None, help="score only the first whole windows holding at most "
+                   "this many predicted tokens (default: all)")
+    e.add_argument("--context", default="128", help="tokens per window (the demo LMs trained on 128)")
+    e.add_argument("--json", action="store_true")
     c = sub.add_parser("calibrate", help="train and store thresholds, predictors and static sets for a model")
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--force", action="store_true", help="train again even if a calibration is stored")
@@ -127,6 +141,40 @@ def _target_id(loaded, token: str) -> int:
     return ids[0]
 
 
+def cmd_eval(args) -> int:
+    import time
+
+    from models import load_model
+
+    from .evaluate import EvalSpec, evaluate, read_text
+
+    spec = EvalSpec(model=args.model, policy=args.policy, density=args.density, kernel=args.kernel,
+                    text=args.text, max_tokens=args.max_tokens, context=args.context)
+    text = read_text(spec.text)
+    _quiet_libraries()
+    loaded = load_model(spec.model)
+    start, shown = time.perf_counter(), [time.perf_counter()]
+
+    def progress(done: int, total: int) -> None:           # a line every 5 s, on stderr
+        now = time.perf_counter()
+        if now - shown[0] >= 5 or (done == total and now - start >= 5):
+            shown[0] = now
+            print(f"eval: {done}/{total} windows, {done * spec.context / (now - start):,.0f} tokens/s",
+                  file=sys.stderr, flush=True)
+
+    def calibrating(frac: float, text: str) -> None:
+        print(f"first use of {spec.policy} on this model: {text}", file=sys.stderr, flush=True)
+
+    result = evaluate(loaded, spec, text, progress=progress, calibrating=calibrating)
+    if args.json:
+        print(json.dumps(_finite(result.to_json()), allow_nan=False))
+        return 0
+    print(f"{spec.model}  policy={spec.policy}  density={spec.density:g}  text={result.to_json()['text']}  "
+          f"windows={result.windows}  tokens={result.tokens}")
+    print(f"perplexity={result.perplexity:.4f}  loss={result.loss:.6f}  mlp_density={result.mlp_density:.4f}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from bench import decode, kernels
 
@@ -183,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"analyze": cmd_analyze, "attribute": cmd_attribute, "bench": cmd_bench,
-                "calibrate": cmd_calibrate}[args.command](args)
+                "calibrate": cmd_calibrate, "eval": cmd_eval}[args.command](args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
