@@ -1,5 +1,10 @@
-"""Load a model from a spec string: the embedded minilm, a tiny random model, a local checkpoint
-directory under an allowed root, or `hf:org/name` from the local Hugging Face cache.
+"""Load a model from a spec string: the embedded minilm, a demo LM shipped in models/demo/, a tiny
+random model, a local checkpoint directory under an allowed root, or `hf:org/name` from the local
+Hugging Face cache.
+
+The demo LMs (`demo-lm`, `demo-lm-dense`; see models/demo/README.md) are plain checkpoint folders
+inside the repo, loaded by `_load_dir` like any user's checkpoint: the name only picks the folder,
+and the shipped folder is always an allowed root.
 
 Weights are only ever read from safetensors; `trust_remote_code` stays off.
 """
@@ -22,7 +27,9 @@ from .tiny import TINY_CONFIGS, tiny_config
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "minilm"
-BUILTIN_SPECS = (DEFAULT_MODEL, *TINY_CONFIGS)
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_SPECS = ("demo-lm", "demo-lm-dense")
+BUILTIN_SPECS = (DEFAULT_MODEL, *DEMO_SPECS, *TINY_CONFIGS)
 MAX_TOKENS = 512                      # analysis bound, whatever the model's context
 _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -91,6 +98,7 @@ def _model_inputs(enc) -> dict[str, torch.Tensor]:
 
 
 def allowed_roots() -> list[Path]:
+    """SAM_VIZ_MODEL_ROOTS (or ./checkpoints and the Hugging Face cache), and always the shipped demo folder."""
     env = os.environ.get("SAM_VIZ_MODEL_ROOTS")
     if env:
         roots = [p for p in env.split(os.pathsep) if p.strip()]
@@ -98,7 +106,7 @@ def allowed_roots() -> list[Path]:
         from huggingface_hub import constants
 
         roots = [str(Path.cwd() / "checkpoints"), constants.HF_HUB_CACHE]
-    return [Path(r).expanduser().resolve() for r in roots]
+    return [*(Path(r).expanduser().resolve() for r in roots), DEMO_DIR]
 
 
 def _is_path_spec(spec: str) -> bool:
@@ -112,6 +120,8 @@ def load_model(spec: str) -> LoadedModel:
     spec = spec.strip()
     if spec == DEFAULT_MODEL:
         return _load_minilm()
+    if spec in DEMO_SPECS:
+        return _load_dir(_demo_dir(spec), spec)
     if spec in TINY_CONFIGS:
         return _load_tiny(spec)
     if spec.startswith("hf:"):
@@ -148,6 +158,14 @@ def _load_tiny(name: str) -> LoadedModel:
     loaded = _finish(name, model, tokenizer)
     loaded.add_special_tokens = loaded.kind == "encoder"      # no [CLS] / [SEP] around a causal prompt
     return loaded
+
+
+def _demo_dir(name: str) -> Path:
+    path = DEMO_DIR / name
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise InputError(f"the shipped model '{name}' is missing its files in {path} (config.json and "
+                         "model.safetensors); restore them with git checkout -- models/demo")
+    return path
 
 
 def _checked_dir(spec: str) -> Path:

@@ -1,5 +1,6 @@
 """`python -m sam_viz analyze ...` (or `sam-viz analyze ...` once installed): the analysis, attribution,
-benchmarks, calibration and the kernel build from the command line.
+benchmarks, calibration, the kernel build and held-out perplexity (`eval`, sam_viz.evaluate) from the
+command line.
 
 User mistakes exit 2 with one line on stderr beginning `error:`; never a traceback.
 """
@@ -57,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     sub.add_parser("build-kernels", help="build the compiled cpu kernel now (make does), so that it is the "
                    "default kernel; without a C++ compiler, a warning and exit 0")
+    e = sub.add_parser("eval", help="next-token perplexity of a causal LM on a text (default: the demo "
+                       "LMs' held-out split), dense or sparse")
+    e.add_argument("--model", default="demo-lm", help="a causal LM spec: demo-lm, demo-lm-dense, tiny-*, a "
+                   "checkpoint dir, or hf:org/name")
+    e.add_argument("--policy", default="dense")
+    e.add_argument("--density", default="0.5")
+    e.add_argument("--kernel", default=None, help=KERNEL_HELP)
+    e.add_argument("--text", default=None, help="a UTF-8 text file; documents separated by <|endoftext|> "
+                   "(none: one document). Default: models/demo/heldout.txt")
+    e.add_argument("--max-tokens", default=None, help="score only the first whole windows holding at most "
+                   "this many predicted tokens (default: all)")
+    e.add_argument("--context", default="128", help="tokens per window (the demo LMs trained on 128)")
+    e.add_argument("--json", action="store_true")
     c = sub.add_parser("calibrate", help="train and store thresholds, predictors and static sets for a model")
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--force", action="store_true", help="train again even if a calibration is stored")
@@ -159,6 +173,40 @@ def _target_id(loaded, token: str) -> int:
     return ids[0]
 
 
+def cmd_eval(args) -> int:
+    import time
+
+    from models import load_model
+
+    from .evaluate import EvalSpec, evaluate, read_text
+
+    spec = EvalSpec(model=args.model, policy=args.policy, density=args.density, kernel=args.kernel,
+                    text=args.text, max_tokens=args.max_tokens, context=args.context)
+    text = read_text(spec.text)
+    _quiet_libraries()
+    loaded = load_model(spec.model)
+    start, shown = time.perf_counter(), [time.perf_counter()]
+
+    def progress(done: int, total: int) -> None:           # a line every 5 s, on stderr
+        now = time.perf_counter()
+        if now - shown[0] >= 5 or (done == total and now - start >= 5):
+            shown[0] = now
+            print(f"eval: {done}/{total} windows, {done * spec.context / (now - start):,.0f} tokens/s",
+                  file=sys.stderr, flush=True)
+
+    def calibrating(frac: float, text: str) -> None:
+        print(f"first use of {spec.policy} on this model: {text}", file=sys.stderr, flush=True)
+
+    result = evaluate(loaded, spec, text, progress=progress, calibrating=calibrating)
+    if args.json:
+        print(json.dumps(_finite(result.to_json()), allow_nan=False))
+        return 0
+    print(f"{spec.model}  policy={spec.policy}  density={spec.density:g}  text={result.to_json()['text']}  "
+          f"windows={result.windows}  tokens={result.tokens}")
+    print(f"perplexity={result.perplexity:.4f}  loss={result.loss:.6f}  mlp_density={result.mlp_density:.4f}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from sparse_ops import unavailable_kernels
 
@@ -252,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
             args.kernel = default_kernel()
         return {"analyze": cmd_analyze, "attribute": cmd_attribute, "bench": cmd_bench,
-                "build-kernels": cmd_build_kernels, "calibrate": cmd_calibrate}[args.command](args)
+                "build-kernels": cmd_build_kernels, "calibrate": cmd_calibrate, "eval": cmd_eval}[args.command](args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
