@@ -23,6 +23,7 @@ from models import BUILTIN_SPECS, InputError, load_model
 from models.loading import DEMO_DIR, DEMO_SPECS
 from sam_viz import evaluate as ev
 from sam_viz.cli import main
+from sparse_ops import default_kernel
 from tools import demo_data, topk_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +117,7 @@ def test_eval_json_keys_and_types_in_a_real_offline_process():
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert {k: type(v) for k, v in out.items()} == KEYS
-    assert out["model"] == "demo-lm" and out["text"] == "heldout" and out["kernel"] == "reference"
+    assert out["model"] == "demo-lm" and out["text"] == "heldout" and out["kernel"] == default_kernel()
     assert (out["policy"], out["density"], out["windows"], out["tokens"]) == ("threshold", 0.25, 2, 256)
     assert out["perplexity"] > 1 and 0 < out["mlp_density"] < 1
 
