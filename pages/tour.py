@@ -136,6 +136,7 @@ def static() -> tuple[str, RunSpec]:
     c1, c2 = st.columns(2)
     with c1:
         show(routing_plots.recall_by_policy(analyses), key="tour_recall")
+        st.caption("topk's recall is 1 by definition: it keeps exactly each token's strongest neurons.")
     with c2:
         if "static" in analyses:
             show(plots.next_token_plot(analyses["static"]), key="tour_static_next")
@@ -232,7 +233,7 @@ c3.button("Next", key="tour_next", icon=":material/arrow_forward:", disabled=n =
 st.progress(n / len(STEPS))
 st.subheader(step.title)
 st.markdown(step.text)
-st.caption(f"Model {DEMO_MODEL} · prompt: {escape_markdown(PRESETS[DEMO_PRESET])}")
+st.caption(f"Prompt: {escape_markdown(PRESETS[DEMO_PRESET])}")
 target = step.draw()
 if target:
     open_in_app(*target)

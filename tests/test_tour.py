@@ -100,6 +100,15 @@ def test_junk_and_out_of_range_steps_clamp(raw, step):
         assert at.query_params["step"] == str(step)       # the URL now says which step is shown
 
 
+def test_hostile_tour_params_fall_back_to_defaults():
+    at = open_tour(step="2", tour_layer="999", tour_token="-5", tour_density="abc")
+    check_step(at, 2)
+    assert at.number_input(key="tour_layer").value == 2 and at.selectbox(key="tour_token").value == 10
+    at = open_tour(step="4", tour_density="7")
+    check_step(at, 4)
+    assert at.select_slider(key="tour_density").value == 0.1
+
+
 def test_token_picker_shows_text_not_byte_level_pieces():
     at = open_tour(step="2")
     labels = at.selectbox(key="tour_token").options
@@ -120,6 +129,18 @@ def test_open_this_in_the_app_applies_the_step_and_switches_page():
     spec = at.session_state["ctx"].spec
     assert (spec.model, spec.prompt, spec.policy, spec.density) == ("demo-lm", DOC_PROMPT, "topk", 0.1)
     assert any("Density and mass kept per layer" in t for t in titles(at))          # the Density page
+
+
+def test_where_to_go_next_opens_a_page_with_the_tour_settings():
+    at = AppTest.from_file(APP, default_timeout=300).run()
+    at.switch_page("pages/tour.py")
+    at.query_params["step"] = str(N_STEPS)
+    at.run()
+    next(b for b in at.button if b.label == "Firing map").click().run()
+    assert not at.exception and not at.error
+    spec = at.session_state["ctx"].spec
+    assert (spec.model, spec.prompt, spec.policy, spec.density) == ("demo-lm", DOC_PROMPT, "topk", 0.1)
+    assert any("which neurons the sparse model computed" in t for t in titles(at))
 
 
 def test_minilm_hint_switches_to_demo_lm_and_a_doc_prompt():
