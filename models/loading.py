@@ -23,6 +23,7 @@ from torch import nn
 from .adapters import MLPAdapter, adapter_for, get_path, layer_modules, mlp_weights
 from .errors import InputError
 from .tiny import TINY_CONFIGS, tiny_config
+from .token_text import is_byte_level, readable_tokens
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class LoadedModel:
     experts_per_token: int = 0        # MoE only
     max_tokens: int = MAX_TOKENS
     add_special_tokens: bool = True   # False for tiny causal models borrowing BERT's tokenizer
+    byte_level: bool = False          # byte-level BPE vocabulary ("Ġlist"): tokens shown as text
     _tok_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -81,9 +83,11 @@ class LoadedModel:
         return torch.tensor(mask, dtype=torch.bool)
 
     def token_strings(self, input_ids: torch.Tensor) -> list[str]:
-        """The vocabulary's pieces as analyses list them ("##s", "Ġthe"); `decode` gives the text."""
+        """Tokens as every view shows them: byte-level ones as their text with whitespace visible
+        ("Ġlist" -> "␣list", "Ċ" -> "↵"), WordPiece pieces as they are ("##s"); see models/token_text.py.
+        `decode` gives the plain text."""
         with self._tok_lock:
-            return self.tokenizer.convert_ids_to_tokens(input_ids.tolist())
+            return readable_tokens(self.tokenizer, input_ids.tolist(), self.byte_level)
 
     def decode(self, ids: list[int]) -> str:
         """The text of `ids` as the tokenizer writes it, special tokens included."""
@@ -225,7 +229,7 @@ def _finish(spec: str, model: nn.Module, tokenizer) -> LoadedModel:
         model_type=config.model_type, n_layers=len(layers), d_ff=weights.d_ff,
         n_experts=getattr(config, "num_local_experts", 0) if adapter.is_moe else 0,
         experts_per_token=getattr(config, "num_experts_per_tok", 0) if adapter.is_moe else 0,
-        max_tokens=min(MAX_TOKENS, positions),
+        max_tokens=min(MAX_TOKENS, positions), byte_level=is_byte_level(tokenizer),
     )
     log.info("loaded %s (%s, %d layers, d_ff %d)", spec, config.model_type, loaded.n_layers, loaded.d_ff)
     return loaded

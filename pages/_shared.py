@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import streamlit as st
-from streamlit.errors import StreamlitAPIException
+from streamlit.errors import StreamlitAPIException, StreamlitPageNotFoundError
 
 from sam_viz import (BUILTIN_SPECS, DEFAULT_MODEL, Analysis, InputError, LoadedModel, RunSpec, allowed_roots,
                      analyze, load_model)
@@ -28,9 +28,19 @@ PRESETS = {
     "Code": "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
     "Facts": "Paris is the capital of France. The Nile is the longest river in Africa. Water boils at 100 degrees.",
 }
+DOC_PRESETS = {                       # suit demo-lm's training text, the Python documentation
+    "Docs: open a file": "To open a file, use the built-in",
+    "Docs: the list type": "The list type",
+    "Docs: dictionaries": "A dictionary maps keys to",
+    "Docs: the for statement": "The for statement in Python",
+    "Docs: exceptions": "When an exception is raised",
+}
+PRESETS.update(DOC_PRESETS)
 DEFAULT_PROMPT = PRESETS["Fox"]
+DEMO_MODEL = "demo-lm"
+DEMO_PRESET = "Docs: open a file"
 PAGE_KEYS = ("layer", "token", "order", "freq", "query")  # page selections that also live in the URL
-PAGE_PATHS = ("density", "compare", "routing", "attribution", "speed", "runs")   # the firing map is the default page, at /
+PAGE_PATHS = ("tour", "density", "compare", "routing", "attribution", "speed", "runs")   # the firing map is at /
 ANALYSIS_CACHE_SIZE = 16
 
 
@@ -53,6 +63,7 @@ def navigation():
     st.set_page_config(page_title="sam-viz", page_icon=":material/neurology:", layout="wide")
     return st.navigation([
         st.Page("pages/firing.py", title="Firing map", icon=":material/grid_on:", default=True),
+        st.Page("pages/tour.py", title="Classroom tour", icon=":material/school:"),
         st.Page("pages/density.py", title="Density", icon=":material/area_chart:"),
         st.Page("pages/compare.py", title="Dense vs sparse", icon=":material/compare:"),
         st.Page("pages/routing.py", title="Routing", icon=":material/alt_route:"),
@@ -70,12 +81,16 @@ def _legacy_router() -> bool:
     return bool(PagesManager.uses_pages_directory)
 
 
-def page_context() -> Context:
-    """Every page starts here: the shared sidebar (bound to the URL) and the analysis it asks for.
-    Shows the one-sentence error and stops the page when the input is bad."""
+def _hand_over() -> None:
     if _legacy_router():                   # hand over to the app's own navigation, then stop here
         navigation().run()
         st.stop()
+
+
+def page_context() -> Context:
+    """Every page starts here: the shared sidebar (bound to the URL) and the analysis it asks for.
+    Shows the one-sentence error and stops the page when the input is bad."""
+    _hand_over()
     ctx = resolve_context()
     if ctx is None:
         st.stop()
@@ -98,6 +113,17 @@ def _leave_saved_run() -> None:
     st.session_state.pop("_opened_run", None)
     if "run" in st.query_params:
         del st.query_params["run"]
+
+
+def sidebar_only() -> RunSpec | None:
+    """For a page that computes its own analyses (the tour): the shared sidebar, kept as the user
+    set it, without analysing its spec; a bad setting is one sentence in the sidebar."""
+    _hand_over()
+    try:
+        return sidebar()
+    except InputError as exc:
+        st.sidebar.error(escape_markdown(str(exc)))
+        return None
 
 
 @st.cache_resource(show_spinner=False)
@@ -188,6 +214,35 @@ def _use_preset() -> None:
         st.session_state["prompt"] = PRESETS[name]
 
 
+def use_settings(model: str, preset: str, policy: str | None = None, density: float | None = None) -> None:
+    """Set the sidebar (as a callback, before its widgets are drawn): a model and a preset prompt,
+    and a policy and density when given."""
+    s = st.session_state
+    s["model"], s["preset"], s["prompt"] = model, preset, PRESETS[preset]
+    if policy is not None:
+        s["policy"] = policy
+    if density is not None:
+        s["density"] = density
+
+
+def page_link(path: str, label: str, icon: str | None = None) -> None:
+    """st.page_link under the app's navigation; a plain relative link where a page script runs on its
+    own, outside it (AppTest opens page scripts directly)."""
+    try:
+        st.page_link(path, label=label, icon=icon)
+    except StreamlitPageNotFoundError:
+        st.markdown(f"[{label}]({path.rsplit('/', 1)[-1].removesuffix('.py')})")
+
+
+def _demo_hint() -> None:
+    """minilm is an encoder and writes no text: one click to the demo LM or the tour."""
+    st.info("Want a model that writes text? Try demo-lm, a small language model trained here, or take "
+            "the classroom tour.", icon=":material/school:")
+    st.button("Try demo-lm", on_click=use_settings, args=(DEMO_MODEL, DEMO_PRESET),
+              help=f"Switch the model to demo-lm and the prompt to: {PRESETS[DEMO_PRESET]}")
+    page_link("pages/tour.py", "Take the classroom tour", icon=":material/school:")
+
+
 URL_CHOICES = ("policy", "kernel")     # bound selectboxes that drop a URL value they cannot take
 DENSITY_MIN, DENSITY_MAX, DENSITY_STEP, DENSITY_DEFAULT = 0.05, 1.0, 0.05, 0.5     # the sidebar's slider
 
@@ -249,6 +304,9 @@ def sidebar() -> RunSpec:
     sb = st.sidebar
     sb.selectbox("Model", list(BUILTIN_SPECS), key="model", bind="query-params", accept_new_options=True,
                  help="A built-in model, or type a checkpoint directory under an allowed root.")
+    if (st.session_state.get("model") or DEFAULT_MODEL) == DEFAULT_MODEL:
+        with sb:
+            _demo_hint()
     with sb.expander("Checkpoint directory"):
         st.text_input("Path", key="ckpt_path", placeholder="./checkpoints/my-model")
         st.button("Use this checkpoint", on_click=_use_checkpoint)
