@@ -44,13 +44,16 @@ def perplexity_curve(claims: dict) -> Plot:
                     name=f"{model}, {policy}", marker=dict(color=COLOURS[model], symbol=symbol, size=10),
                     hovertemplate=f"{model} {policy}<br>density %{{x:g}}<br>perplexity %{{y:.3f}}<extra></extra>"))
     base = find(claims, DENSE, "dense")
-    if base is not None:
-        for y, text, dash in ((base["perplexity"], "dense twin", "dot"),
+    densities = sorted({r["density"] for r in claims["rows"]} | {1.0})
+    if base is not None:                       # lines as traces: annotations on a log axis misplace
+        for y, name, dash in ((base["perplexity"], "dense twin", "dot"),
                               (base["perplexity"] * BAR_RATIO, f"bar: dense twin +{BAR_RATIO - 1:.0%}", "dash")):
-            fig.add_hline(y=y, line=dict(color=BAR_COLOUR, dash=dash, width=1), annotation_text=text,
-                          annotation_position="top left")
-    fig.update_layout(template="plotly_white", height=420, legend=dict(orientation="h", y=-0.2),
-                      xaxis=dict(title="MLP density (share of neurons computed per token)", type="log"),
+            fig.add_trace(go.Scatter(x=[densities[0], densities[-1]], y=[y, y], mode="lines", name=name,
+                                     line=dict(color=BAR_COLOUR, dash=dash, width=1),
+                                     hovertemplate=f"{name}: %{{y:.3f}}<extra></extra>"))
+    fig.update_layout(template="plotly_white", height=440, legend=dict(orientation="h", y=-0.25),
+                      xaxis=dict(title="MLP density (share of neurons computed per token)", type="log",
+                                 tickmode="array", tickvals=densities, ticktext=[f"{d:g}" for d in densities]),
                       yaxis=dict(title="held-out perplexity", type="log"),
                       **titled("Held-out perplexity vs MLP density", "demo-lm and its dense twin; lower is better",
                                bottom=60))

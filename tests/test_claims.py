@@ -205,7 +205,8 @@ def test_curve_figure_draws_the_rows_it_is_given():
     assert list(traces["demo-lm-dense, topk"].x) == [0.1, 0.5, 1.0]
     assert list(traces["demo-lm-dense, topk"].y) == [13.0, 10.5, 10.0]
     assert list(traces["demo-lm, static"].y) == [11.4]
-    assert sorted(s.y0 for s in fig.layout.shapes) == pytest.approx([10.0, 11.5])       # dense twin, bar
+    assert list(traces["dense twin"].y) == [10.0, 10.0] and list(traces["bar: dense twin +15%"].y) == [11.5, 11.5]
+    assert list(fig.layout.xaxis.tickvals) == [0.1, 0.5, 1.0]
 
 
 # ------------------------------------------------------------------------------ scripts and shipped files
