@@ -108,7 +108,8 @@ def measure(loaded: LoadedModel, setting: Setting, max_tokens: int | None, text:
     say = progress or (lambda line: None)
     spec = EvalSpec(model=setting.model, policy=setting.policy, density=setting.density, max_tokens=max_tokens)
     t0 = time.perf_counter()
-    result = evaluate(loaded, spec, text, calibrating=lambda frac, line: say(f"{setting.model} {setting.policy}: {line}"))
+    result = evaluate(loaded, spec, text,
+                      calibrating=lambda frac, line: say(f"{setting.model} {setting.policy}: {line}"))
     row = {"model": setting.model, "policy": setting.policy, "density": spec.density, "groups": list(setting.groups),
            "perplexity": result.perplexity, "loss": result.loss, "tokens": result.tokens,
            "mlp_density": result.mlp_density, **row_cost(loaded, result, model_facts(loaded)),
@@ -271,13 +272,14 @@ def _sentence(base: dict, density: float, v: dict) -> str:
         parts.append(f"Dynamic vs static at the same density: predictor {v['predictor']['perplexity']:.2f}, static "
                      f"{v['static']['perplexity']:.2f}: dynamic {'beats' if beats else 'does not beat'} static here.")
     holds = [p for p, r in cheap if r["ratio"] <= BAR_RATIO and r["flops_ratio"] < 0.5]
+    claim = "So at this scale \"comparable accuracy at under half the compute\""
     if holds:
-        parts.append(f"So at this scale \"comparable accuracy at under half the compute\" holds with {' and '.join(holds)}.")
+        parts.append(f"{claim} holds with {' and '.join(holds)}.")
     elif v.get("topk", {}).get("meets_bar"):
-        parts.append("So at this scale \"comparable accuracy at under half the compute\" holds only for the "
-                     "oracle topk, which saves no compute at inference; not for a policy that does.")
+        parts.append(f"{claim} holds only for the oracle topk, which saves no compute at inference; not for a "
+                     "policy that does.")
     else:
-        parts.append("So at this scale \"comparable accuracy at under half the compute\" does not hold.")
+        parts.append(f"{claim} does not hold.")
     return " ".join(parts)
 
 

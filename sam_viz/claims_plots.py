@@ -14,6 +14,7 @@ from .plots import DENSE as DENSE_COLOUR, SPARSE as SPARSE_COLOUR, Plot, _empty
 COLOURS = {SPARSE: SPARSE_COLOUR, DENSE: DENSE_COLOUR}
 SYMBOLS = {"threshold": "diamond", "predictor": "star", "static": "x"}
 BAR_COLOUR = "#2ca02c"
+HOVER = "density %{x:g}<br>perplexity %{y:.3f}<extra></extra>"
 
 
 def topk_curve(claims: dict, model: str) -> list[tuple[float, float]]:
@@ -35,14 +36,14 @@ def perplexity_curve(claims: dict) -> Plot:
         if pts:
             fig.add_trace(go.Scatter(x=[d for d, _ in pts], y=[p for _, p in pts], mode="lines+markers",
                                      name=f"{model}, topk", line=dict(color=COLOURS[model]),
-                                     hovertemplate=f"{model} topk<br>density %{{x:g}}<br>perplexity %{{y:.3f}}<extra></extra>"))
+                                     hovertemplate=f"{model} topk<br>{HOVER}"))
         for policy, symbol in SYMBOLS.items():
             rows = [r for r in claims["rows"] if r["model"] == model and r["policy"] == policy]
             if rows:
                 fig.add_trace(go.Scatter(
                     x=[r["density"] for r in rows], y=[r["perplexity"] for r in rows], mode="markers",
                     name=f"{model}, {policy}", marker=dict(color=COLOURS[model], symbol=symbol, size=10),
-                    hovertemplate=f"{model} {policy}<br>density %{{x:g}}<br>perplexity %{{y:.3f}}<extra></extra>"))
+                    hovertemplate=f"{model} {policy}<br>{HOVER}"))
     base = find(claims, DENSE, "dense")
     densities = sorted({r["density"] for r in claims["rows"]} | {1.0})
     if base is not None:                       # lines as traces: annotations on a log axis misplace

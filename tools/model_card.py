@@ -107,14 +107,16 @@ def architecture_section(config: dict, manifest: dict) -> list[str]:
             f"{config['num_hidden_layers']} layers, {config['num_attention_heads']} heads, MLP d_ff "
             f"{config['intermediate_size']} ({'SwiGLU' if config['hidden_act'] == 'silu' else config['hidden_act']}), "
             f"{'tied' if config['tie_word_embeddings'] else 'separate'} input and output embeddings, max positions "
-            f"{config['max_position_embeddings']}; weights in {config.get('dtype', config.get('torch_dtype'))} safetensors."]
+            f"{config['max_position_embeddings']}; weights in "
+            f"{config.get('dtype', config.get('torch_dtype'))} safetensors."]
 
 
 def training_section(r: dict) -> list[str]:
     c = r["config"]
     lines = ["## Training", "",
              f"- `python -m tools.train_demo` (tools/train_demo.py): {r['steps']:,} steps of {c['batch']} windows of "
-             f"{c['context']} tokens, {r['tokens_seen']:,} tokens seen; AdamW (lr {c['lr']:g}, warmup {c['warmup']} steps "
+             f"{c['context']} tokens, {r['tokens_seen']:,} tokens seen; AdamW (lr {c['lr']:g}, "
+             f"warmup {c['warmup']} steps "
              f"then cosine to 10%, weight decay {c['weight_decay']:g}, beta2 {c['beta2']:g}, clip {c['clip']:g}), "
              f"seed {c['seed']}, on CPU.",
              f"- Wall time: {_hours(r['wall_time_s'])}. Final train loss (mean of the last logged points): "
@@ -127,7 +129,8 @@ def training_section(r: dict) -> list[str]:
     else:
         lines.append("- Dense: every MLP neuron, the same initial weights, tokens and schedule as demo-lm.")
     return lines + ["", "![training and held-out loss](../loss_curves.png)", "",
-                    f"Train loss: the mean over each {c['log_every']} steps. Held-out points: the loss on {c['eval_windows']} "
+                    f"Train loss: the mean over each {c['log_every']} steps. Held-out points: the loss on "
+                    f"{c['eval_windows']} "
                     f"fixed held-out windows at each checkpoint (every {c['ckpt_minutes']:g} minutes of training)."]
 
 
@@ -163,7 +166,8 @@ def card(name: str, manifest: dict, results: dict, claims: dict | None) -> str:
             "with the largest |h| are computed" if r["variant"] == "sparse" else
             "as the dense twin of demo-lm: every MLP neuron, the same data and schedule")
     head = [f"# {name}", "",
-            f"A small Llama-architecture causal LM trained in this repository on the Python 3.11 documentation, {what}. "
+            "A small Llama-architecture causal LM trained in this repository on the Python 3.11 documentation, "
+            f"{what}. "
             "A plain Hugging Face checkpoint: `AutoModelForCausalLM.from_pretrained` loads it, and so does "
             f"`load_model(\"{name}\")` (spec `{name}`). This card is written by `python -m tools.model_card` from "
             "the training outputs (`../training/`) and `../claims.json`; do not edit it by hand.", ""]
