@@ -69,6 +69,7 @@ def navigation():
         st.Page("pages/routing.py", title="Routing", icon=":material/alt_route:"),
         st.Page("pages/attribution.py", title="Attribution", icon=":material/insights:"),
         st.Page("pages/speed.py", title="Speed", icon=":material/speed:"),
+        st.Page("pages/claims.py", title="Demo LM: the claim", icon=":material/fact_check:"),
         st.Page("pages/runs.py", title="Runs and sharing", icon=":material/share:"),
     ])
 

@@ -18,9 +18,17 @@ def mlp_cost(layers: list[LayerFiring], policy: str, d_model: int, glu: bool, n_
              predictor_params: int = 0, predictor_calls: int = 0, bytes_per_param: int = 4) -> dict:
     """Per-token averages over the prompt. predictor_params: parameters of one predictor call;
     predictor_calls: predictor calls per token over all layers (1 per layer, top_k per MoE layer)."""
-    per_neuron = (3 if glu else 2) * d_model            # gate, up, down rows (or in, down)
     possible = sum(float(l.possible.sum()) for l in layers) / max(1, n_tokens)
     selected = sum(float(l.selected.sum()) for l in layers) / max(1, n_tokens)
+    return neuron_cost(possible, selected, policy, d_model, glu, predictor_params, predictor_calls,
+                       bytes_per_param)
+
+
+def neuron_cost(possible: float, selected: float, policy: str, d_model: int, glu: bool,
+                predictor_params: int = 0, predictor_calls: int = 0, bytes_per_param: int = 4) -> dict:
+    """mlp_cost from the neurons per token, over all layers: `possible` in the dense model,
+    `selected` by the policy (what a DensityCounter gives, divided by the tokens)."""
+    per_neuron = (3 if glu else 2) * d_model            # gate, up, down rows (or in, down)
     dense = possible * per_neuron
     if policy == "dense":
         choose, compute = 0.0, dense

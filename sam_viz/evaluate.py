@@ -7,7 +7,8 @@ documents' tokens are concatenated and cut into non-overlapping windows of conte
 (consecutive windows share one token), and perplexity = exp(mean next-token cross-entropy over all
 windows' `context` targets). A text without the separator is one document: blank lines separate
 paragraphs, not documents, and a special token in mid-text would change what is measured.
-The sparse run is sparse_ops.sparsified; a Recorder counts the MLP neurons it computed.
+The sparse run is sparse_ops.sparsified; a DensityCounter (the recorder's light path: no ids, no
+values, no oracle sort, no h of every neuron) counts the MLP neurons it computed.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 
 from models import InputError, LoadedModel
 from models.loading import DEMO_DIR
-from sparse_ops import POLICIES, Policy, Recorder, available_kernels, parse_density, sparsified
+from sparse_ops import POLICIES, Policy, available_kernels, parse_density, sparsified
+from sparse_ops.recorder import DensityCounter
 
 HELDOUT = DEMO_DIR / "heldout.txt"       # the demo LMs' test split (models/demo/README.md)
 SEPARATOR = "<|endoftext|>"
@@ -82,6 +84,7 @@ class Evaluation:
     tokens: int                          # predicted tokens = windows * context
     windows: int
     mlp_density: float                   # share of MLP neuron evaluations computed, all layers and tokens
+    neurons: tuple[int, int] = (0, 0)    # (MLP neurons computed, possible), summed over layers and tokens
 
     @property
     def perplexity(self) -> float:
@@ -155,23 +158,23 @@ def evaluate(loaded: LoadedModel, spec: EvalSpec, text: str | None = None,
         raise InputError(f"the text is {tokens.numel()} tokens for {spec.model}; eval needs at least "
                          f"{spec.context + 1} (a window of {spec.context} and the next token)")
     wins = windows(tokens, spec.context)[:spec.max_windows]
-    loss_sum, density = _score(loaded, Policy(spec.policy, spec.density), spec.kernel, wins, progress, calibrating)
+    loss_sum, (selected, possible) = _score(loaded, Policy(spec.policy, spec.density), spec.kernel, wins,
+                                            progress, calibrating)
     return Evaluation(spec=spec, loss=loss_sum / wins[:, 1:].numel(), tokens=wins[:, 1:].numel(),
-                      windows=len(wins), mlp_density=density)
+                      windows=len(wins), mlp_density=selected / possible if possible else 1.0,
+                      neurons=(selected, possible))
 
 
 def _score(loaded: LoadedModel, policy: Policy, kernel: str, wins: torch.Tensor, progress, calibrating):
-    """(sum of next-token losses over wins [W, T + 1], share of MLP neurons computed), BATCH windows at a time."""
-    n_neurons = loaded.d_ff * max(1, loaded.n_experts)
+    """(sum of next-token losses over wins [W, T + 1], (MLP neurons computed, possible)), BATCH windows at a time."""
     loss_sum, selected, possible = 0.0, 0, 0
     for i in range(0, len(wins), BATCH):
-        batch, recorder = wins[i:i + BATCH], Recorder()
+        batch, recorder = wins[i:i + BATCH], DensityCounter(loaded.d_ff)
         with sparsified(loaded, policy, kernel=kernel, recorder=recorder, progress=calibrating), torch.no_grad():
             logits = loaded.model(input_ids=batch[:, :-1]).logits                    # [B, T, V]
         loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"))
-        for layer in recorder.layers(batch[:, :-1].numel(), n_neurons):
-            selected += int(layer.selected.sum())
-            possible += int(layer.possible.sum())
+        for layer_selected, layer_possible in recorder.counts().values():
+            selected, possible = selected + layer_selected, possible + layer_possible
         if progress is not None:
             progress(min(i + BATCH, len(wins)), len(wins))
-    return loss_sum, selected / possible if possible else 1.0
+    return loss_sum, (selected, possible)

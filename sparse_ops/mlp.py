@@ -86,9 +86,10 @@ class SparseMLP(nn.Module):
 
     def _record_dense(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> None:
         units = self._route(run, x2) if self.adapter.is_moe else [(-1, rows, None)]
+        need_h = run.collector is not None or run.recorder.wants_activations
         for e, tok, _ in units:
             w = self._weights(run, e)
-            h = activations(x2[tok], w)
+            h = activations(x2[tok], w) if need_h else None
             if run.recorder is not None:
                 run.recorder.add(self.layer, rows[tok], None, None, h, offset=max(e, 0) * w.d_ff)
             if run.collector is not None:                      # calibration: real tokens only
@@ -131,7 +132,8 @@ class SparseMLP(nn.Module):
             return self._exposed(run, x2, idx, w)
         y, h_sel = run.kernel(x2, idx, w)
         if run.recorder is not None:
-            h_all = activations(x2, w) if h_all is None else h_all
+            if h_all is None and run.recorder.wants_activations:
+                h_all = activations(x2, w)
             offset = max(expert, 0) * w.d_ff
             ids = torch.where(idx >= 0, idx + offset, idx)
             run.recorder.add(self.layer, rows, ids, h_sel, h_all, offset=offset, oracle_k=k)

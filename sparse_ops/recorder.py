@@ -3,6 +3,10 @@
 Stored compactly as CSR rows (one row per token): neuron ids as int16 (int32 when a layer has more
 than 32767 neurons), activation values as fp16. For MoE layers a neuron id is
 `expert * d_ff + j`, and the router's choice per token is kept too.
+
+DensityCounter is the light alternative for a long text (`eval`): per layer, only how many neurons
+were computed and how many could have been; no ids, values, mass or oracle recall, and the MLPs do
+not compute every neuron's h for it (`wants_activations` is False).
 """
 from __future__ import annotations
 
@@ -100,6 +104,7 @@ class Recorder:
     keep_activations: also keep h of every neuron (fp16), for heatmaps and mass-kept curves.
     """
     keep_activations: bool = False
+    wants_activations = True          # the MLPs pass every neuron's h to add() (mass, recall)
     _parts: dict[int, list[_Part]] = field(default_factory=dict)
     _routing: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -185,3 +190,29 @@ def _per_token(values: list[torch.Tensor], parts: list[_Part], n: int) -> torch.
 
 def _to_fp16(t: torch.Tensor) -> torch.Tensor:
     return t.float().clamp(-_FP16_MAX, _FP16_MAX).half()
+
+
+@dataclass
+class DensityCounter:
+    """Counts, per layer, the neurons the sparse pass computed and those the dense model computes
+    (d_ff per token, per picked expert for MoE). Takes add() / add_routing() calls as a Recorder."""
+    d_ff: int
+    wants_activations = False         # the MLPs pass h_all=None: nothing here reads h
+    _counts: dict[int, list[int]] = field(default_factory=dict)     # layer -> [selected, possible]
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, layer: int, rows, ids, values=None, h_all=None, offset: int = 0, oracle_k: int | None = None) -> None:
+        """rows [n]; ids [n, k] (-1 = none) or None when every neuron of the unit fired."""
+        possible = rows.numel() * self.d_ff
+        selected = possible if ids is None else int((ids >= 0).sum())
+        with self._lock:
+            counts = self._counts.setdefault(layer, [0, 0])
+            counts[0] += selected
+            counts[1] += possible
+
+    def add_routing(self, layer: int, experts, weights, logits) -> None:
+        """The router's choice is not counted (only the neurons of the experts it picked are)."""
+
+    def counts(self) -> dict[int, tuple[int, int]]:
+        """{layer: (neurons computed, neurons possible)} summed over every token recorded."""
+        return {layer: (c[0], c[1]) for layer, c in sorted(self._counts.items())}

@@ -1,0 +1,160 @@
+"""The seed's claim on the demo LMs, measured and written out (sam_viz.claims computes the rows):
+
+- models/demo/claims.json: held-out perplexity, MLP density, FLOPs and weight bytes per token and
+  the reproducing command of every setting in sam_viz.claims.plan(), and the decode benchmark;
+- models/demo/perplexity_vs_density.png: the curve (matplotlib, as captum brings it);
+- README.md: the claims table between <!-- claims:start --> and <!-- claims:end -->.
+
+The decode benchmark is bench/decode.py's on the shipped demo-lm: batch-1 greedy decode with the KV
+cache, dense and sparse runs interleaved, through the `cpu` kernel, with f_mlp, the Amdahl ideal
+and the share of it reached. It uses `predictor` (dynamic: a low-rank predictor chooses the neurons
+from the MLP input before any MLP weight is read) and `static` (the same neurons for every token),
+the policies that read fewer weights. `topk` cannot save work at inference: to rank the neurons it
+must compute every h_j, that is read all of W_gate and W_up, and only the dropped neurons' rows of
+W_down are saved.
+
+    python -m bench.demo_claims [--max-tokens N] [--no-decode]   # measure: 16 evals of the held-out split
+    python -m bench.demo_claims --render                         # PNG and README from claims.json
+
+Each row's time is in claims.json (`seconds`), and the whole run's (`seconds`, `threads`).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from bench.decode import greedy, ideal_speedup, mlp_share
+from models import load_model
+from sam_viz import claims as cl
+from sam_viz import evaluate as ev
+from sparse_ops import Policy, install, sparsified
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG = cl.DEMO_DIR / "perplexity_vs_density.png"
+README = ROOT / "README.md"
+START, END = "<!-- claims:start -->", "<!-- claims:end -->"
+DECODE_POLICIES = ("predictor", "static")
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def prompt_ids(loaded, n: int) -> torch.Tensor:
+    """The held-out split's first n tokens, as eval reads them. [1, n]"""
+    return ev.text_tokens(loaded, ev.documents(ev.read_text(None)), n)[:n][None]
+
+
+def decode_rows(loaded, density: float = cl.TRAINED_DENSITY, policies=DECODE_POLICIES, prompt: int = 16,
+                new: int = 64, repeats: int = 5) -> list[dict]:
+    """Median seconds per greedy step, dense vs each policy through the cpu kernel (interleaved)."""
+    install(loaded)
+    ids = prompt_ids(loaded, prompt)
+    dense, sparse = [], {p: [] for p in policies}
+    greedy(loaded.model, ids, 2)
+    for p in policies:                                                     # warm up, build the kernel
+        with sparsified(loaded, Policy(p, density), kernel="cpu"):
+            greedy(loaded.model, ids, 2)
+    for r in range(repeats):
+        say(f"decode: repeat {r + 1} of {repeats}")
+        dense += greedy(loaded.model, ids, new)[1]
+        for p in policies:
+            with sparsified(loaded, Policy(p, density), kernel="cpu"):
+                sparse[p] += greedy(loaded.model, ids, new)[1]
+    f_mlp = mlp_share(loaded, ids, new)
+    rows = []
+    for p in policies:
+        dense_tok_s, sparse_tok_s = 1 / statistics.median(dense), 1 / statistics.median(sparse[p])
+        speedup, ideal = sparse_tok_s / dense_tok_s, ideal_speedup(f_mlp, density)
+        rows.append({"model": loaded.spec, "policy": p, "density": density, "kernel": "cpu",
+                     "dense_tok_s": dense_tok_s, "sparse_tok_s": sparse_tok_s, "speedup": speedup,
+                     "ideal_speedup": ideal, "share_of_ideal": speedup / ideal, "f_mlp": f_mlp,
+                     "threads": torch.get_num_threads(), "prompt": prompt, "new": new, "repeats": repeats,
+                     "command": "python -m bench.demo_claims"})
+    return rows
+
+
+def draw_png(claims: dict, path: Path = PNG) -> None:
+    """The perplexity-vs-density curve as a PNG (the same data as sam_viz.claims_plots)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    from sam_viz.claims_plots import COLOURS, SYMBOLS, topk_curve
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for model in (cl.SPARSE, cl.DENSE):
+        pts = topk_curve(claims, model)
+        ax.plot([d for d, _ in pts], [p for _, p in pts], "o-", color=COLOURS[model], label=f"{model}, topk")
+        for policy, symbol in SYMBOLS.items():
+            rows = [r for r in claims["rows"] if r["model"] == model and r["policy"] == policy]
+            ax.scatter([r["density"] for r in rows], [r["perplexity"] for r in rows], s=60, color=COLOURS[model],
+                       marker={"diamond": "D", "star": "*", "x": "x"}[symbol], label=f"{model}, {policy}")
+    base = cl.find(claims, cl.DENSE, "dense")
+    if base is not None:
+        ax.axhline(base["perplexity"], color="#2ca02c", ls=":", lw=1, label="dense twin")
+        ax.axhline(base["perplexity"] * cl.BAR_RATIO, color="#2ca02c", ls="--", lw=1,
+                   label=f"bar: dense twin +{cl.BAR_RATIO - 1:.0%}")
+    ax.set(xscale="log", yscale="log", xlabel="MLP density (share of neurons computed per token)",
+           ylabel="held-out perplexity", title="Held-out perplexity vs MLP density (lower is better)")
+    ticks = sorted({r["density"] for r in claims["rows"]} | {1.0})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_readme(claims: dict, path: Path = README) -> None:
+    """Replace the README's claims section (between the markers) with the current table."""
+    text = path.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise SystemExit(f"error: {path} has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    body = cl.report_markdown(claims) + f"\n\n![perplexity vs density]({PNG.relative_to(ROOT).as_posix()})"
+    path.write_text(f"{head}{START}\n{body}\n{END}{rest.split(END, 1)[1]}", encoding="utf-8")
+
+
+def render(path: Path = cl.CLAIMS) -> None:
+    claims = cl.read_claims(path)
+    if claims is None:
+        raise SystemExit(f"error: {path} does not exist; run python -m bench.demo_claims first")
+    draw_png(claims)
+    write_readme(claims)
+    say(cl.verdict(claims)["sentence"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.demo_claims", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--max-tokens", type=int, default=None, help="score only the first whole windows "
+                    "up to N held-out tokens in every row (default: all)")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode benchmark")
+    ap.add_argument("--render", action="store_true", help="only redraw the PNG and the README from claims.json")
+    args = ap.parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    if not args.render:
+        t0 = time.perf_counter()
+        load = functools.lru_cache(maxsize=None)(load_model)
+        claims = cl.measure_claims(load, args.max_tokens, progress=say)
+        if not args.no_decode:
+            claims["decode"] = decode_rows(load(cl.SPARSE))
+        claims["threads"], claims["seconds"] = torch.get_num_threads(), round(time.perf_counter() - t0)
+        cl.CLAIMS.write_text(json.dumps(claims, indent=1) + "\n")
+        say(f"wrote {cl.CLAIMS} in {claims['seconds']} s")
+    render()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

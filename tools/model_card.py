@@ -1,0 +1,195 @@
+"""Model cards of the demo LMs (models/demo/demo-lm/README.md, models/demo/demo-lm-dense/README.md) and
+their loss curves (models/demo/loss_curves.png), written from the training outputs and the measured
+claims, never typed by hand (the layout of Hugging Face model cards: data, tokenizer, architecture,
+training, evaluation, samples).
+
+    python -m tools.model_card --train-dir DIR   # copy DIR's outputs to models/demo/training/, write cards
+    python -m tools.model_card                   # write the cards from models/demo/training/ again
+
+DIR is a tools/train_demo.py output folder: results.json (both models and the data counts),
+runs/{dense,sparse}/curves.json and data/manifest.json. The copy keeps the manifest's counts, split
+rule and held-out file list (not the 472 training file names). The claims table and verdict come
+from models/demo/claims.json (python -m bench.demo_claims).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from models.loading import DEMO_DIR
+from sam_viz import claims as cl
+
+TRAINING = DEMO_DIR / "training"
+PNG = DEMO_DIR / "loss_curves.png"
+VARIANTS = {"dense": cl.DENSE, "sparse": cl.SPARSE}
+COLOURS = {"dense": "#1f77b4", "sparse": "#ff7f0e"}
+
+
+def copy_training(train_dir: Path, out: Path = TRAINING) -> None:
+    """The training outputs the cards need, into the repository (small JSON files)."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((train_dir / "data" / "manifest.json").read_text())
+    manifest["train"].pop("files", None)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    results = json.loads((train_dir / "results.json").read_text())
+    for name in VARIANTS.values():
+        results[name].pop("export", None)                  # a path on the training machine
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    for variant in VARIANTS:
+        curves = json.loads((train_dir / "runs" / variant / "curves.json").read_text())
+        (out / f"curves-{variant}.json").write_text(json.dumps(curves) + "\n")
+
+
+def load_training(folder: Path = TRAINING) -> tuple[dict, dict, dict]:
+    """(manifest, results, {variant: curves}) from a copy made by copy_training."""
+    read = lambda name: json.loads((folder / name).read_text())  # noqa: E731
+    return read("manifest.json"), read("results.json"), {v: read(f"curves-{v}.json") for v in VARIANTS}
+
+
+def draw_loss_curves(curves: dict, path: Path = PNG) -> None:
+    """Train loss and held-out loss vs step, both models; demo-lm's held-out loss also with every neuron."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    for variant, c in curves.items():
+        name, colour = VARIANTS[variant], COLOURS[variant]
+        ax.plot([r["step"] for r in c["train"]], [r["loss"] for r in c["train"]], color=colour, alpha=0.45,
+                lw=1, label=f"{name}: train")
+        ax.plot([r["step"] for r in c["heldout"]], [r["loss"] for r in c["heldout"]], "o-", color=colour,
+                ms=3, label=f"{name}: held-out" + (" (at its training density)" if variant == "sparse" else ""))
+        if variant == "sparse":
+            ax.plot([r["step"] for r in c["heldout"]], [r.get("loss_dense", r["loss"]) for r in c["heldout"]],
+                    "s--", color=colour, ms=3, lw=1, label=f"{name}: held-out, every neuron")
+    ax.set(xlabel="step", ylabel="loss (nats per token)", title="Training and held-out loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fence(text: str) -> str:
+    """A fenced block that shows `text` literally, whatever backtick runs it holds."""
+    ticks = "`" * max(3, 1 + max(map(len, re.findall(r"`+", text)), default=0))
+    return f"{ticks}text\n{text}\n{ticks}"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h ({seconds / 60:.0f} min)"
+
+
+def data_section(manifest: dict) -> list[str]:
+    rows = [f"| {split} | {manifest[split]['documents']:,} | {manifest[split]['words']:,} | "
+            f"{manifest[split]['bytes']:,} | {manifest[split]['tokens']:,} |" for split in ("train", "test")]
+    held = manifest["test"].get("files", [])
+    return ["## Data", "",
+            f"- Source: the reStructuredText sources of the Python 3.11 documentation, `{manifest['source']}` "
+            "(Debian's `python3.11-doc`; see `../README.md`). One file is one document.",
+            f"- Licence: {manifest['licence']} (`../LICENSE-DATA.txt`).",
+            f"- Split, by document: {manifest['split_rule']}. No training step sees the test split; "
+            "`../heldout.txt` is the test split, documents joined by `<|endoftext|>`.",
+            f"- Dropped documents: {len(manifest.get('dropped', []))}.", "",
+            "| split | documents | words | bytes | tokens |", "|---|---|---|---|---|", *rows, "",
+            f"Held-out documents: {', '.join(f'`{f}`' for f in held)}." if held else ""]
+
+
+def architecture_section(config: dict, manifest: dict) -> list[str]:
+    return ["## Tokenizer and architecture", "",
+            f"- Tokenizer: byte-level BPE trained with the `tokenizers` package on the train split only, "
+            f"vocabulary {manifest['vocab_size']:,}; one special token `<|endoftext|>` (bos = eos = pad = unk), "
+            "put before each document in training and before a prompt by `load_model`; `tokenizer.json`.",
+            f"- `{config['architectures'][0]}` ({config['model_type']}): d_model {config['hidden_size']}, "
+            f"{config['num_hidden_layers']} layers, {config['num_attention_heads']} heads, MLP d_ff "
+            f"{config['intermediate_size']} ({'SwiGLU' if config['hidden_act'] == 'silu' else config['hidden_act']}), "
+            f"{'tied' if config['tie_word_embeddings'] else 'separate'} input and output embeddings, max positions "
+            f"{config['max_position_embeddings']}; weights in "
+            f"{config.get('dtype', config.get('torch_dtype'))} safetensors."]
+
+
+def training_section(r: dict) -> list[str]:
+    c = r["config"]
+    lines = ["## Training", "",
+             f"- `python -m tools.train_demo` (tools/train_demo.py): {r['steps']:,} steps of {c['batch']} windows of "
+             f"{c['context']} tokens, {r['tokens_seen']:,} tokens seen; AdamW (lr {c['lr']:g}, "
+             f"warmup {c['warmup']} steps "
+             f"then cosine to 10%, weight decay {c['weight_decay']:g}, beta2 {c['beta2']:g}, clip {c['clip']:g}), "
+             f"seed {c['seed']}, on CPU.",
+             f"- Wall time: {_hours(r['wall_time_s'])}. Final train loss (mean of the last logged points): "
+             f"{r['final_train_loss']:.3f}."]
+    if r["variant"] == "sparse":
+        lines.append(f"- MLP sparsity in the loop: per token, only the round({c['density']:g} x {c['d_ff']}) neurons "
+                     "with the largest |h| (h = silu(W_gate x) * (W_up x)) pass to the down projection (the "
+                     "app's `topk`); dense for the first 5% of the steps, then the density is annealed from 1 "
+                     f"to {c['density']:g} (linearly in log space) by 30% of the steps.")
+    else:
+        lines.append("- Dense: every MLP neuron, the same initial weights, tokens and schedule as demo-lm.")
+    return lines + ["", "![training and held-out loss](../loss_curves.png)", "",
+                    f"Train loss: the mean over each {c['log_every']} steps. Held-out points: the loss on "
+                    f"{c['eval_windows']} "
+                    f"fixed held-out windows at each checkpoint (every {c['ckpt_minutes']:g} minutes of training)."]
+
+
+def evaluation_section(r: dict, claims: dict | None) -> list[str]:
+    lines = ["## Held-out perplexity", "",
+             f"At the end of training (fp32 weights, all {r['heldout_windows']:,} held-out windows, "
+             f"{r['heldout_tokens']:,} predicted tokens): "
+             + "; ".join(f"{label.replace('_', ' at ')}: {v['perplexity']:.3f}" for label, v in r["heldout"].items())
+             + ". The shipped fp16 weights, measured by `eval`:", ""]
+    if claims is None:
+        return lines + ["(not measured yet: `python -m bench.demo_claims`)"]
+    return lines + [cl.report_markdown(claims)]
+
+
+def samples_section(results: dict) -> list[str]:
+    sparse = results[cl.SPARSE]
+    label = next(k for k in sparse["continuations"] if k != "dense")
+    runs = [(f"{cl.DENSE}", results[cl.DENSE]["continuations"]["dense"]),
+            (f"{cl.SPARSE} ({label.replace('_', ' at ')}, its trained density)", sparse["continuations"][label])]
+    lines = ["## Sample continuations", "",
+             "Greedy, 40 tokens at most, by the training script's fp32 models (tools/train_demo.py `continuation`)."]
+    for prompt in runs[0][1]:
+        lines += ["", f"**{prompt}**", ""]
+        for name, texts in runs:
+            lines += [f"{name}:", "", _fence(prompt + texts[prompt]), ""]
+    return lines
+
+
+def card(name: str, manifest: dict, results: dict, claims: dict | None) -> str:
+    r = results[name]
+    config = json.loads((DEMO_DIR / name / "config.json").read_text())
+    what = (f"with top-k MLP sparsity in the loop: per token only the {r['config']['density']:.0%} of MLP neurons "
+            "with the largest |h| are computed" if r["variant"] == "sparse" else
+            "as the dense twin of demo-lm: every MLP neuron, the same data and schedule")
+    head = [f"# {name}", "",
+            "A small Llama-architecture causal LM trained in this repository on the Python 3.11 documentation, "
+            f"{what}. "
+            "A plain Hugging Face checkpoint: `AutoModelForCausalLM.from_pretrained` loads it, and so does "
+            f"`load_model(\"{name}\")` (spec `{name}`). This card is written by `python -m tools.model_card` from "
+            "the training outputs (`../training/`) and `../claims.json`; do not edit it by hand.", ""]
+    body = [*data_section(manifest), "", *architecture_section(config, manifest), "", *training_section(r), "",
+            *evaluation_section(r, claims), "", *samples_section(results)]
+    return "\n".join(head + body).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.model_card", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--train-dir", type=Path, default=None, help="a tools/train_demo.py output folder to copy from")
+    args = ap.parse_args(argv)
+    if args.train_dir is not None:
+        copy_training(args.train_dir)
+    manifest, results, curves = load_training()
+    draw_loss_curves(curves)
+    claims = cl.read_claims()
+    for name in VARIANTS.values():
+        (DEMO_DIR / name / "README.md").write_text(card(name, manifest, results, claims), encoding="utf-8")
+    print(f"wrote {PNG} and the cards of {', '.join(VARIANTS.values())}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
