@@ -5,9 +5,9 @@
 - models/demo/perplexity_vs_density.png: the curve (matplotlib, as captum brings it);
 - README.md: the claims table between <!-- claims:start --> and <!-- claims:end -->.
 
-The decode benchmark is bench/decode.py's on the shipped demo-lm: batch-1 greedy decode with the KV
-cache, dense and sparse runs interleaved, through the `cpu` kernel, with f_mlp, the Amdahl ideal
-and the share of it reached. It uses `predictor` (dynamic: a low-rank predictor chooses the neurons
+The decode benchmark is sam_viz.benchmarks.decode's on the shipped demo-lm: batch-1 greedy decode
+with the KV cache, dense and sparse runs interleaved, through the `cpu` kernel, with f_mlp, the
+Amdahl ideal and the share of it reached. It uses `predictor` (dynamic: a low-rank predictor chooses the neurons
 from the MLP input before any MLP weight is read) and `static` (the same neurons for every token),
 the policies that read fewer weights. `topk` cannot save work at inference: to rank the neurons it
 must compute every h_j, that is read all of W_gate and W_up, and only the dropped neurons' rows of
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from bench.decode import greedy, ideal_speedup, mlp_share
+from sam_viz.benchmarks.decode import greedy, ideal_speedup, mlp_share
 from models import load_model
 from sam_viz import claims as cl
 from sam_viz import evaluate as ev
