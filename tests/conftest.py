@@ -46,3 +46,13 @@ def fresh():
 def model_output(loaded, enc):
     out = loaded.model(**enc)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny models: they gain nothing from threads, and on a busy
+    2-core machine two threads wait on each other (a 4 s test took 198 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -31,12 +31,7 @@ D, D_FF, LAYERS, K = 256, 1024, 4, round(0.1 * 1024)       # the demo LMs' confi
 OTHER = LAYERS * 4 * D * D + 4096 * D                       # attention q, k, v, o and the tied LM head
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ the light recorder

@@ -32,13 +32,7 @@ KEYS = {"model": str, "policy": str, "density": float, "kernel": str, "text": st
         "windows": int, "tokens": int, "loss": float, "perplexity": float, "mlp_density": float}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine is shared with a training job; one thread also avoids two waiting on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_perplexity(model, ids: list[int], context: int, max_windows: int | None = None) -> float:
