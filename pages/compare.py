@@ -2,7 +2,7 @@
 import streamlit as st
 
 from pages._shared import cost_delta, explain, page_context, show
-from sam_viz import greedy_continuation, plots
+from sam_viz import greedy_continuation, quality_plots
 from sam_viz.text import continuation_html
 
 ctx = page_context()
@@ -34,9 +34,9 @@ if a.cost:
 
 c1, c2 = st.columns(2)
 with c1:
-    show(plots.divergence_plot(a), key="divergence")
+    show(quality_plots.divergence_plot(a), key="divergence")
 with c2:
-    show(plots.next_token_plot(a), key="next_tokens")
+    show(quality_plots.next_token_plot(a), key="next_tokens")
 
 if a.kind == "causal-lm":
     st.subheader("Greedy continuation")

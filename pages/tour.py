@@ -10,7 +10,7 @@ import streamlit as st
 
 from pages._shared import (DEMO_MODEL, DEMO_PRESET, PRESETS, cached_analysis, cached_model, show, sidebar_only,
                            use_settings)
-from sam_viz import SWEEP_DENSITIES, RunSpec, greedy_continuation, mass_curve, plots, routing_plots
+from sam_viz import SWEEP_DENSITIES, RunSpec, greedy_continuation, mass_curve, plots, quality_plots, routing_plots
 from sam_viz.text import continuation_html, escape_html, escape_markdown
 from sparse_ops import get_calibration
 
@@ -92,15 +92,15 @@ def density() -> tuple[str, RunSpec]:
     a = cached_analysis(spec())
     c1, c2 = st.columns(2)
     with c1:
-        show(plots.density_per_layer(a), key="tour_density_layers")
+        show(quality_plots.density_per_layer(a), key="tour_density_layers")
     with c2:
-        show(plots.mass_curve_plot(mass_curve(a, SWEEP_DENSITIES), SWEEP_DENSITIES), key="tour_mass_curve")
+        show(quality_plots.mass_curve_plot(mass_curve(a, SWEEP_DENSITIES), SWEEP_DENSITIES), key="tour_mass_curve")
     return "pages/density.py", a.spec
 
 
 def next_token() -> tuple[str, RunSpec]:
     a = cached_analysis(spec(density=density_choice()))
-    show(plots.next_token_plot(a), key="tour_next_tokens")
+    show(quality_plots.next_token_plot(a), key="tour_next_tokens")
     agreement(a)
     return "pages/compare.py", a.spec
 
@@ -118,7 +118,7 @@ def twin() -> tuple[str, RunSpec]:
         with col:
             st.markdown(f"**{title}**")
             a = cached_analysis(spec(model=model))
-            show(plots.next_token_plot(a), key=f"tour_twin_{model}")
+            show(quality_plots.next_token_plot(a), key=f"tour_twin_{model}")
             agreement(a)
             show_continuation(a.spec, names=("sparse",))
     return "pages/compare.py", spec(model=TWIN)
@@ -139,7 +139,7 @@ def static() -> tuple[str, RunSpec]:
         st.caption("topk's recall is 1 by definition: it keeps exactly each token's strongest neurons.")
     with c2:
         if "static" in analyses:
-            show(plots.next_token_plot(analyses["static"]), key="tour_static_next")
+            show(quality_plots.next_token_plot(analyses["static"]), key="tour_static_next")
     return "pages/routing.py", run
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .analysis import Analysis
 from .explore import SWEEP_DENSITIES, mass_curve
-from .plots import (Plot, activation_histogram, density_per_layer, density_tokens_layers, divergence_plot,
-                    expert_heatmap, firing_heatmap, mass_curve_plot, next_token_plot, sweep_plot)
+from .plots import Plot, density_tokens_layers, expert_heatmap, firing_heatmap
+from .quality_plots import (activation_histogram, density_per_layer, divergence_plot, mass_curve_plot, next_token_plot,
+                            sweep_plot)
 
 
 def report_plots(a: Analysis, layer: int = 0) -> list[tuple[str, Plot]]:

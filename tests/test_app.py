@@ -190,7 +190,8 @@ def test_saved_run_reopens_after_restart_without_a_forward_pass(run_db):
 
 
 def test_library_still_imports_no_streamlit():
-    code = ("import sys, sam_viz, sam_viz.plots, sam_viz.store, sam_viz.export, sam_viz.speed, sam_viz.speed_plots, "
+    code = ("import sys, sam_viz, sam_viz.plots, sam_viz.quality_plots, sam_viz.store, sam_viz.export, sam_viz.speed, "
+            "sam_viz.speed_plots, "
             "models, sparse_ops; "
             "assert 'streamlit' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

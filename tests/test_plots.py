@@ -17,6 +17,7 @@ import torch
 
 from sam_viz import RunSpec, analyze, density_sweep, firing_counts, mass_curve
 from sam_viz import plots as P
+from sam_viz import quality_plots as Q
 from sam_viz import routing_plots as R
 from sam_viz import speed_plots as S
 
@@ -65,13 +66,13 @@ def all_plots(a, sweep_rows):
     yield P.firing_heatmap(a, 1, "clustered")
     yield P.token_neurons(a, 1, 3)
     yield P.density_tokens_layers(a)
-    yield P.density_per_layer(a)
-    yield P.activation_histogram(a)
-    yield P.activation_histogram(a, dense=False, bins=20)
-    yield P.mass_curve_plot(mass_curve(a, DENSITIES), DENSITIES)
-    yield P.sweep_plot(sweep_rows)
-    yield P.divergence_plot(a)
-    yield P.next_token_plot(a)
+    yield Q.density_per_layer(a)
+    yield Q.activation_histogram(a)
+    yield Q.activation_histogram(a, dense=False, bins=20)
+    yield Q.mass_curve_plot(mass_curve(a, DENSITIES), DENSITIES)
+    yield Q.sweep_plot(sweep_rows)
+    yield Q.divergence_plot(a)
+    yield Q.next_token_plot(a)
     yield P.expert_heatmap(a, 0)
 
 
@@ -198,16 +199,16 @@ def test_token_neurons(runs, spec):
 @pytest.mark.parametrize("spec", SPECS)
 def test_density_per_layer(runs, spec):
     a = runs[spec]
-    bars = P.density_per_layer(a).fig.data
+    bars = Q.density_per_layer(a).fig.data
     achieved = [float(lf.selected.sum()) / float(lf.possible.sum()) for lf in a.layers]
     assert list(bars[0].y) == pytest.approx(achieved)
     assert list(bars[2].y) == [a.spec.density] * a.n_layers
 
 
 def test_next_tokens_and_sentences(runs):
-    causal = P.next_token_plot(runs["tiny-llama"]).fig
+    causal = Q.next_token_plot(runs["tiny-llama"]).fig
     assert len(causal.data) == 2 and list(causal.data[0].x) == [r["prob"] for r in runs["tiny-llama"].next_tokens["dense"]]
-    encoder = P.next_token_plot(runs["minilm"]).fig
+    encoder = Q.next_token_plot(runs["minilm"]).fig
     assert all(len(label) <= 45 for label in encoder.data[0].x)
     assert list(encoder.data[0].y) == [r["cosine"] for r in runs["minilm"].sentence_cosines]
 
@@ -215,17 +216,17 @@ def test_next_tokens_and_sentences(runs):
 def test_sweep_labels():
     rows = [{"policy": p, "density": d, "achieved_density": d, "metric": "cosine", "value": 1 - d / 10}
             for p in ("topk", "threshold") for d in (0.5, 0.1)]
-    fig = P.sweep_plot(rows).fig
+    fig = Q.sweep_plot(rows).fig
     assert fig.layout.yaxis.title.text == "embedding cosine vs dense"
     assert [t.name for t in fig.data] == ["topk", "threshold"] and list(fig.data[0].x) == [0.1, 0.5]
-    assert P.sweep_plot([]).note
+    assert Q.sweep_plot([]).note
 
 
 def test_without_activations(runs):
     a = runs["tiny-llama"]
     bare = dataclasses.replace(a, layers=[dataclasses.replace(lf, activations=None) for lf in a.layers],
                                dense_layers=[dataclasses.replace(lf, activations=None) for lf in a.dense_layers])
-    for plot in (P.firing_heatmap(bare, 0), P.token_neurons(bare, 0, 0), P.activation_histogram(bare)):
+    for plot in (P.firing_heatmap(bare, 0), P.token_neurons(bare, 0, 0), Q.activation_histogram(bare)):
         assert plot.note == P.NO_ACTIVATIONS and len(plot.fig.data) == 0
     assert P.density_tokens_layers(bare).note == ""
 
@@ -268,9 +269,9 @@ def drawn(text: str) -> list[str]:
 
 
 def every_figure(a, sweep_rows):
-    """Every figure function of plots, routing_plots and speed_plots, drawn for analysis a."""
+    """Every figure function of plots, quality_plots, routing_plots and speed_plots, drawn for analysis a."""
     yield from all_plots(a, sweep_rows)
-    yield P.sweep_plot(sweep_rows, current=0.3)
+    yield Q.sweep_plot(sweep_rows, current=0.3)
     yield P.token_neurons(a, a.n_layers - 1, len(a.tokens) - 1, top=40)
     yield R.recall_by_policy({"topk": a})
     yield R.policy_summary({"topk": a})
@@ -338,7 +339,7 @@ def label_value(label: str) -> float:
                                     (0.2, 1.7)])
 def test_divergence_ticks_are_distinct_and_true(runs, values):
     a = dataclasses.replace(runs["tiny-llama"], layer_divergence=list(values))
-    axis = P.divergence_plot(a).fig.layout.yaxis
+    axis = Q.divergence_plot(a).fig.layout.yaxis
     labels, ticks = list(axis.ticktext or []), list(axis.tickvals or [])
     assert len(labels) == len(ticks) >= 3 and len(set(labels)) == len(labels)
     for label, tick in zip(labels, ticks):
@@ -391,10 +392,10 @@ def test_density_grid_colours_span_the_data(policy):
 
 def test_sweep_marks_the_current_density():
     rows = [{"policy": "topk", "density": d, "achieved_density": d, "metric": "kl", "value": 1 - d} for d in (0.1, 0.5)]
-    fig = P.sweep_plot(rows, current=0.3).fig
+    fig = Q.sweep_plot(rows, current=0.3).fig
     assert [(s.type, s.x0, s.x1) for s in fig.layout.shapes] == [("line", 0.3, 0.3)]
     assert any("0.3" in ann.text for ann in fig.layout.annotations)
-    assert not P.sweep_plot(rows).fig.layout.shapes
+    assert not Q.sweep_plot(rows).fig.layout.shapes
 
 
 def test_router_entropy_has_one_column_per_layer_on_the_whole_scale(runs):
