@@ -29,11 +29,11 @@ PRESETS = {
     "Facts": "Paris is the capital of France. The Nile is the longest river in Africa. Water boils at 100 degrees.",
 }
 DOC_PRESETS = {                       # suit demo-lm's training text, the Python documentation
-    "Docs: open a file": "To open a file, use the built-in",
-    "Docs: the list type": "The list type",
-    "Docs: dictionaries": "A dictionary maps keys to",
-    "Docs: the for statement": "The for statement in Python",
-    "Docs: exceptions": "When an exception is raised",
+    "Docs: open a file": "The :func:`open` function returns a file object, which",
+    "Docs: a module": "This module provides functions for",
+    "Docs: a missing file": "If the file does not exist,",
+    "Docs: a new list": "   Return a new list containing",
+    "Docs: exceptions": "   Raise a :exc:`ValueError` if",
 }
 PRESETS.update(DOC_PRESETS)
 DEFAULT_PROMPT = PRESETS["Fox"]

@@ -2,6 +2,7 @@
 every step by Next and Back and by link (?step=N), junk step values, "Open this in the app", and
 the sidebar hint on minilm. Runs on the shipped demo LMs; nothing here depends on what their
 weights write."""
+import html
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from pages._shared import DOC_PRESETS, PRESETS
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 N_STEPS = 8
-DOC_PROMPT = "To open a file, use the built-in"
+DOC_PROMPT = "The :func:`open` function returns a file object, which"
 # the figures each step shows before any click (step 7: topk's recall until static is calibrated)
 CHARTS = {1: ["which neurons the sparse model computed"],
           2: ["which neurons the sparse model computed", ", token "],
@@ -82,7 +83,7 @@ def test_every_step_opens_from_its_link():
 
 def test_step_five_writes_both_continuations_and_follows_the_slider():
     at = open_tour(step="5")
-    text = " ".join(m.value for m in at.markdown)
+    text = html.unescape(" ".join(m.value for m in at.markdown))      # the prompt's signs come as entities
     prompt = f'<span style="color: grey">{DOC_PROMPT}</span>'
     assert "**All neurons:** " + prompt in text and "**10% of the neurons:** " + prompt in text
     at.select_slider(key="tour_density").set_value(0.05).run()

@@ -150,7 +150,7 @@ def samples_section(results: dict) -> list[str]:
     label = next(k for k in sparse["continuations"] if k != "dense")
     runs = [(f"{cl.DENSE}", results[cl.DENSE]["continuations"]["dense"]),
             (f"{cl.SPARSE} ({label.replace('_', ' at ')}, its trained density)", sparse["continuations"][label])]
-    lines = ["## Sample continuations", "",
+    lines = ["## Continuations at the start of a document", "",
              "Greedy, 40 tokens at most, by the training script's fp32 models (tools/train_demo.py `continuation`)."]
     for prompt in runs[0][1]:
         lines += ["", f"**{prompt}**", ""]
@@ -159,7 +159,41 @@ def samples_section(results: dict) -> list[str]:
     return lines
 
 
-def card(name: str, manifest: dict, results: dict, claims: dict | None) -> str:
+BODY_PROMPTS = ("The :func:`open` function returns a file object, which", "This module provides functions for",
+                "If the file does not exist,", "   Return a new list containing", "   Raise a :exc:`ValueError` if")
+
+
+def body_continuations(n_new: int = 30) -> list[dict]:
+    """Greedy continuations of prompts written like the docs' body text (a short prompt at the start
+    of a document reads as a title to these models, and they answer with a heading underline), by
+    the shipped weights through the app's own path: demo-lm-dense, demo-lm-dense with top-k at 0.1
+    applied after training, and demo-lm at its trained density 0.1."""
+    from sam_viz import RunSpec, greedy_continuation, load_model
+
+    dense, sparse = load_model(cl.DENSE), load_model(cl.SPARSE)
+    rows = []
+    for prompt in BODY_PROMPTS:
+        twin = greedy_continuation(dense, RunSpec(prompt=prompt, model=cl.DENSE, policy="topk", density=0.1), n_new)
+        own = greedy_continuation(sparse, RunSpec(prompt=prompt, model=cl.SPARSE, policy="topk", density=0.1), n_new)
+        rows.append({"prompt": prompt, f"{cl.DENSE}": "".join(twin["dense"]),
+                     f"{cl.DENSE}, top-k 0.1 after training": "".join(twin["sparse"]),
+                     f"{cl.SPARSE}, top-k 0.1 (as trained)": "".join(own["sparse"])})
+    return rows
+
+
+def body_section(rows: list[dict]) -> list[str]:
+    lines = ["## Continuations of body text", "",
+             "Greedy, 30 tokens, by the shipped fp16 weights through the app's own path "
+             "(`sam_viz.greedy_continuation`, the continuation of the Dense vs sparse page)."]
+    for row in rows:
+        lines += ["", f"**{row['prompt'].strip()}**", ""]
+        for name, text in row.items():
+            if name != "prompt":
+                lines += [f"{name}:", "", _fence(row["prompt"] + text), ""]
+    return lines
+
+
+def card(name: str, manifest: dict, results: dict, claims: dict | None, body: list[dict] | None = None) -> str:
     r = results[name]
     config = json.loads((DEMO_DIR / name / "config.json").read_text())
     what = (f"with top-k MLP sparsity in the loop: per token only the {r['config']['density']:.0%} of MLP neurons "
@@ -172,7 +206,8 @@ def card(name: str, manifest: dict, results: dict, claims: dict | None) -> str:
             f"`load_model(\"{name}\")` (spec `{name}`). This card is written by `python -m tools.model_card` from "
             "the training outputs (`../training/`) and `../claims.json`; do not edit it by hand.", ""]
     body = [*data_section(manifest), "", *architecture_section(config, manifest), "", *training_section(r), "",
-            *evaluation_section(r, claims), "", *samples_section(results)]
+            *evaluation_section(r, claims), "", *(body_section(body) + [""] if body else []),
+            *samples_section(results)]
     return "\n".join(head + body).rstrip() + "\n"
 
 
@@ -185,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest, results, curves = load_training()
     draw_loss_curves(curves)
     claims = cl.read_claims()
+    body = body_continuations()
     for name in VARIANTS.values():
-        (DEMO_DIR / name / "README.md").write_text(card(name, manifest, results, claims), encoding="utf-8")
+        (DEMO_DIR / name / "README.md").write_text(card(name, manifest, results, claims, body), encoding="utf-8")
     print(f"wrote {PNG} and the cards of {', '.join(VARIANTS.values())}", file=sys.stderr)
     return 0
 
