@@ -31,7 +31,11 @@ SPARSE, DENSE = "demo-lm", "demo-lm-dense"
 TRAINED_DENSITY = 0.1
 CURVE = (0.05, 0.1, 0.25, 0.5)
 SPARSE_POLICIES = ("topk", "threshold", "predictor", "static")
-SAVES_WORK = ("predictor", "static")     # choose before reading any MLP weight (topk needs all of h)
+SAVES_WORK = {                            # policies that read fewer MLP weights than dense (topk needs all of h)
+    "threshold": "reads every gate row to choose, then only the chosen rows of up and down",
+    "predictor": "chooses before reading any MLP weight",
+    "static": "chooses before reading any MLP weight",
+}
 BAR_RATIO, BAR_DENSITY = 1.15, 0.15      # the bar: within 15% of dense at <= 15% of neurons
 CLAIMS = DEMO_DIR / "claims.json"
 FORMAT = "sam-viz-claims/1"
@@ -264,7 +268,7 @@ def _sentence(base: dict, density: float, v: dict) -> str:
                          f"{_pct(t['twin_loss_vs_dense'])}: the sparse-trained model degrades "
                          f"{'less' if less else 'more'} than its twin.")
     cheap = [(p, v[p]) for p in SAVES_WORK if p in v]
-    parts += [f"With {p} (chooses before reading any MLP weight): {r['perplexity']:.2f} ({_pct(r['ratio'])}) at "
+    parts += [f"With {p} ({SAVES_WORK[p]}): {r['perplexity']:.2f} ({_pct(r['ratio'])}) at "
               f"{r['flops_ratio']:.0%} of the dense MLP FLOPs ({r['model_ratio']:.0%} of the whole model's "
               "matrix work per token)." for p, r in cheap]
     if "predictor" in v and "static" in v:
@@ -274,7 +278,9 @@ def _sentence(base: dict, density: float, v: dict) -> str:
     holds = [p for p, r in cheap if r["ratio"] <= BAR_RATIO and r["flops_ratio"] < 0.5]
     claim = "So at this scale \"comparable accuracy at under half the compute\""
     if holds:
-        parts.append(f"{claim} holds with {' and '.join(holds)}.")
+        parts.append(f"{claim} holds for the MLPs with " + " and ".join(
+            f"{p} ({v[p]['flops_ratio']:.0%} of their FLOPs; {v[p]['model_ratio']:.0%} of the whole model's matrix "
+            "work)" for p in holds) + ".")
     elif v.get("topk", {}).get("meets_bar"):
         parts.append(f"{claim} holds only for the oracle topk, which saves no compute at inference; not for a "
                      "policy that does.")

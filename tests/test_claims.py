@@ -159,7 +159,18 @@ def test_verdict_ratios_and_sentence_follow_the_numbers():
     assert "reaches 11.00 (+10.0%)" in s and "meets the bar" in s and "70% of the dense MLP FLOPs" in s
     assert "+7.8%" in s and "+30.0%" in s and "degrades less than its twin" in s
     assert "dynamic does not beat static" in s
-    assert s.endswith("holds with static.")
+    assert s.endswith("holds for the MLPs with static (10% of their FLOPs; 50% of the whole model's matrix work).")
+
+
+def test_verdict_counts_threshold_among_the_policies_that_save_work():
+    """threshold reads every gate row but only the chosen up and down rows (40% of the FLOPs here):
+    within the bar at under half the MLP FLOPs, the claim holds with it."""
+    raw = made_up()
+    raw["rows"] = [r if r["policy"] != "threshold" else _row("demo-lm", "threshold", 0.1, 10.5, 0.094, 0.4)
+                   for r in raw["rows"]]
+    s = cl.verdict(cl.parse_claims(json.dumps(raw)))["sentence"]
+    assert "With threshold (reads every gate row to choose" in s and "10.50 (+5.0%) at 40% of the dense MLP FLOPs" in s
+    assert "holds for the MLPs with threshold (40% of their FLOPs; 50%" in s and s.endswith("static (10% of their FLOPs; 50% of the whole model's matrix work).")
 
 
 def test_verdict_says_when_the_claim_does_not_hold():
@@ -262,7 +273,7 @@ def test_page_shows_the_table_curve_decode_and_verdict(tmp_path, monkeypatch):
     assert len(tables) == 2 and len(tables[0].value) == len(made_up()["rows"])
     assert list(tables[1].value["share of ideal"]) == ["75%"]
     assert len(at.get("plotly_chart")) == 1
-    assert any("holds with static" in m.value for m in at.markdown)
+    assert any("holds for the MLPs with static" in m.value for m in at.markdown)
     assert "--model demo-lm --policy static --density 0.1" in at.code[0].value
 
 
