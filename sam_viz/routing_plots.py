@@ -11,7 +11,7 @@ import torch
 
 from .analysis import Analysis
 from .fig_layout import titled
-from .plots import MAX_CELLS, Plot
+from .plots import MAX_CELLS, Plot, _empty
 
 POLICY_COLORS = {"topk": "#636efa", "threshold": "#ef553b", "predictor": "#00cc96", "static": "#ab63fa",
                  "dense": "#7f7f7f"}
@@ -85,7 +85,7 @@ def cofiring(a: Analysis, layer: int, top: int = 30, max_cells: int = MAX_CELLS)
     """Jaccard overlap of the token sets of the `top` most often selected neurons of a layer."""
     lf = a.layers[layer]
     if lf.ids is None:
-        return Plot(go.Figure(), "Every neuron fired for every token (dense): nothing to compare.")
+        return _empty("Every neuron fired for every token (dense): nothing to compare.")
     n = len(a.tokens)
     fired = torch.zeros(n, a.n_neurons, dtype=torch.bool)
     for t in range(n):
@@ -108,7 +108,7 @@ def router_entropy(a: Analysis) -> Plot:
     """MoE: entropy of the router's distribution per token and layer, on the whole scale from 0
     (certain) to ln(experts) (uniform); one column per layer."""
     if not a.n_experts:
-        return Plot(go.Figure(), "Not a mixture-of-experts model: there is no router.")
+        return _empty("Not a mixture-of-experts model: there is no router.")
     ent = torch.stack([l.router_entropy for l in a.layers], dim=1)      # [T, L]
     top = math.log(a.n_experts)
     labels = [f"{i}: {html.escape(t)}" for i, t in enumerate(a.tokens)]
@@ -124,7 +124,7 @@ def router_entropy(a: Analysis) -> Plot:
 def expert_load(a: Analysis) -> Plot:
     """MoE: share of the prompt's tokens each expert received, per layer (layer 0 at the top)."""
     if not a.n_experts:
-        return Plot(go.Figure(), "Not a mixture-of-experts model: there are no experts.")
+        return _empty("Not a mixture-of-experts model: there are no experts.")
     load = [torch.bincount(l.experts.long().flatten(), minlength=a.n_experts).double() / len(a.tokens)
             for l in a.layers]
     fig = go.Figure(go.Heatmap(z=torch.stack(load).tolist(), x=[f"expert {e}" for e in range(a.n_experts)],

@@ -250,7 +250,8 @@ def test_shipped_readme_cards_and_claims_agree():
     assert cl.report_markdown(claims) in (ROOT / "README.md").read_text()
     manifest, results, _ = model_card.load_training()
     for name in (cl.SPARSE, cl.DENSE):
-        assert (cl.DEMO_DIR / name / "README.md").read_text() == model_card.card(name, manifest, results, claims)
+        assert (cl.DEMO_DIR / name / "README.md").read_text() == model_card.card(name, manifest, results, claims,
+                                                                                 model_card.load_body())
     assert all((cl.DEMO_DIR / png).stat().st_size > 10_000 for png in ("loss_curves.png", "perplexity_vs_density.png"))
 
 
