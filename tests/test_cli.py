@@ -105,7 +105,9 @@ def test_test_command_sets_up_a_fresh_clone(tmp_path):
         dry = subprocess.run(["make", "-n", target], cwd=clone, capture_output=True, text=True, timeout=60)
         steps = dry.stdout.splitlines()
         build = next(i for i, line in enumerate(steps) if line.endswith("-m sam_viz build-kernels"))
-        assert build < next(i for i, line in enumerate(steps) if "pytest" in line or "streamlit run" in line)
+        # "-m pytest", not "pytest": under `make test` (as CI runs it) this make is a sub-make, which prints
+        # "make[2]: Entering directory '/tmp/pytest-of-root/...'" first
+        assert build < next(i for i, line in enumerate(steps) if "-m pytest" in line or "-m streamlit run" in line)
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme and "make run" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
