@@ -57,6 +57,16 @@ ADAPTERS: dict[str, MLPAdapter] = {
     "mixtral": MLPAdapter(family="moe", kind="causal-lm", layers="layers", entry="mlp",
                           down="mlp.experts.down_proj", act="mlp.experts.act_fn",
                           router="mlp.gate", experts="mlp.experts"),
+    # -- dense families of 2024-2026 (issue 13, part A); tiny-config tests in tests/test_families.py --
+    # Gemma 3 (sliding and global layers, scaled embedding), OLMo 2/3 (norms after the MLP) and SmolLM3
+    # differ from Llama outside the MLP only, which the wrappers leave as shipped.
+    **{t: MLPAdapter(family="glu", **_GLU) for t in ("gemma3_text", "olmo2", "olmo3", "smollm3")},
+    # Pythia (attention and MLP in parallel from one residual) and StarCoder2: Linear with bias, GELU.
+    "gpt_neox": MLPAdapter(family="mlp", kind="causal-lm", layers="layers", entry="mlp",
+                           gate="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", act="mlp.act"),
+    "starcoder2": MLPAdapter(family="mlp", kind="causal-lm", layers="layers", entry="mlp",
+                             gate="mlp.c_fc", down="mlp.c_proj", act="mlp.act"),
+    # -- end of the dense families of issue 13 --
 }
 
 

@@ -1,0 +1,232 @@
+"""The dense model families of 2024-2026 (issue 13, part A): Pythia (gpt_neox), Gemma 3, OLMo 2 and 3,
+SmolLM3 and StarCoder2. Each is built at a tiny size from its config here, saved as a checkpoint under
+an allowed root and loaded as a user's checkpoint is; each is checked against the same folder loaded
+by transformers alone (the model as shipped), and against the MLP equation written out here:
+
+h = act(W_in x + b_in) [* (W_up x)];  top-k keeps the k = round(density * d_ff) largest |h_j| per
+token (ties to the lower index), the rest are 0;  y = W_out h + b_out.
+"""
+import math
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from conftest import HELD_OUT
+from models import InputError, load_model
+from models.loading import minilm_path
+from sam_viz import RunSpec, analyze
+from sparse_ops import Policy, Recorder, sparsified
+from sparse_ops.cpu import readiness
+from sparse_ops.mlp import install
+
+PROMPT = "Pythia, Gemma and OLMo read these words one token at a time, with a sliding window."
+D_FF = 128
+ACT = {  # the activations by their equations
+    "gelu": lambda v: 0.5 * v * (1 + torch.erf(v / math.sqrt(2))),
+    "gelu_pytorch_tanh": lambda v: 0.5 * v * (1 + torch.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3))),
+    "silu": lambda v: v * torch.sigmoid(v),
+}
+GLU = ("gate_proj", "up_proj", "down_proj")
+# model_type: (MLP's W_in, W_up, W_out as transformers names them, activation, extra config).
+# Sliding windows of 4 tokens, shorter than PROMPT, so that sliding and global layers differ.
+FAMILIES = {
+    "gpt_neox": (("dense_h_to_4h", None, "dense_4h_to_h"), "gelu", {}),
+    "gemma3_text": (GLU, "gelu_pytorch_tanh", dict(head_dim=16, sliding_window=4,
+                                                   layer_types=["sliding_attention", "full_attention"])),
+    "olmo2": (GLU, "silu", {}),
+    "olmo3": (GLU, "silu", dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    "smollm3": (GLU, "silu", {}),
+    "starcoder2": (("c_fc", None, "c_proj"), "gelu_pytorch_tanh", {}),
+}
+
+
+def _config(model_type: str, tokenizer, **extra):
+    _, act, kwargs = FAMILIES[model_type]
+    heads = {} if model_type == "gpt_neox" else dict(num_key_value_heads=2)
+    act_key = "hidden_activation" if model_type == "gemma3_text" else "hidden_act"
+    return AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=D_FF, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+        **{act_key: act, **heads, **kwargs, **extra})
+
+
+def _save(path, config, tokenizer):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """family(model_type) -> (checkpoint path, the model loaded through load_model), built once."""
+    root = tmp_path_factory.mktemp("families")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    made = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAM_VIZ_MODEL_ROOTS", str(root))
+
+        def get(model_type):
+            if model_type not in made:
+                path = _save(root / model_type, _config(model_type, tokenizer), tokenizer)
+                made[model_type] = path, load_model(path)
+            return made[model_type]
+        yield get
+
+
+def _as_shipped(path):
+    """The checkpoint as transformers alone loads it: no sam-viz module in the way."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _logits(model, enc):
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def _by_hand(model, model_type, keep):
+    """Hooks on a fresh model's MLPs: y = W_out (h * keep(layer, h)) + b_out, h by the equation."""
+    (w_in, w_up, w_out), act, _ = FAMILIES[model_type]
+
+    def hook(mlp, args, out, layer):
+        x = args[0]
+        h = ACT[act](x @ getattr(mlp, w_in).weight.T + _bias(getattr(mlp, w_in)))
+        if w_up is not None:
+            h = h * (x @ getattr(mlp, w_up).weight.T)
+        down = getattr(mlp, w_out)
+        return (h * keep(layer, h)) @ down.weight.T + _bias(down)
+
+    return [layer.mlp.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
+            for i, layer in enumerate(model.base_model.layers)]
+
+
+def _bias(linear):
+    return 0.0 if linear.bias is None else linear.bias
+
+
+def _top_k(h, k):
+    order = torch.argsort(-h.abs(), dim=-1, stable=True)
+    return torch.zeros_like(h, dtype=torch.bool).scatter_(-1, order[..., :k], True)
+
+
+def _expected(path, model_type, enc, keep):
+    model = _as_shipped(path)
+    handles = _by_hand(model, model_type, keep)
+    try:
+        return _logits(model, enc)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_dense_equals_the_model_as_shipped(model_type, family):
+    path, loaded = family(model_type)
+    assert (loaded.kind, loaded.model_type, loaded.n_layers, loaded.d_ff) == ("causal-lm", model_type, 2, D_FF)
+    enc = loaded.encode(PROMPT)
+    expected = _logits(_as_shipped(path), enc)
+    install(loaded)                                   # the wrappers in place, no run active
+    assert (_logits(loaded.model, enc) - expected).abs().max() <= 1e-5
+    for policy in (Policy("dense"), Policy("topk", 1.0)):
+        with sparsified(loaded, policy):
+            assert (_logits(loaded.model, enc) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_topk_quarter_density_in_every_layer(model_type, family):
+    path, loaded = family(model_type)
+    result = analyze(loaded, RunSpec(prompt=PROMPT, model=path, policy="topk", density=0.25, kernel="reference"))
+    assert len(result.layers) == 2
+    for layer in result.layers:
+        assert layer.selected.tolist() == [D_FF // 4] * len(result.tokens)
+        assert int(layer.selected.sum()) / int(layer.possible.sum()) == 0.25
+    assert result.density == 0.25
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_topk_equals_masked_mlp_by_hand(model_type, family):
+    path, loaded = family(model_type)
+    enc = loaded.encode(PROMPT)
+    expected = _expected(path, model_type, enc, lambda layer, h: _top_k(h, D_FF // 4))
+    with sparsified(loaded, Policy("topk", 0.25)):
+        got = _logits(loaded.model, enc)
+    assert _rel(got, expected) <= 1e-5
+
+
+@pytest.mark.skipif(readiness()[0] == "unavailable", reason="the cpu kernel cannot be built here")
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_cpu_kernel_computes_each_family_like_reference(model_type, family):
+    path, loaded = family(model_type)
+    runs = [analyze(loaded, RunSpec(prompt=PROMPT, model=path, policy="topk", density=0.25, kernel=k))
+            for k in ("reference", "cpu")]
+    for ref, cpu in zip(*(r.layers for r in runs)):
+        assert torch.equal(ref.ids, cpu.ids)
+        torch.testing.assert_close(cpu.values.float(), ref.values.float(), rtol=1e-3, atol=1e-4)
+    assert runs[1].compare["kl"] == pytest.approx(runs[0].compare["kl"], rel=1e-3, abs=1e-6)
+
+
+def _recorded_masks(loaded, policy, enc):
+    """Run `policy`; return the logits and keep(layer, h): the neurons the run recorded for each token."""
+    rec = Recorder()
+    with sparsified(loaded, policy, recorder=rec) as run:
+        logits = _logits(loaded.model, enc)
+    firing = rec.layers(enc["input_ids"].shape[1], loaded.d_ff)
+
+    def keep(layer, h):
+        mask = torch.zeros_like(h, dtype=torch.bool)
+        for t in range(h.shape[-2]):
+            mask[..., t, firing[layer].token(t)[0].long()] = True
+        return mask
+    return logits, keep, run, firing
+
+
+def test_threshold_on_gpt_neox_is_abs_h_above_the_calibrated_value(family):
+    """Non-GLU: the CATS score is |h| itself, so S = {j : |h_j| > t_layer}; density near the target."""
+    path, loaded = family("gpt_neox")
+    enc = loaded.encode(HELD_OUT[3])
+    logits, _, run, _ = _recorded_masks(loaded, Policy("threshold", 0.3), enc)
+    thresholds = dict(run.thresholds)
+    expected = _expected(path, "gpt_neox", enc, lambda layer, h: h.abs() > thresholds[layer])
+    assert _rel(logits, expected) <= 1e-5
+    selected = possible = 0
+    for prompt in HELD_OUT:
+        result = analyze(loaded, RunSpec(prompt=prompt, model=path, policy="threshold", density=0.3,
+                                         kernel="reference"))
+        selected += sum(int(layer.selected.sum()) for layer in result.layers)
+        possible += sum(int(layer.possible.sum()) for layer in result.layers)
+    assert abs(selected / possible - 0.3) <= 0.05
+
+
+@pytest.mark.parametrize("kind", ["predictor", "static"])
+def test_predictor_and_static_on_gpt_neox(kind, family):
+    """Exactly k neurons per token (static: the same k for every token), and the output is the masked
+    MLP over exactly the neurons recorded."""
+    path, loaded = family("gpt_neox")
+    enc = loaded.encode(HELD_OUT[0])
+    logits, keep, _, firing = _recorded_masks(loaded, Policy(kind, 0.25), enc)
+    n = enc["input_ids"].shape[1]
+    for layer in firing:
+        assert layer.selected.tolist() == [D_FF // 4] * n
+        sets = {tuple(sorted(layer.token(t)[0].tolist())) for t in range(n)}
+        assert len(sets) == 1 if kind == "static" else len(sets) > 1
+    assert _rel(logits, _expected(path, "gpt_neox", enc, keep)) <= 1e-5
+
+
+def test_unsupported_family_is_one_sentence_listing_the_supported(tmp_path, monkeypatch):
+    config = AutoConfig.for_model("mamba", vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mamba", safe_serialization=True)
+    monkeypatch.setenv("SAM_VIZ_MODEL_ROOTS", str(tmp_path))
+    with pytest.raises(InputError) as info:
+        load_model(str(tmp_path / "mamba"))
+    message = str(info.value)
+    assert message.startswith("model_type 'mamba' is not supported; supported: ") and "\n" not in message
+    listed = message.split("supported: ")[-1].split(", ")
+    assert set(FAMILIES) | {"llama", "gpt2", "bert", "mixtral"} <= set(listed)
