@@ -29,6 +29,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "sparse_mlp.cpp"
 HEADER = CSRC / "sparse_mlp_kernel.h"
 ACTIVATIONS = {0: F.silu, 1: F.gelu, 2: lambda v: F.gelu(v, approximate="tanh"), 3: F.relu}
+ACTIVATION_NAMES = {0: "SiLU", 1: "GELU", 2: "GELU (tanh)", 3: "ReLU"}
 # native: -march=native (the AVX-512 intrinsics path where this CPU has AVX-512, the portable path
 # otherwise); portable: the portable path, as a machine without AVX-512 builds it (x86-64-v3 = AVX2
 # on x86, the compiler's default elsewhere). SAM_VIZ_CPU_ISA=portable selects it at load time.
@@ -184,13 +185,18 @@ def _key(t: torch.Tensor | None) -> tuple:
     return () if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
+# Where activations are told apart: the curved part, and far out, where clipped variants (transformers'
+# gelu_10, ReLU6) leave the function they follow near zero.
+_PROBE = torch.cat([torch.linspace(-6, 6, 241), torch.tensor([-1e4, -100.0, -20.0, -11.0, 11.0, 20.0, 100.0, 1e4])])
+
+
 def activation_code(act) -> int:
     """Which activation `act` computes, found by evaluating it (adapters hand over modules)."""
-    probe = torch.linspace(-6, 6, 241)
     for code, fn in ACTIVATIONS.items():
-        if torch.allclose(act(probe), fn(probe), atol=1e-6, rtol=1e-5):
+        if torch.allclose(act(_PROBE.clone()), fn(_PROBE), atol=1e-6, rtol=1e-5):   # clone: act may work in place
             return code
-    raise InputError(f"the cpu kernel does not implement the activation {type(act).__name__}")
+    raise InputError(f"the cpu kernel does not implement the activation {type(act).__name__}; "
+                     f"it computes {', '.join(ACTIVATION_NAMES.values())} (the reference kernel runs any activation)")
 
 
 def prepare(w: MLPWeights, dtype: torch.dtype = torch.float32) -> Prepared:

@@ -11,14 +11,17 @@ import math
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.activations import ACT2FN
 
 from conftest import HELD_OUT
 from models import InputError, load_model
 from models.loading import minilm_path
 from sam_viz import RunSpec, analyze
 from sparse_ops import Policy, Recorder, sparsified
-from sparse_ops.cpu import readiness
+from sparse_ops.cpu import activation_code, readiness
 from sparse_ops.mlp import install
+
+pytestmark = pytest.mark.usefixtures("one_thread")      # tiny models: threads only wait on each other
 
 PROMPT = "Pythia, Gemma and OLMo read these words one token at a time, with a sliding window."
 D_FF = 128
@@ -230,3 +233,33 @@ def test_unsupported_family_is_one_sentence_listing_the_supported(tmp_path, monk
     assert message.startswith("model_type 'mamba' is not supported; supported: ") and "\n" not in message
     listed = message.split("supported: ")[-1].split(", ")
     assert set(FAMILIES) | {"llama", "gpt2", "bert", "mixtral"} <= set(listed)
+
+
+@pytest.mark.parametrize("name", sorted({act for _, act, _ in FAMILIES.values()}))
+def test_cpu_kernel_knows_each_family_activation_by_its_equation(name):
+    """The activation transformers builds for each family's hidden_act is the one the kernel's code
+    computes, over the curve and far out."""
+    from sparse_ops.cpu import ACTIVATIONS
+
+    v = torch.cat([torch.linspace(-8, 8, 401), torch.tensor([-50.0, 50.0, 300.0])])
+    torch.testing.assert_close(ACTIVATIONS[activation_code(ACT2FN[name])](v), ACT[name](v), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gelu_10", "relu6", "quick_gelu", "relu2"])
+def test_cpu_kernel_refuses_an_activation_it_does_not_compute(name):
+    """gelu_10 and relu6 agree with GELU / ReLU near zero and clip far out: refused, not mistaken."""
+    act = ACT2FN[name]
+    with pytest.raises(InputError, match=f"^the cpu kernel does not implement the activation {type(act).__name__};"):
+        activation_code(act)
+
+
+@pytest.mark.skipif(readiness()[0] == "unavailable", reason="the cpu kernel cannot be built here")
+def test_a_clipped_activation_is_refused_by_the_cpu_kernel_and_runs_on_reference(tmp_path, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    path = _save(tmp_path / "pythia-gelu10", _config("gpt_neox", tokenizer, hidden_act="gelu_10"), tokenizer)
+    monkeypatch.setenv("SAM_VIZ_MODEL_ROOTS", str(tmp_path))
+    loaded = load_model(path)
+    with pytest.raises(InputError, match="^the cpu kernel does not implement the activation ClippedGELUActivation;"):
+        analyze(loaded, RunSpec(prompt=PROMPT, model=path, policy="topk", density=0.25, kernel="cpu"))
+    result = analyze(loaded, RunSpec(prompt=PROMPT, model=path, policy="topk", density=0.25, kernel="reference"))
+    assert result.density == 0.25
