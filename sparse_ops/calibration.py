@@ -272,12 +272,13 @@ def cache_dir() -> Path:
 
 
 def weights_digest(loaded: LoadedModel) -> str:
-    """Order-independent digest of every parameter and buffer (names change when MLPs are wrapped)."""
+    """Order-independent digest of every parameter and buffer (names change when MLPs are wrapped;
+    flattened, since a 0-d buffer, as Gemma 3's embedding scale, has no byte view of its own)."""
     with _LOCK:
         if loaded.model in _FINGERPRINTS:
             return _FINGERPRINTS[loaded.model]
     parts = sorted(hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + t.detach().contiguous().cpu()
-                                  .view(torch.uint8).numpy().tobytes()).hexdigest()
+                                  .reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
                    for t in [*loaded.model.parameters(), *loaded.model.buffers()])
     digest = hashlib.sha256("".join(parts).encode()).hexdigest()
     with _LOCK:
