@@ -6,6 +6,7 @@ by transformers alone (the model as shipped), and against the MLP equation writt
 h = act(W_in x + b_in) [* (W_up x)];  top-k keeps the k = round(density * d_ff) largest |h_j| per
 token (ties to the lower index), the rest are 0;  y = W_out h + b_out.
 """
+import itertools
 import math
 
 import pytest
@@ -276,3 +277,15 @@ def test_a_clipped_activation_is_refused_by_the_cpu_kernel_and_runs_on_reference
         analyze(loaded, RunSpec(prompt=PROMPT, model=path, policy="topk", density=0.25, kernel="cpu"))
     result = analyze(loaded, RunSpec(prompt=PROMPT, model=path, policy="topk", density=0.25, kernel="reference"))
     assert result.density == 0.25
+
+
+def test_readme_lists_every_supported_family():
+    """The README's families table has a row for every model_type an adapter covers, and no other."""
+    from pathlib import Path
+
+    from models.adapters import ADAPTERS
+
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    start = lines.index("| family | `model_type` | MLP | tiny-config test |")
+    rows = itertools.takewhile(lambda line: line.startswith("|"), lines[start + 2:])
+    assert sorted(row.split("|")[2].strip(" `") for row in rows) == sorted(ADAPTERS)
