@@ -8,6 +8,7 @@ token (ties to the lower index), the rest are 0;  y = W_out h + b_out.
 """
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,11 +282,41 @@ def test_a_clipped_activation_is_refused_by_the_cpu_kernel_and_runs_on_reference
 
 def test_readme_lists_every_supported_family():
     """The README's families table has a row for every model_type an adapter covers, and no other."""
-    from pathlib import Path
-
     from models.adapters import ADAPTERS
 
     lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
     start = lines.index("| family | `model_type` | MLP | tiny-config test |")
     rows = itertools.takewhile(lambda line: line.startswith("|"), lines[start + 2:])
     assert sorted(row.split("|")[2].strip(" `") for row in rows) == sorted(ADAPTERS)
+
+
+def _firing_page(monkeypatch, tmp_path, **params):
+    """The firing map opened from a URL, as a user's link opens it."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("SAM_VIZ_RUN_DB", str(tmp_path / "runs.sqlite"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "pages" / "firing.py"), default_timeout=180)
+    for key, value in params.items():
+        at.query_params[key] = value
+    return at.run()
+
+
+def test_firing_page_on_a_gemma3_checkpoint(family, monkeypatch, tmp_path):
+    path, _ = family("gemma3_text")
+    at = _firing_page(monkeypatch, tmp_path, model=path, prompt=PROMPT, policy="topk", density="0.25",
+                      kernel="reference")
+    assert not at.exception and not at.error
+    analysis = at.session_state["ctx"].analysis
+    assert analysis.spec.model == path and analysis.density == 0.25
+
+
+@pytest.mark.skipif(readiness()[0] == "unavailable", reason="the cpu kernel cannot be built here")
+def test_firing_page_says_in_one_sentence_that_the_cpu_kernel_lacks_the_activation(monkeypatch, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    path = _save(tmp_path / "pythia-gelu10", _config("gpt_neox", tokenizer, hidden_act="gelu_10"), tokenizer)
+    monkeypatch.setenv("SAM_VIZ_MODEL_ROOTS", str(tmp_path))
+    at = _firing_page(monkeypatch, tmp_path, model=path, prompt=PROMPT, policy="topk", density="0.25", kernel="cpu")
+    assert not at.exception
+    assert [e.value.split(";")[0] for e in at.error] == [
+        "the cpu kernel does not implement the activation ClippedGELUActivation"]
+    assert "\n" not in at.error[0].value
