@@ -1,5 +1,6 @@
 """The dense model families of 2024-2026 (issue 13, part A): Pythia (gpt_neox), Gemma 3, OLMo 2 and 3,
-SmolLM3 and StarCoder2. Each is built at a tiny size from its config here, saved as a checkpoint under
+SmolLM3 and StarCoder2; and the GLU families supported before without a test (Qwen3, Gemma, Gemma 2,
+OLMo, Phi-3). Each is built at a tiny size from its config here, saved as a checkpoint under
 an allowed root and loaded as a user's checkpoint is; each is checked against the same folder loaded
 by transformers alone (the model as shipped), and against the MLP equation written out here:
 
@@ -45,7 +46,7 @@ FAMILIES = {  # issue 13
     "smollm3": (GLU, "silu", {}),
     "starcoder2": (("c_fc", None, "c_proj"), "gelu_pytorch_tanh", {}),
 }
-EARLIER = {  # supported before issue 13 without a model of their own among the tiny-* specs
+EARLIER = {  # supported before issue 13, without a tiny-* spec or any test of their own
     "qwen3": (GLU, "silu", {}),
     "gemma": (GLU, "gelu_pytorch_tanh", dict(head_dim=16)),
     "gemma2": (GLU, "gelu_pytorch_tanh", dict(head_dim=16, **SLIDING)),
