@@ -307,3 +307,10 @@ def context_prompt(tokens: list[str], focus: int) -> tuple[str, int]:
 def profile_of_model(model: str, root=None) -> dict | None:
     """The newest profile of this model spec, if any."""
     return next((m for m in list_profiles(root) if m.get("model") == model), None)
+
+
+def strongest_unit(analysis, layer: int, token: int) -> int | None:
+    """The unit with the largest dense |h| for one token of an analysis (the one a firing map's token
+    detail lists first); None when the run kept no activations."""
+    acts = analysis.dense_layers[layer].activations
+    return None if acts is None else int(acts[token].abs().argmax())
