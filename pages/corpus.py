@@ -64,7 +64,7 @@ def profile_label(m: dict) -> str:
 
 def context_row(tokens, focus: int, value: float, where: str, prof, layer: int) -> None:
     """One context, the firing token marked, and a link that opens it in the firing map."""
-    left, right = st.columns([6, 1], vertical_alignment="center")
+    left, right = st.columns([4, 1], vertical_alignment="center")
     left.markdown(f"<small>{value:+.3f} · {escape_markdown(where)}</small> &nbsp; "
                   f"{continuation_html(context_pieces(list(tokens)), mark=int(focus))}", unsafe_allow_html=True)
     prompt, token = context_prompt(list(tokens), int(focus))
@@ -89,7 +89,12 @@ def overview(prof) -> None:
         show(corpus_plots.layer_quality(prof), key="layer_quality")
     show(corpus_plots.firing_heatmap(prof), key="firing_matrix")
     st.dataframe(table[["layer", "tokens", "density", "recall", "precision", "mass_kept", "dead", "always_on"]],
-                 hide_index=True)
+                 hide_index=True, column_config={
+                     "density": st.column_config.NumberColumn("density", format="%.3f"),
+                     "recall": st.column_config.NumberColumn("recall", format="%.3f"),
+                     "precision": st.column_config.NumberColumn("precision", format="%.3f"),
+                     "mass_kept": st.column_config.NumberColumn("mass kept", format="%.3f"),
+                     "always_on": st.column_config.NumberColumn("always on")})
 
 
 def neuron_page(prof, layer: int, unit: int) -> None:
@@ -123,10 +128,9 @@ def neuron_page(prof, layer: int, unit: int) -> None:
         if prof.manifest.get("logit_effect"):
             st.caption(f"Final norm: {escape_markdown(prof.manifest['logit_effect'])}")
     st.subheader("Neurons that fire with it")
-    if v.correlated is None or v.correlated.empty:
-        st.caption(escape_markdown(v.cofire_note))
-        return
     st.caption(escape_markdown(v.cofire_note))
+    if v.correlated is None:
+        return
     for r in v.correlated.itertuples():
         page_link("pages/corpus.py", f"neuron {r.unit} · phi {r.phi:+.2f} · together on {r.both:,} of {r.tokens:,} "
                   f"tokens", query_params={"profile": prof.id, "layer": layer, "neuron": int(r.unit)})

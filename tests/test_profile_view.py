@@ -211,3 +211,37 @@ def test_contexts_become_text_and_prompts():
     assert context_pieces(["the", "cat", "##s", "[SEP]"]) == ["the", " cat", "s", " [SEP]"]
     assert context_prompt(["[CLS]", "the", "cat", "##s", "sat"], 3) == ("the cats sat", 2)
     assert context_prompt(["a", "↵", "␣b"], 2) == ("a\n b", 2)
+
+
+def test_figures_bound_what_they_send_and_say_so(tmp_path):
+    from sam_viz import corpus_plots
+
+    units = 1024
+    rows = pd.DataFrame([dict(layer=l, neuron=j, tokens=units, fire_count=j, select_count=0, sum_abs=0.0, max_abs=0.0,
+                              hist=[0] * 5) for l in range(3) for j in range(units)])
+    write_profile(tmp_path, n_layers=3, units=units, neurons=rows)
+    p = open_profile(PID, tmp_path)
+    hot = corpus_plots.hot_curves(p, max_points=100)
+    lines = [t for t in hot.fig.data if t.name != "every neuron alike"]
+    assert len(lines) == 4 and all(len(t.x) <= 100 for t in lines) and "at most 100" in hot.note
+    assert all(t.x[0] == 0 and t.x[-1] == 1 and t.y[-1] == 1 for t in lines)     # ends kept
+    heat = corpus_plots.firing_heatmap(p)
+    assert np.asarray(heat.fig.data[0].z).shape == (3, 512) and "mean of 2 neighbouring ranks" in heat.note
+
+
+def test_histogram_bars_sit_on_the_profile_bins_and_logits_are_ordered(root):
+    from sam_viz import corpus_plots
+
+    v = open_profile(PID, root).neuron(0, 0)
+    bar = corpus_plots.neuron_histogram(v).fig.data[0]
+    # edges -1 0 1 2 (width 1): open bins drawn as [-2, -1) and [2, 3)
+    assert list(bar.x) == [-1.5, -0.5, 0.5, 1.5, 2.5] and list(bar.y) == [0, 0, 0, 10, 0]
+    assert bar.customdata[0] == "< -1" and bar.customdata[-1] == "≥ 2"
+    logit = corpus_plots.logit_effects(v).fig.data[0]
+    assert list(logit.x) == [3, 2, 1, -1, -2, -3]
+    assert logit.y[0] == "+1 b0&lt;$&gt;"                      # plotly reads labels as HTML: escaped
+
+
+def test_a_unit_that_fires_on_every_token_has_no_phi_and_says_why(root):
+    v = open_profile(PID, root).neuron(0, 0)                 # fires on all 10 tokens of layer 0
+    assert v.correlated.empty and "phi is undefined" in v.cofire_note

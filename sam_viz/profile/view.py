@@ -283,6 +283,10 @@ class Profile:
         sample = (self.manifest.get("cofire_sample") or {}).get("tokens")
         note = (f"phi coefficient over a sample of {sample:,} tokens" if sample else
                 "phi coefficient over every token") + "; a unit firing on every token or on none has no phi"
+        if out.empty:
+            note = (f"Neuron {unit} fires on every token of layer {layer} or on none, so its firing correlates "
+                    "with no other neuron's (phi is undefined)." if p_a in (0, 1) else
+                    f"No neuron sampled with neuron {unit} has a phi: each fires on every token or on none.")
         return out.reset_index(drop=True), note
 
 
