@@ -109,3 +109,29 @@ def test_firing_map_links_to_the_neuron_over_a_corpus(profiles):
     strongest = int(a.dense_layers[1].activations[0].abs().argmax())
     link = [m.value for m in at.markdown if m.value.startswith("[This neuron over a corpus")]
     assert link and f"profile={PID}&layer=1&neuron={strongest}" in link[0]
+
+
+def test_make_a_profile_calls_the_writer_with_the_sidebar_and_opens_the_result(profiles, monkeypatch):
+    """The button hands the sidebar's model, policy, density and kernel to build_profile with a
+    progress callback, and picks the profile it made. (The writer stands in here, writing a profile by
+    hand; the end-to-end test with the real one runs the CLI.)"""
+    import sam_viz.profile
+
+    calls = []
+
+    def writer(spec, source, *, progress=None, **settings):
+        calls.append((spec, source, settings))
+        for done in (0, 50, 100):
+            progress(done, 100, "tokens/s 10 · ETA 1 s")
+        write_profile(profiles, "abcdef012345", model=spec, created="2030-01-01T00:00:00+00:00")
+        return {"id": "abcdef012345"}
+
+    write_profile(profiles)                                # an older profile, listed first before the new one
+    monkeypatch.setattr(sam_viz.profile, "build_profile", writer, raising=False)
+    at = open_corpus(model="tiny-llama", policy="threshold", density="0.3")
+    at.button[[b.label for b in at.button].index("Profile tiny-llama")].click().run()
+    assert not at.exception and not at.error
+    assert calls == [("tiny-llama", "builtin:calibration", dict(policy="threshold", density=0.3,
+                                                                 kernel=at.session_state["kernel"]))]
+    assert at.selectbox(key="corpus_profile").value == "abcdef012345"
+    assert at.query_params["profile"] == "abcdef012345"
