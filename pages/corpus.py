@@ -32,8 +32,8 @@ def link_number(raw: str | None, what: str, n: int) -> int | None:
         st.warning(f"The link's {what} '{escape_markdown(raw[:40])}' is not a number; showing {what} 0.")
         return 0
     if not 0 <= value < n:
-        st.warning(f"The link's {what} {value} is out of range: this profile has {n} {what}s per "
-                   f"{'profile' if what == 'layer' else 'layer'} (0 to {n - 1}); showing {what} 0.")
+        st.warning(f"The link's {what} {value} is out of range: this profile has {n} {what}s"
+                   f"{' per layer' if what == 'neuron' else ''} (0 to {n - 1}); showing {what} 0.")
         return 0
     return value
 
@@ -196,15 +196,24 @@ if link:
         value = link_number(link[what], what, n)
         if value is not None:
             st.session_state[key] = value
-tab_overview, tab_neuron = st.tabs(["Overview", "Neuron"], default="Neuron" if link and link["neuron"] else None)
-with tab_overview:
-    overview(prof)
-with tab_neuron:
-    c1, c2 = st.columns(2)
-    layer = c1.number_input("Layer", 0, prof.n_layers - 1, key="corpus_layer")
-    unit = c2.number_input("Neuron", 0, prof.units - 1, key="corpus_neuron",
-                           help="For MoE models: expert × neurons per expert + neuron, as in the firing map.")
-    written = {"profile": prof.id, "layer": str(layer), "neuron": str(unit)}
-    st.query_params.update(written)
-    st.session_state["_corpus_url"] = written
-    neuron_page(prof, layer, unit)
+if link and link["neuron"] is not None:
+    st.session_state["corpus_tab"] = "Neuron"
+tab_overview, tab_neuron = st.tabs(["Overview", "Neuron"], key="corpus_tab", on_change="rerun")
+written = {"profile": prof.id, "layer": None, "neuron": None}
+if tab_overview.open:
+    with tab_overview:
+        overview(prof)
+if tab_neuron.open:
+    with tab_neuron:
+        c1, c2 = st.columns(2)
+        layer = c1.number_input("Layer", 0, prof.n_layers - 1, key="corpus_layer")
+        unit = c2.number_input("Neuron", 0, prof.units - 1, key="corpus_neuron",
+                               help="For MoE models: expert × neurons per expert + neuron, as in the firing map.")
+        written.update(layer=str(layer), neuron=str(unit))
+        neuron_page(prof, layer, unit)
+for key, value in written.items():
+    if value is None:
+        st.query_params.pop(key, None)
+    else:
+        st.query_params[key] = value
+st.session_state["_corpus_url"] = written

@@ -47,7 +47,7 @@ def test_overview_of_a_hand_built_profile(profiles):
     assert metrics["Always on"] == "1"
     assert metrics["Neurons that cover 80% of firing"] == "43.8%"     # 7 of 16 units, by hand
     assert {"Hot neurons: how few carry the firing", "Firing frequency, neurons sorted per layer"} <= set(titles(at))
-    assert at.query_params["profile"] == PID
+    assert at.query_params["profile"] == PID and "neuron" not in at.query_params
 
 
 def test_neuron_share_link_opens_the_view_without_a_model(profiles, monkeypatch):
@@ -66,6 +66,7 @@ def test_neuron_share_link_opens_the_view_without_a_model(profiles, monkeypatch)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Fires (oracle top-k at 0.25)"] == "100.0%" and metrics["Selected by threshold"] == "90.0%"
     assert {"Layer 0, neuron 0: distribution of h", "Layer 0, neuron 0: logit effects"} <= set(titles(at))
+    assert "Dead neurons" not in metrics                 # only the open tab runs
     # correlated units link to their own view: unit 0 fires on every token, so phi is undefined; unit 1's
     at = open_corpus(profile=PID, layer="0", neuron="1")
     links = [m.value for m in at.markdown if m.value.startswith("[neuron ")]

@@ -256,6 +256,10 @@ def test_a_neuron_share_link_opens_the_neuron_view(server, browser, tmp_path, tm
     assert main.locator("[role='tab'][aria-selected='true']").inner_text().strip() == "Neuron"
     page.get_by_role("link", name="neuron 2 · phi -1.00 · together on 0 of 10 tokens").click()
     page.wait_for_url(re.compile(r"neuron=2"), timeout=60_000)
+    _wait_for_titles(page, ["Layer 0, neuron 2: distribution of h"])
+    page.get_by_role("tab", name="Overview").click()
+    _wait_for_titles(page, ["Hot neurons: how few carry the firing"])
+    page.wait_for_function("!location.search.includes('neuron=')", timeout=30_000)
     page.goto(f"{server}/corpus?profile={PID}&layer=0&neuron=0")
     _wait_for_titles(page, ["Layer 0, neuron 0: distribution of h", "Layer 0, neuron 0: logit effects"])
     marks = main.locator("mark")
