@@ -6,7 +6,7 @@ import streamlit as st
 from pages._shared import explain, page_link, progress_bar, show, sidebar_only
 from sam_viz import InputError, corpus_plots
 from sam_viz.profile import list_profiles, open_profile
-from sam_viz.profile.view import context_pieces, context_prompt
+from sam_viz.profile.view import context_prompt, marked_pieces
 from sam_viz.text import continuation_html, escape_markdown
 
 LINK_KEYS = ("profile", "layer", "neuron")
@@ -66,7 +66,7 @@ def context_row(tokens, focus: int, value: float, where: str, prof, layer: int) 
     """One context, the firing token marked, and a link that opens it in the firing map."""
     left, right = st.columns([4, 1], vertical_alignment="center")
     left.markdown(f"<small>{value:+.3f} · {escape_markdown(where)}</small> &nbsp; "
-                  f"{continuation_html(context_pieces(list(tokens)), mark=int(focus))}", unsafe_allow_html=True)
+                  f"{continuation_html(*marked_pieces(list(tokens), int(focus)))}", unsafe_allow_html=True)
     prompt, token = context_prompt(list(tokens), int(focus))
     token += prof.manifest["kind"] == "encoder"           # the [CLS] an encoder's prompt starts with
     with right:

@@ -80,7 +80,7 @@ def test_contexts_with_markdown_signs_are_shown_as_text(profiles):
     assert len(rows) == 3 + 5                            # 3 top contexts, 1 sample per quantile band
     row = rows[0]
     assert "&#36;" in row and "&#42;bold&#42;" in row and "&lt;" in row and "<b>" not in row
-    assert "<mark> &#36;</mark>" in row                 # the firing token, " $"
+    assert " <mark>&#36;</mark>" in row                 # the firing token, " $" (its space left unmarked)
     opened = [m.value for m in at.markdown if m.value.startswith("[Open in firing map]")]
     assert opened and "prompt=The+shirt+costs+%2420" in opened[0] and "token=3" in opened[0]
 

@@ -12,7 +12,7 @@ import pytest
 
 from models.errors import InputError
 from sam_viz.profile import list_profiles, open_profile
-from sam_viz.profile.view import context_pieces, context_prompt
+from sam_viz.profile.view import context_pieces, context_prompt, marked_pieces
 
 PID = "0123456789ab"
 EDGES = [-1.0, 0.0, 1.0, 2.0]          # 5 bins: (-inf,-1) [-1,0) [0,1) [1,2) [2,inf)
@@ -211,6 +211,8 @@ def test_contexts_become_text_and_prompts():
     assert context_pieces(["the", "cat", "##s", "[SEP]"]) == ["the", " cat", "s", " [SEP]"]
     assert context_prompt(["[CLS]", "the", "cat", "##s", "sat"], 3) == ("the cats sat", 2)
     assert context_prompt(["a", "↵", "␣b"], 2) == ("a\n b", 2)
+    assert marked_pieces(["the", "cat", "##s"], 1) == (["the", " ", "cat", "s"], 2)     # the space is not marked
+    assert marked_pieces(["the", "cat", "##s"], 2) == (["the", " cat", "s"], 2)
 
 
 def test_figures_bound_what_they_send_and_say_so(tmp_path):

@@ -265,7 +265,8 @@ class Profile:
         cf = self.table("cofire")
         cf = None if cf is None else cf[(cf["layer"] == layer) & ((cf["a"] == unit) | (cf["b"] == unit))]
         if cf is None or cf.empty:
-            return None, (f"Neuron {unit} is not among the {self.manifest.get('cofire_units', 64)} hottest "
+            sampled = (self.manifest.get("cofire_sample") or {}).get("units", 64)
+            return None, (f"Neuron {unit} is not among the {sampled} hottest "
                           f"neurons of layer {layer} whose co-firing this profile counted.")
         fire = self._counts[0]
         layers = self.table("layers")
@@ -277,11 +278,12 @@ class Profile:
         p_ab = cf["both"].to_numpy() / np.maximum(1, cf["tokens"].to_numpy())
         var = p_a * (1 - p_a) * p_b * (1 - p_b)
         phi = np.divide(p_ab - p_a * p_b, np.sqrt(var), out=np.full(len(cf), np.nan), where=var > 0)
+        phi = np.clip(phi, -1, 1)                  # p_ab from a token sample, p_a p_b from every token
         out = pd.DataFrame({"unit": other, "both": cf["both"].to_numpy(), "tokens": cf["tokens"].to_numpy(),
                             "phi": phi}).dropna(subset=["phi"])
         out = out.sort_values(["phi", "unit"], ascending=[False, True]).head(TOP_CORRELATED)
-        sample = (self.manifest.get("cofire_sample") or {}).get("tokens")
-        note = (f"phi coefficient over a sample of {sample:,} tokens" if sample else
+        sample = (self.manifest.get("cofire_sample") or {}).get("tokens") or layer_tokens
+        note = (f"phi coefficient over a sample of {sample:,} of {layer_tokens:,} tokens" if sample < layer_tokens else
                 "phi coefficient over every token") + "; a unit firing on every token or on none has no phi"
         if out.empty:
             note = (f"Neuron {unit} fires on every token of layer {layer} or on none, so its firing correlates "
@@ -296,6 +298,16 @@ def context_pieces(tokens: list[str]) -> list[str]:
     if any(c in _STAND_INS for t in tokens for c in t):
         return ["".join(_STAND_INS.get(c, c) for c in t) for t in tokens]
     return [t[2:] if t.startswith("##") else (t if i == 0 else " " + t) for i, t in enumerate(tokens)]
+
+
+def marked_pieces(tokens: list[str], focus: int) -> tuple[list[str], int]:
+    """context_pieces and the index of the firing token's piece, the space before it (if any) split
+    off into a piece of its own, so that only the token is marked."""
+    pieces = context_pieces(tokens)
+    if 0 <= focus < len(pieces) and pieces[focus][:1].isspace() and len(pieces[focus]) > 1:
+        pieces[focus:focus + 1] = [pieces[focus][:1], pieces[focus][1:]]
+        focus += 1
+    return pieces, focus
 
 
 def context_prompt(tokens: list[str], focus: int) -> tuple[str, int]:
