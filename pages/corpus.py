@@ -1,6 +1,8 @@
 """Corpus: how a model routes over a whole corpus (a profile: `python -m sam_viz profile`), and one
 neuron's page (top contexts, quantile samples, histogram, logit effects, correlated neurons).
 `?profile=<id>&layer=&neuron=` reopens a neuron's page; showing a profile loads no model."""
+import os
+
 import streamlit as st
 
 from pages._shared import explain, page_link, progress_bar, show, sidebar_only
@@ -10,6 +12,12 @@ from sam_viz.profile.view import context_prompt, marked_pieces
 from sam_viz.text import continuation_html, escape_markdown
 
 LINK_KEYS = ("profile", "layer", "neuron")
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def cached_profile(profile_id: str, root: str):
+    """One Profile per id and folder, shared by the sessions: its tables are read once."""
+    return open_profile(profile_id, root or None)
 
 
 def new_link() -> dict | None:
@@ -179,7 +187,7 @@ if not profiles:
 by_id = {m["id"]: m for m in profiles}
 pid = st.selectbox("Profile", ids, format_func=lambda i: profile_label(by_id[i]), key="corpus_profile")
 try:
-    prof = open_profile(pid)
+    prof = cached_profile(pid, os.environ.get("SAM_VIZ_PROFILE_DIR", ""))
     prof.layer_table()
 except InputError as exc:
     st.error(escape_markdown(str(exc)))

@@ -136,3 +136,12 @@ def test_make_a_profile_calls_the_writer_with_the_sidebar_and_opens_the_result(p
                                                                  kernel=at.session_state["kernel"]))]
     assert at.selectbox(key="corpus_profile").value == "abcdef012345"
     assert at.query_params["profile"] == "abcdef012345"
+
+
+def test_a_damaged_profile_is_one_sentence(profiles):
+    write_profile(profiles)
+    (profiles / PID / "neurons.parquet").write_bytes(b"PAR1 damaged")
+    at = open_corpus(profile=PID, layer="0", neuron="0")
+    assert not at.exception
+    assert len(at.error) == 1
+    assert "its neurons.parquet is damaged (it is not a readable Parquet table)." in at.error[0].value

@@ -247,3 +247,29 @@ def test_histogram_bars_sit_on_the_profile_bins_and_logits_are_ordered(root):
 def test_a_unit_that_fires_on_every_token_has_no_phi_and_says_why(root):
     v = open_profile(PID, root).neuron(0, 0)                 # fires on all 10 tokens of layer 0
     assert v.correlated.empty and "phi is undefined" in v.cofire_note
+
+
+@pytest.mark.parametrize("change", [dict(units=0), dict(n_layers="2"), dict(settings={"policy": "topk"}), dict(kind=None)])
+def test_a_damaged_manifest_is_one_sentence_and_not_listed(root, change):
+    file = root / PID / "manifest.json"
+    manifest = {k: v for k, v in json.loads(file.read_text()).items() if k not in change or change[k] is not None}
+    file.write_text(json.dumps({**manifest, **{k: v for k, v in change.items() if v is not None}}))
+    with pytest.raises(InputError, match=f"Profile '{PID}' cannot be read: its manifest.json is damaged"):
+        open_profile(PID, root)
+    assert list_profiles(root) == []
+
+
+def test_moe_units_count_their_expert_s_tokens(tmp_path):
+    """2 experts x 4 neurons: expert 0 saw 10 tokens, expert 1 saw 4; unit 5 (expert 1, neuron 1)
+    fired on all 4 of its tokens: always on, frequency 1, though it fired on 4 of the layer's 10."""
+    fires = {0: {0: range(10), 1: range(6), 5: range(4)}}
+    rows = _neurons(n_layers=1, units=8, fires=fires)
+    rows.loc[rows["neuron"] >= 4, "tokens"] = 4
+    write_profile(tmp_path, n_layers=1, units=8, neurons=rows)
+    file = tmp_path / PID / "manifest.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "d_ff": 4, "n_experts": 2}))
+    p = open_profile(PID, tmp_path)
+    v = p.neuron(0, 5)
+    assert (v.expert, v.tokens, v.fire_freq) == (1, 4, 1.0)
+    assert p.layer_table()["always_on"].tolist() == [2] and p.layer_table()["dead"].tolist() == [5]
+    assert np.allclose(p.frequency()[0, :6], [1, 0.6, 0, 0, 0, 1])

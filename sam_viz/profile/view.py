@@ -87,6 +87,10 @@ def _manifest(path: Path, profile_id: str) -> dict:
         missing = [k for k in REQUIRED if k not in manifest] if isinstance(manifest, dict) else ["all"]
         if missing:
             raise ValueError(f"it lacks {', '.join(missing)}")
+        if not all(isinstance(manifest[k], int) and manifest[k] > 0 for k in ("n_layers", "d_ff", "units")):
+            raise ValueError("n_layers, d_ff and units must be positive integers")
+        if not isinstance(manifest["settings"], dict) or not {"policy", "density"} <= set(manifest["settings"]):
+            raise ValueError("its settings lack the policy or the density")
     except (OSError, ValueError) as exc:
         raise InputError(f"Profile '{profile_id}' cannot be read: its manifest.json is damaged ({exc}).") from None
     return {**manifest, "id": profile_id}
@@ -154,22 +158,25 @@ class Profile:
         self.n_layers, self.units = int(manifest["n_layers"]), int(manifest["units"])
         self.d_ff, self.n_experts = int(manifest["d_ff"]), int(manifest.get("n_experts") or 0)
 
-    def table(self, name: str) -> pd.DataFrame | None:
-        """One of the profile's tables, checked for its columns; None for an optional one it lacks."""
+    def table(self, name: str, filters: list | None = None) -> pd.DataFrame | None:
+        """One of the profile's tables (the rows that pass pyarrow `filters`, if given), checked for
+        its columns; None for an optional table the profile lacks."""
         file = self.path / f"{name}.parquet"
         if name in OPTIONAL and not file.exists():
             return None
+        if not _inside(file, self.path):
+            raise self._damaged(name, "it leads out of the profile's folder")
         try:
-            if not _inside(file, self.path):
-                raise ValueError("it leads out of the profile's folder")
-            df = pd.read_parquet(file)
-            missing = [c for c in TABLES[name] if c not in df.columns]
-            if missing:
-                raise ValueError(f"it lacks the column {', '.join(missing)}")
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a damaged file
-            raise InputError(f"Profile '{self.id}' cannot be read: its {name}.parquet is damaged "
-                             f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}).") from None
+            df = pd.read_parquet(file, filters=filters)
+        except Exception:  # noqa: BLE001 - pyarrow raises many types for a damaged or missing file
+            raise self._damaged(name, "it is not a readable Parquet table") from None
+        missing = [c for c in TABLES[name] if c not in df.columns]
+        if missing:
+            raise self._damaged(name, f"it lacks the column {', '.join(missing)}")
         return df
+
+    def _damaged(self, name: str, why: str) -> InputError:
+        return InputError(f"Profile '{self.id}' cannot be read: its {name}.parquet is damaged ({why}).")
 
     @cached_property
     def _neurons(self) -> pd.DataFrame:
@@ -243,8 +250,8 @@ class Profile:
         edges = [float(e) for e in self.manifest.get("hist_edges", [])]
         row = rows.iloc[0] if len(rows) else None
         tokens = int(row["tokens"]) if row is not None else 0
-        ex = self.table("examples")
-        logits = self.table("logits")
+        mine = [("layer", "=", layer), ("neuron", "=", unit)]
+        ex, logits = self.table("examples", mine), self.table("logits", mine)
         correlated, note = self._correlated(layer, unit)
         return NeuronView(
             layer=layer, unit=unit, expert=unit // self.d_ff if self.n_experts else None, tokens=tokens,
@@ -253,17 +260,14 @@ class Profile:
             mean_abs=float(row["sum_abs"]) / tokens if tokens else 0.0,
             max_abs=float(row["max_abs"]) if row is not None else 0.0,
             hist=[int(c) for c in row["hist"]] if row is not None else [0] * (len(edges) + 1), hist_edges=edges,
-            examples=ex[(ex["layer"] == layer) & (ex["neuron"] == unit)].reset_index(drop=True),
-            logits=None if logits is None else
-            logits[(logits["layer"] == layer) & (logits["neuron"] == unit)].sort_values(["sign", "rank"]),
+            examples=ex.reset_index(drop=True), logits=None if logits is None else logits.sort_values(["sign", "rank"]),
             correlated=correlated, cofire_note=note)
 
     def _correlated(self, layer: int, unit: int) -> tuple[pd.DataFrame | None, str]:
         """The units whose firing correlates most with `unit` (phi coefficient of the two firing
         indicators), from cofire.parquet. phi = (p_ab - p_a p_b) / sqrt(p_a (1 - p_a) p_b (1 - p_b)),
         with p_ab = both / tokens counted and p_a = fire_count / the layer's tokens."""
-        cf = self.table("cofire")
-        cf = None if cf is None else cf[(cf["layer"] == layer) & ((cf["a"] == unit) | (cf["b"] == unit))]
+        cf = self.table("cofire", [[("layer", "=", layer), ("a", "=", unit)], [("layer", "=", layer), ("b", "=", unit)]])
         if cf is None or cf.empty:
             sampled = (self.manifest.get("cofire_sample") or {}).get("units", 64)
             return None, (f"Neuron {unit} is not among the {sampled} hottest "
