@@ -40,7 +40,7 @@ DEFAULT_PROMPT = PRESETS["Fox"]
 DEMO_MODEL = "demo-lm"
 DEMO_PRESET = "Docs: open a file"
 PAGE_KEYS = ("layer", "token", "order", "freq", "query")  # page selections that also live in the URL
-PAGE_PATHS = ("tour", "density", "compare", "routing", "attribution", "speed", "runs")   # the firing map is at /
+PAGE_PATHS = ("tour", "density", "compare", "routing", "attribution", "speed", "runs", "corpus")   # the firing map is at /
 ANALYSIS_CACHE_SIZE = 16
 
 
@@ -70,6 +70,7 @@ def navigation():
         st.Page("pages/attribution.py", title="Attribution", icon=":material/insights:"),
         st.Page("pages/speed.py", title="Speed", icon=":material/speed:"),
         st.Page("pages/claims.py", title="Demo LM: the claim", icon=":material/fact_check:"),
+        st.Page("pages/corpus.py", title="Corpus", icon=":material/library_books:"),
         st.Page("pages/runs.py", title="Runs and sharing", icon=":material/share:"),
     ])
 
@@ -226,13 +227,14 @@ def use_settings(model: str, preset: str, policy: str | None = None, density: fl
         s["density"] = density
 
 
-def page_link(path: str, label: str, icon: str | None = None) -> None:
+def page_link(path: str, label: str, icon: str | None = None, query_params: dict | None = None) -> None:
     """st.page_link under the app's navigation; a plain relative link where a page script runs on its
     own, outside it (AppTest opens page scripts directly)."""
     try:
-        st.page_link(path, label=label, icon=icon)
+        st.page_link(path, label=label, icon=icon, query_params=query_params)
     except StreamlitPageNotFoundError:
-        st.markdown(f"[{label}]({path.rsplit('/', 1)[-1].removesuffix('.py')})")
+        query = f"?{urlencode(query_params)}" if query_params else ""
+        st.markdown(f"[{label}]({path.rsplit('/', 1)[-1].removesuffix('.py')}{query})")
 
 
 def _demo_hint() -> None:

@@ -1,8 +1,9 @@
 """Firing map: which neurons each token used, layer by layer."""
 import streamlit as st
 
-from pages._shared import page_context, explain, layer_picker, show, token_picker
+from pages._shared import page_context, explain, layer_picker, page_link, show, token_picker
 from sam_viz import plots
+from sam_viz.profile.view import profile_of_model, strongest_unit
 from sam_viz.text import escape_markdown
 
 ctx = page_context()
@@ -38,6 +39,11 @@ show(plots.firing_heatmap(a, layer, order=order), key="firing_heatmap")
 c1, c2 = st.columns(2)
 with c1:
     show(plots.token_neurons(a, layer, token), key="token_neurons")
+    profile, unit = profile_of_model(a.spec.model), strongest_unit(a, layer, token)
+    if profile and unit is not None:
+        page_link("pages/corpus.py", f"This neuron over a corpus (neuron {unit}, the token's strongest)",
+                  icon=":material/library_books:", query_params={"profile": profile["id"], "layer": layer,
+                                                                  "neuron": unit})
 with c2:
     show(plots.density_tokens_layers(a), key="density_tokens_layers")
 if a.n_experts:

@@ -28,10 +28,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def profile_dir(tmp_path_factory) -> Path:
+    """The server's SAM_VIZ_PROFILE_DIR: the same folder for the server and the tests that write into it."""
+    path = tmp_path_factory.getbasetemp() / "browser-profiles"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAM_VIZ_PROFILE_DIR": str(profile_dir(tmp_path_factory)),
            "SAM_VIZ_RUN_DB": str(tmp_path_factory.mktemp("runs") / "runs.sqlite")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
@@ -188,9 +195,10 @@ def test_a_saved_run_stays_the_saved_run_through_the_whole_menu(server, browser,
     links = page.locator("[data-testid='stSidebarNav'] a")
     names = [links.nth(i).inner_text().strip().splitlines()[-1] for i in range(links.count())]   # after the icon
     assert names == ["Firing map", "Classroom tour", "Density", "Dense vs sparse", "Routing", "Attribution", "Speed",
-                     "Demo LM: the claim", "Runs and sharing"]
-    own_views = {"Classroom tour", "Demo LM: the claim"}     # pages that show their own runs, not this one
-    for name in [n for n in names if n not in own_views] + ["Classroom tour", "Demo LM: the claim", "Runs and sharing"]:
+                     "Demo LM: the claim", "Corpus", "Runs and sharing"]
+    own_views = {"Classroom tour", "Demo LM: the claim", "Corpus"}     # pages that show runs (profiles) of their own
+    for name in [n for n in names if n not in own_views] + ["Classroom tour", "Demo LM: the claim", "Corpus",
+                                                            "Runs and sharing"]:
         page.locator("[data-testid='stSidebarNav'] a", has_text=name).click()
         if name in own_views:                                      # visiting them does not leave the saved run
             page.wait_for_timeout(3000)
@@ -231,4 +239,34 @@ def test_tour_step_opens_from_a_link(server, browser, tmp_path):
     page.wait_for_url(re.compile(r"/compare\?.*model=demo-lm"), timeout=30_000)
     assert "density=0.1" in page.url and "step=" not in page.url
     assert page.locator("[data-testid='stException']").count() == 0
+    page.close()
+
+
+def test_a_neuron_share_link_opens_the_neuron_view(server, browser, tmp_path, tmp_path_factory):
+    """A hand-built profile, its neuron link opened cold: the neuron tab, the top contexts with the
+    firing token marked and `$ * <` shown as text, the histogram and logit effects; a correlated
+    neuron's link opens that neuron."""
+    from test_profile_view import PID, write_profile
+
+    if not (profile_dir(tmp_path_factory) / PID).exists():
+        write_profile(profile_dir(tmp_path_factory))
+    page = _open(browser, f"{server}/corpus?profile={PID}&layer=0&neuron=1")
+    _wait_for_titles(page, ["Layer 0, neuron 1: distribution of h"])           # the overview tab is hidden
+    main = page.locator("[data-testid='stMain']")
+    assert main.locator("[role='tab'][aria-selected='true']").inner_text().strip() == "Neuron"
+    page.get_by_role("link", name="neuron 2 · phi -1.00 · together on 0 of 10 tokens").click()
+    page.wait_for_url(re.compile(r"neuron=2"), timeout=60_000)
+    _wait_for_titles(page, ["Layer 0, neuron 2: distribution of h"])
+    page.get_by_role("tab", name="Overview").click()
+    _wait_for_titles(page, ["Hot neurons: how few carry the firing"])
+    page.wait_for_function("!location.search.includes('neuron=')", timeout=30_000)
+    page.goto(f"{server}/corpus?profile={PID}&layer=0&neuron=0")
+    _wait_for_titles(page, ["Layer 0, neuron 0: distribution of h", "Layer 0, neuron 0: logit effects"])
+    marks = main.locator("mark")
+    marks.first.wait_for(timeout=60_000)
+    assert marks.count() >= 3 and marks.first.inner_text().strip() == "$"
+    assert "The shirt costs $20 *bold* <b> and" in main.inner_text()
+    _no_formula(page)
+    assert page.locator("[data-testid='stException']").count() == 0
+    _shot(page, tmp_path, "corpus-neuron")
     page.close()

@@ -1,0 +1,1 @@
+from .view import Profile, list_profiles, open_profile
