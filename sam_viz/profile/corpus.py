@@ -68,6 +68,11 @@ class TokenStream:
     def windows(self) -> int:
         return self.limit // self.context
 
+    @property
+    def shard_tokens(self) -> int:
+        """Tokens per shard (the last one may hold fewer)."""
+        return max(1, SHARD_TOKENS // self.context) * self.context
+
     def shards(self, start: int = 0):
         """Shards of SHARD_TOKENS (whole windows), from shard index `start` on."""
         per = max(1, SHARD_TOKENS // self.context)

@@ -81,14 +81,14 @@ def build_profile(spec: str, source: str, *, policy="topk", density=0.1, context
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     total, done, spent = _load_checkpoint(work) if resume else (None, 0, 0.0)
-    n_shards, start, per = stream.n_shards(), time.perf_counter(), stream.limit / max(1, stream.n_shards())
+    n_shards, start, per = stream.n_shards(), time.perf_counter(), stream.shard_tokens
 
     def on_shard(shard, merged: Partial) -> None:
         wall = spent + time.perf_counter() - start
         _write_atomic(work / "checkpoint.npz", merged.to_bytes())
         _write_atomic(work / "checkpoint.json", json.dumps({"done": shard.index + 1, "wall_s": wall}).encode())
         if progress is not None:
-            tokens = min(stream.limit, int(round((shard.index + 1) * per)))
+            tokens = min(stream.limit, (shard.index + 1) * per)
             rate = (tokens - done * per) / max(1e-9, time.perf_counter() - start)
             eta = (stream.limit - tokens) / max(rate, 1e-9)
             progress(tokens, stream.limit, f"{rate:,.0f} tokens/s, ETA {eta:,.0f} s")
