@@ -17,6 +17,7 @@ from sam_viz.profile.corpus import read_corpus, tokenize
 from sam_viz.profile.engine import run_local
 from sam_viz.profile.mapper import ProfileSettings, ShardMapper
 from sam_viz.profile.stats import Partial, sum_partials
+from sparse_ops import calibrate_thresholds, install
 from sparse_ops.policy import selection_mask, topk_indices
 
 TEXT = "\n\n".join(
@@ -54,18 +55,22 @@ def opt_dir(tmp_path_factory):
     return path
 
 
-def _by_hand(path, docs, density):
-    """h of every layer on the corpus' windows, from a fresh copy of the model and plain forward hooks."""
-    model = load_model(str(path))
-    tok = model.tokenizer
+def _windows(tokenizer, docs):
+    """The documents' tokens, concatenated and cut into windows of CONTEXT: [W, CONTEXT], doc and pos [W * CONTEXT]."""
     ids, doc, pos = [], [], []
     for d, text in enumerate(docs):
-        t = tok(text, add_special_tokens=False)["input_ids"]
+        t = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += t
         doc += [d] * len(t)
         pos += list(range(len(t)))
     n = len(ids) // CONTEXT * CONTEXT
-    windows = torch.tensor(ids[:n]).view(-1, CONTEXT)
+    return torch.tensor(ids[:n]).view(-1, CONTEXT), np.array(doc[:n]), np.array(pos[:n])
+
+
+def _by_hand(path, docs):
+    """h of every layer on the corpus' windows, from a fresh copy of the model and plain forward hooks."""
+    model = load_model(str(path))
+    windows, doc, pos = _windows(model.tokenizer, docs)
     blocks = model.model.model.decoder.layers
     hs = {i: [] for i in range(len(blocks))}                    # h = the input of fc2, [B * T, d_ff]
 
@@ -80,15 +85,14 @@ def _by_hand(path, docs, density):
     finally:
         for h in hooks:
             h.remove()
-    return {i: torch.cat(v) for i, v in hs.items()}, np.array(doc[:n]), np.array(pos[:n]), model.token_strings(
-        windows.reshape(-1))
+    return {i: torch.cat(v) for i, v in hs.items()}, doc, pos, model.token_strings(windows.reshape(-1))
 
 
 def test_firing_dead_and_top_contexts_match_a_computation_by_hand(tmp_path, corpus_file, opt_dir, monkeypatch):
     monkeypatch.setenv("SAM_VIZ_MODEL_ROOTS", str(opt_dir.parent))
     density = 0.75                                 # k = 96 of 128: more than the positive h of most tokens
     manifest = build_profile(str(opt_dir), str(corpus_file), density=density, context=CONTEXT, root=tmp_path)
-    hs, doc, pos, strings = _by_hand(opt_dir, TEXT.split("\n\n"), density)
+    hs, doc, pos, strings = _by_hand(opt_dir, TEXT.split("\n\n"))
     assert manifest["tokens"] == len(doc)
     neurons, layers, examples = (_table(tmp_path, manifest, n) for n in ("neurons", "layers", "examples"))
     for layer, h in hs.items():
@@ -115,6 +119,34 @@ def test_firing_dead_and_top_contexts_match_a_computation_by_hand(tmp_path, corp
         t = int(np.flatnonzero((doc == ex.doc) & (pos == ex.pos))[0])
         assert ex.tokens[ex.focus] == strings[t] and len(ex.tokens) <= 17
         assert list(ex.tokens[:ex.focus]) == [strings[u] for u in range(t - ex.focus, t)]
+
+
+def test_threshold_selection_recall_and_precision_of_layer_0_match_a_computation_by_hand(tmp_path, corpus_file):
+    manifest = build_profile("tiny-llama", str(corpus_file), policy="threshold", density=0.25, context=CONTEXT,
+                             root=tmp_path)
+    fresh = load_model("tiny-llama")
+    install(fresh)                                                  # calibration runs through the wrappers
+    t0 = calibrate_thresholds(fresh, 0.25)[0]                       # the policy's input: layer 0's threshold
+    windows, doc, _ = _windows(fresh.tokenizer, TEXT.split("\n\n"))
+    mlp, xs = fresh.model.model.layers[0].mlp.dense, []             # the model's own LlamaMLP
+    hook = mlp.register_forward_pre_hook(lambda module, args: xs.append(args[0].reshape(-1, args[0].shape[-1])))
+    try:
+        with torch.no_grad():
+            fresh.model(input_ids=windows)
+            x = torch.cat(xs)
+            selected = mlp.act_fn(mlp.gate_proj(x)).abs() > t0                # CATS: |act(W_gate x)| > t
+            h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    finally:
+        hook.remove()
+    k = round(0.25 * h.shape[1])
+    hits = int(selection_mask(topk_indices(h, k), h.shape[1]).logical_and(selected).sum())
+    neurons, layers = _table(tmp_path, manifest, "neurons"), _table(tmp_path, manifest, "layers")
+    assert (neurons[neurons.layer == 0].sort_values("neuron").select_count.to_numpy() == selected.sum(0).numpy()).all()
+    row = layers.iloc[0]
+    assert row.density == pytest.approx(float(selected.sum()) / selected.numel(), rel=1e-9)
+    assert row.recall == pytest.approx(hits / (len(doc) * k), rel=1e-9)
+    assert row.precision == pytest.approx(hits / float(selected.sum()), rel=1e-9)
+    assert 0 < row.recall < 1
 
 
 def _assert_same(a: Partial, b: Partial) -> None:
