@@ -11,7 +11,7 @@ import torch
 
 from models import InputError, load_model
 from sam_viz import cli
-from sam_viz.profile import build_profile, corpus as corpus_mod
+from sam_viz.profile import build_profile, corpus as corpus_mod, writer
 from sam_viz.profile.accumulate import oracle_mask
 from sam_viz.profile.corpus import read_corpus, tokenize
 from sam_viz.profile.engine import run_local
@@ -185,6 +185,7 @@ def test_oracle_mask_is_the_topk_set_with_ties_to_the_lower_index():
 
 def test_interrupted_profile_is_not_listed_and_resume_gives_the_same_profile(tmp_path, corpus_file, monkeypatch):
     monkeypatch.setattr(corpus_mod, "SHARD_TOKENS", 64)
+    monkeypatch.setattr(writer, "CHECKPOINT_S", 0.0)                  # a checkpoint after every shard
     kwargs = dict(density=0.5, context=CONTEXT, policy="topk")
     whole = build_profile("tiny-llama", str(corpus_file), root=tmp_path / "a", **kwargs)
 

@@ -3,8 +3,9 @@
 A profile's id is the first 12 hex digits of sha256(model weights digest, corpus hash, text column,
 settings), so the same model, corpus and settings always give the same id: a finished profile is
 returned as it is, and `resume` finds the work of an interrupted one. Work in progress lives in
-`<root>/.<id>.partial/`: after every shard the running merged Partial (checkpoint.npz) and the
-number of shards in it (checkpoint.json) are replaced atomically; at the end the tables and the
+`<root>/.<id>.partial/`: after a shard, at most every CHECKPOINT_S seconds, the running merged
+Partial (checkpoint.npz) and the number of shards in it (checkpoint.json) are replaced atomically
+(the state is tens of MB for a small model, so not after every shard); at the end the tables and the
 manifest (written last) are put there and the directory is renamed to `<root>/<id>/`, so a listed
 profile is always complete. Without `resume`, a leftover partial directory is started over.
 """
@@ -30,6 +31,7 @@ from .mapper import ProfileSettings, ShardMapper
 from .stats import HIST_EDGES, SAMPLE_RATE, SAMPLES, Partial, TOP
 
 VERSION = 1
+CHECKPOINT_S = 30.0
 ENGINES = ("local", "ray")
 Progress = Callable[[int, int, str], None]      # (done tokens, total tokens, message)
 
@@ -83,10 +85,15 @@ def build_profile(spec: str, source: str, *, policy="topk", density=0.1, context
     total, done, spent = _load_checkpoint(work) if resume else (None, 0, 0.0)
     n_shards, start, per = stream.n_shards(), time.perf_counter(), stream.shard_tokens
 
+    saved = [start]
+
     def on_shard(shard, merged: Partial) -> None:
-        wall = spent + time.perf_counter() - start
-        _write_atomic(work / "checkpoint.npz", merged.to_bytes())
-        _write_atomic(work / "checkpoint.json", json.dumps({"done": shard.index + 1, "wall_s": wall}).encode())
+        now = time.perf_counter()
+        if now - saved[0] >= CHECKPOINT_S and shard.index + 1 < n_shards:
+            saved[0] = now
+            _write_atomic(work / "checkpoint.npz", merged.to_bytes())
+            state = {"done": shard.index + 1, "wall_s": spent + now - start}
+            _write_atomic(work / "checkpoint.json", json.dumps(state).encode())
         if progress is not None:
             tokens = min(stream.limit, (shard.index + 1) * per)
             rate = (tokens - done * per) / max(1e-9, time.perf_counter() - start)
