@@ -112,6 +112,12 @@ def test_firing_dead_and_top_contexts_match_a_computation_by_hand(tmp_path, corp
             got = got.sort_values("rank")
             assert list(zip(got.doc, got.pos)) == [(doc[t], pos[t]) for t in want]
             assert np.allclose(got.value.to_numpy(), h[want, j].double().numpy(), rtol=1e-6)
+    assert set(examples.band) > {"top"}
+    for ex in examples[examples.band != "top"].itertuples():            # quantile samples: h and band by hand
+        t = int(np.flatnonzero((doc == ex.doc) & (pos == ex.pos))[0])
+        h_t, top = float(hs[ex.layer][t, ex.neuron]), float(hs[ex.layer][:, ex.neuron].abs().max())
+        assert ex.value == pytest.approx(h_t, rel=1e-6)
+        assert ex.band == f"q{min(4, int(abs(h_t) / top * 5))}"
     first = neurons[neurons.layer == 0].set_index("neuron")
     assert first.fire_count[5] == 0 and first.fire_count[7] == len(doc)
     assert layers.dead[0] >= 1 and layers.always_on[0] >= 1

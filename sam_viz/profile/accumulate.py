@@ -21,10 +21,14 @@ _SAMPLE_LIMIT = (1 << 63) // SAMPLE_RATE
 def oracle_mask(a: torch.Tensor, k: int) -> torch.Tensor:
     """[n, d] |h| -> [n, d] bool: the k largest per row, ties to the lower index (topk_indices' set)."""
     t = a.topk(k, dim=1).values[:, -1:]                                  # [n, 1] k-th largest
-    above = a > t
-    tie = a == t
-    need = k - above.sum(1, keepdim=True)
-    return above | (tie & (tie.cumsum(1) <= need))
+    mask = a >= t
+    extra = (mask.float().sum(1) > k).nonzero().flatten()                # rows with ties at t past k
+    if extra.numel():
+        sub, ts = a[extra], t[extra]
+        above, tie = sub > ts, sub == ts
+        need = k - above.sum(1, keepdim=True)
+        mask[extra] = above | (tie & (tie.cumsum(1) <= need))
+    return mask
 
 
 class ShardStats:
@@ -41,10 +45,14 @@ class ShardStats:
         self.cf_slot = torch.full((self.doc.size,), -1, dtype=torch.long)
         self.cf_slot[torch.from_numpy(keep)] = torch.arange(keep.size)
         self.cf_bits = torch.zeros(keep.size, layout.n_layers, layout.units, dtype=torch.bool)
+        self.sample_edges = torch.tensor(SAMPLE_EDGES, dtype=torch.float32)
         self.edges = torch.tensor(HIST_EDGES, dtype=torch.float32)
 
-    def observe(self, layer: int, rows: torch.Tensor, h: torch.Tensor, offset: int, k: int, relu: bool) -> torch.Tensor:
-        """Dense h [n, d] of `rows` [n]; returns the oracle top-k mask [n, d] (before the ReLU condition)."""
+    def observe(self, layer: int, rows: torch.Tensor, h: torch.Tensor, offset: int, k: int, relu: bool,
+                policy: str | None = None) -> None:
+        """Dense h [n, d] of `rows` [n]. policy "topk" / "dense": also count its selection, which on
+        this pass is the oracle top-k / every unit (counts of a bool mask are summed as floats: exact
+        below 2^24 rows per call, and several times faster)."""
         h = h.detach().float().cpu()
         rows = rows.detach().cpu().long()
         n, d = h.shape
@@ -53,9 +61,11 @@ class ShardStats:
         fire = oracle & (h > 0) if relu else oracle
         p, cols = self.p, slice(offset, offset + d)
         p.tokens[layer, cols] += n
-        p.fire[layer, cols] += fire.sum(0).numpy()
-        p.sum_abs[layer, cols] += a.sum(0, dtype=torch.float64).numpy()
-        p.max_abs[layer, cols] = np.maximum(p.max_abs[layer, cols], a.max(0).values.double().numpy())
+        fired = fire.float().sum(0)
+        p.fire[layer, cols] += fired.long().numpy()
+        col_abs = a.sum(0)                                                # [d] float32, per call
+        p.sum_abs[layer, cols] += col_abs.double().numpy()
+        p.max_abs[layer, cols] = np.maximum(p.max_abs[layer, cols], a.amax(0).double().numpy())
         p.possible[layer] += n * d
         bins = self.layout.bins
         idx = torch.bucketize(h, self.edges, right=True) + torch.arange(d) * bins
@@ -65,12 +75,24 @@ class ShardStats:
         slot = self.cf_slot[rows]
         mine = slot >= 0
         self.cf_bits[slot[mine], layer, cols] = fire[mine]
-        return oracle
+        if policy in ("topk", "dense"):
+            total = float(col_abs.double().sum())
+            p.mass_total[layer] += total
+            p.oracle[layer] += n * k
+            p.hits[layer] += n * k
+            if policy == "dense":
+                p.select[layer, cols] += n
+                p.selected[layer] += n * d
+                p.mass_kept[layer] += total
+            else:
+                p.select[layer, cols] += (fired if not relu else oracle.float().sum(0)).long().numpy()
+                p.selected[layer] += n * k
+                p.mass_kept[layer] += float((a * oracle).sum(dtype=torch.float64))
 
     def observe_policy(self, layer: int, rows: torch.Tensor, selected: torch.Tensor | None, h: torch.Tensor,
-                       offset: int, k: int, oracle: torch.Tensor | None = None) -> None:
-        """The policy's selection [n, d] bool (None: every unit) on h [n, d] of the same call
-        (oracle: its top-k mask when already known)."""
+                       offset: int, k: int) -> None:
+        """The policy's selection [n, d] bool (None: every unit) on h [n, d] of the same call (a pass
+        of its own: recall and precision against the oracle top-k of this h)."""
         a = h.detach().float().cpu().abs()
         n, d = a.shape
         p = self.p
@@ -84,10 +106,10 @@ class ShardStats:
             p.hits[layer] += n * k
             return
         selected = selected.cpu()
-        p.select[layer, offset:offset + d] += selected.sum(0).numpy()
+        p.select[layer, offset:offset + d] += selected.float().sum(0).long().numpy()
         p.selected[layer] += int(selected.sum())
         p.mass_kept[layer] += float((a * selected).sum(dtype=torch.float64))
-        p.hits[layer] += int((selected & (oracle_mask(a, k) if oracle is None else oracle)).sum())
+        p.hits[layer] += int((selected & oracle_mask(a, k)).sum())
 
     def observe_routing(self, layer: int, experts: torch.Tensor, logits: torch.Tensor) -> None:
         """MoE router: tokens routed per expert, entropy (nats) of its distribution summed over tokens."""
@@ -129,20 +151,23 @@ class ShardStats:
         if not bool(cand.any()):
             return
         sub_rows = rows[cand].numpy()
-        r, u = (a[cand] > 0).nonzero(as_tuple=True)
-        key = a[cand][r, u].numpy()
-        b = np.searchsorted(SAMPLE_EDGES, key, side="right")
-        hashes, u = self.hash[sub_rows[r.numpy()]], u.numpy()
-        order = np.lexsort((hashes, b, u))
-        slot = _rank(u[order] * self.layout.sample_bins + b[order])
-        keep = order[slot < SAMPLES]
-        d, nb = a.shape[1], self.layout.sample_bins
+        hashes = self.hash[sub_rows]
+        by_hash = torch.from_numpy(np.argsort(np.argsort(hashes, kind="stable"), kind="stable"))   # [m] rank
+        sub, m = h[cand], len(sub_rows)
+        nb = self.layout.sample_bins
+        b = torch.bucketize(sub.abs(), self.sample_edges, right=True)                     # [m, d]
+        key = (torch.arange(sub.shape[1]) * nb + b) * m + by_hash[:, None]                # unit, bin, hash
+        key = torch.sort(key[sub != 0]).values.numpy()
+        group, r_hash = key // m, key % m
+        slot = _rank(group)
+        keep = slot < SAMPLES
+        u, b, r = group[keep] // nb, group[keep] % nb, np.argsort(by_hash.numpy())[r_hash[keep]]
+        d = a.shape[1]
         new = [np.full((d, nb, SAMPLES), EMPTY), np.zeros((d, nb, SAMPLES)), np.zeros((d, nb, SAMPLES), np.int64),
                np.zeros((d, nb, SAMPLES), np.int64)]
-        vals = h[cand][r, u].double().numpy()
-        src_rows = sub_rows[r.numpy()]
-        for arr, src in zip(new, (hashes, vals, self.doc[src_rows], self.pos[src_rows])):
-            arr[u[keep], b[keep], slot[slot < SAMPLES]] = src[keep]
+        vals = sub.numpy()[r, u].astype(np.float64)
+        for arr, src in zip(new, (hashes[r], vals, self.doc[sub_rows[r]], self.pos[sub_rows[r]])):
+            arr[u, b, slot[keep]] = src
         p = self.p
         old = [p.smp_hash[layer, cols], p.smp_val[layer, cols], p.smp_doc[layer, cols], p.smp_pos[layer, cols]]
         for arr, merged in zip(old, merge_smallest(old, new)):

@@ -83,11 +83,7 @@ class _DenseTap:
         self.stats, self.k, self.relu, self.policy, self.base = stats, k, relu, policy, base
 
     def add(self, layer, rows, ids, values, h_all, offset=0, oracle_k=None):
-        rows = rows.cpu() + self.base
-        oracle = self.stats.observe(layer, rows, h_all, offset, self.k, self.relu[layer])
-        if self.policy in ("topk", "dense"):
-            self.stats.observe_policy(layer, rows, oracle if self.policy == "topk" else None, h_all, offset,
-                                      self.k, oracle)
+        self.stats.observe(layer, rows.cpu() + self.base, h_all, offset, self.k, self.relu[layer], self.policy)
 
     def add_routing(self, layer, experts, weights, logits):
         self.stats.observe_routing(layer, experts, logits)

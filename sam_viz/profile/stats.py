@@ -20,9 +20,11 @@ import numpy as np
 
 TOP = 20
 SAMPLES = 4                                  # per (unit, |h| bin)
-SAMPLE_RATE = 8                              # a token is a quantile-sample candidate if its hash < 2^63 / 8
+SAMPLE_RATE = 32                             # a token is a quantile-sample candidate if its hash < 2^63 / 32
 COFIRE = 2048                                # tokens kept for co-firing
-HIST_EDGES = tuple([-(10 ** (k / 2)) for k in range(4, -7, -1)] + [0.0] + [10 ** (k / 2) for k in range(-6, 5)])
+HIST_LO, HIST_HI = -10, 7                    # histogram edges: 0 and ±2^j, j in [-10, 7] (~1e-3 .. 128)
+HIST_EDGES = tuple([-(2.0 ** j) for j in range(HIST_HI, HIST_LO - 1, -1)] + [0.0]
+                   + [2.0 ** j for j in range(HIST_LO, HIST_HI + 1)])
 SAMPLE_EDGES = tuple(10 ** (k / 4) for k in range(-12, 13))   # |h| bins: 1e-3 .. 1e3, ratio 1.78
 EMPTY = np.iinfo(np.int64).max
 
