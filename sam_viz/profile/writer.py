@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import pyarrow.parquet as pq
+import torch
 
 from models import InputError
 
@@ -116,8 +117,6 @@ def _finish(loaded, corpus, stream, settings: ProfileSettings, total: Partial, w
             fingerprint: str, run: dict) -> dict:
     """Write the tables, then the manifest, into `work`; drop the checkpoint."""
     def strings(ids):
-        import torch
-
         return loaded.token_strings(torch.as_tensor(ids, dtype=torch.long))
 
     moe = loaded.n_experts > 0
