@@ -157,7 +157,7 @@ class ShardStats:
         nb = self.layout.sample_bins
         b = torch.bucketize(sub.abs(), self.sample_edges, right=True)                     # [m, d]
         key = (torch.arange(sub.shape[1]) * nb + b) * m + by_hash[:, None]                # unit, bin, hash
-        key = torch.sort(key[sub != 0]).values.numpy()
+        key = np.sort(key[sub != 0].numpy())
         group, r_hash = key // m, key % m
         slot = _rank(group)
         keep = slot < SAMPLES
