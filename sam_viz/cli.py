@@ -1,6 +1,6 @@
 """`python -m sam_viz analyze ...` (or `sam-viz analyze ...` once installed): the analysis, attribution,
-benchmarks, calibration, the kernel build and held-out perplexity (`eval`, sam_viz.evaluate) from the
-command line.
+benchmarks, calibration, the kernel build, held-out perplexity (`eval`, sam_viz.evaluate) and corpus
+profiles (`profile`, sam_viz.profile) from the command line.
 
 User mistakes exit 2 with one line on stderr beginning `error:`; never a traceback.
 """
@@ -74,7 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="train and store thresholds, predictors and static sets for a model")
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--force", action="store_true", help="train again even if a calibration is stored")
+    _profile_parser(sub)
     return parser
+
+
+def _profile_parser(sub) -> None:
+    p = sub.add_parser("profile", help="profile a model over a corpus: per layer and neuron firing, examples, "
+                       "co-firing and logit effects, stored under SAM_VIZ_PROFILE_DIR (default ./profiles)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="minilm, tiny-*, a checkpoint dir, or hf:org/name")
+    p.add_argument("--corpus", required=True, help="a .txt (documents split on blank lines), .jsonl, .csv or "
+                   ".parquet file, or builtin:calibration")
+    p.add_argument("--text-column", default=None, help="the text column of a .jsonl, .csv or .parquet (default: text)")
+    p.add_argument("--max-tokens", default=None, help="profile at most this many tokens (whole contexts)")
+    p.add_argument("--context", default="128", help="tokens per context window")
+    p.add_argument("--policy", default="topk", help="dense, topk, threshold, predictor or static")
+    p.add_argument("--density", default="0.1", help="the oracle's and the policy's share of neurons, in (0, 1]")
+    p.add_argument("--kernel", default=None, help=KERNEL_HELP)
+    p.add_argument("--engine", default="local", choices=["local", "ray"])
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (auto, ray://host:port); "
+                   "default: start a local one")
+    p.add_argument("--workers", default=None, help="Ray workers (model copies)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted profile from its shards")
+    p.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
 
 
 def _quiet_libraries() -> None:
@@ -207,6 +228,43 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    import time
+
+    from .profile import build_profile
+
+    _quiet_libraries()
+    shown = [time.perf_counter()]
+
+    def progress(done: int, total: int, message: str) -> None:     # a line every 2 s, and the last
+        now = time.perf_counter()
+        if now - shown[0] >= 2 or done == total:
+            shown[0] = now
+            print(f"profile: {done:,}/{total:,} tokens, {message}", file=sys.stderr, flush=True)
+
+    workers = None if args.workers is None else _workers(args.workers)
+    manifest = build_profile(args.model, args.corpus, policy=args.policy, density=args.density,
+                             context=args.context, max_tokens=args.max_tokens, text_column=args.text_column,
+                             kernel=args.kernel, engine=args.engine, ray_address=args.ray_address,
+                             workers=workers, resume=args.resume, progress=progress)
+    if args.json:
+        print(json.dumps(_finite(manifest), allow_nan=False))
+        return 0
+    print(f"profile {manifest['id']}: {manifest['model']} over {manifest['corpus']['source']}, "
+          f"{manifest['tokens']:,} tokens, {manifest['wall_s']:.1f} s")
+    return 0
+
+
+def _workers(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise InputError(f"workers must be a positive whole number, got '{value[:40]}'") from None
+    if n <= 0:
+        raise InputError(f"workers must be a positive whole number, got {n}")
+    return n
+
+
 def cmd_bench(args) -> int:
     from sparse_ops import unavailable_kernels
 
@@ -300,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
 
             args.kernel = default_kernel()
         return {"analyze": cmd_analyze, "attribute": cmd_attribute, "bench": cmd_bench,
-                "build-kernels": cmd_build_kernels, "calibrate": cmd_calibrate, "eval": cmd_eval}[args.command](args)
+                "build-kernels": cmd_build_kernels, "calibrate": cmd_calibrate, "eval": cmd_eval,
+                "profile": cmd_profile}[args.command](args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
