@@ -1,4 +1,7 @@
-"""Firing map: which neurons each token used, layer by layer."""
+"""Firing map: which neurons each token used, layer by layer. A click on a heatmap cell opens that
+neuron in the Corpus page's neuron view when a profile of this model exists."""
+from functools import partial
+
 import streamlit as st
 
 from pages._shared import page_context, explain, layer_picker, page_link, show, token_picker
@@ -18,7 +21,8 @@ all of them for every token. A *sparse* model computes only a fraction, chosen p
 
 - **Heatmap**: one row per token, one column per neuron. The colour's strength is the neuron's
   activation |h|; **warm colours are neurons the sparse model computed, cool colours the ones it
-  skipped**. A good policy skips only neurons that were small anyway.
+  skipped**. A good policy skips only neurons that were small anyway. Click a cell to see that
+  neuron over a whole corpus (when this model has a profile).
 - **Token detail**: for one token, its strongest neurons in the dense model next to the values the
   sparse model computed (0 when it skipped them).
 - **Density per token and layer**: how many neurons each token used. With `topk` every cell is the
@@ -35,15 +39,39 @@ with mid:
 with right:
     token = token_picker(a)
 
-show(plots.firing_heatmap(a, layer, order=order), key="firing_heatmap")
+
+
+def _remember_click(shown_layer: int) -> None:
+    """on_select: keep the clicked cell (layer, token, neuron) for the links below."""
+    cell = plots.clicked_cell(st.session_state["firing_heatmap"].get("selection"))
+    st.session_state["firing_cell"] = None if cell is None else dict(layer=shown_layer, token=cell[0], neuron=cell[1])
+
+
+def corpus_link(profile: dict, unit: int, label: str) -> None:
+    """A link to the Corpus page's neuron view of `unit` in the shown layer."""
+    page_link("pages/corpus.py", label, icon=":material/library_books:",
+              query_params={"profile": profile["id"], "layer": layer, "neuron": unit})
+
+
+heat = plots.firing_heatmap(a, layer, order=order)
+st.plotly_chart(heat.fig, width="stretch", key="firing_heatmap", on_select=partial(_remember_click, layer),
+                selection_mode="points", config={"displayModeBar": "hover", "displaylogo": False})
+if heat.note:
+    st.caption(heat.note)
+profile, cell = profile_of_model(a.spec.model), st.session_state.get("firing_cell")
+if cell and cell.get("layer") == layer and 0 <= cell.get("neuron", -1) < a.n_neurons:
+    if profile:
+        corpus_link(profile, cell["neuron"], f"Neuron {cell['neuron']} over a corpus (the cell you clicked, "
+                                             f"token {cell['token']})")
+    else:
+        st.caption(f"Neuron {cell['neuron']} has no corpus view yet: no profile of this model exists. "
+                   "Make one on the Corpus page or with `python -m sam_viz profile`.")
 c1, c2 = st.columns(2)
 with c1:
     show(plots.token_neurons(a, layer, token), key="token_neurons")
-    profile, unit = profile_of_model(a.spec.model), strongest_unit(a, layer, token)
+    unit = strongest_unit(a, layer, token)
     if profile and unit is not None:
-        page_link("pages/corpus.py", f"This neuron over a corpus (neuron {unit}, the token's strongest)",
-                  icon=":material/library_books:", query_params={"profile": profile["id"], "layer": layer,
-                                                                  "neuron": unit})
+        corpus_link(profile, unit, f"This neuron over a corpus (neuron {unit}, the token's strongest)")
 with c2:
     show(plots.density_tokens_layers(a), key="density_tokens_layers")
 if a.n_experts:

@@ -165,7 +165,7 @@ def firing_heatmap(analysis, layer: int, order: str = "index", max_cells: int = 
     h = lf.activations.float()                                           # [T, N]
     n_tok, n_neu = h.shape
     sel = _selected(lf, n_neu)
-    rows, cols = _fit(n_tok, n_neu, 3, max_cells, MIN_NEURONS)           # z, customdata, text per cell
+    rows, cols = _fit(n_tok, n_neu, 4, max_cells, MIN_NEURONS)           # z; x, y, h of the click layer
     keep = _neuron_order(h, sel, order, cols)                            # [cols] neuron ids
     t_idx, t_step = _strided(n_tok, rows)
     shown_h, shown_sel = h[t_idx][:, keep], sel[t_idx][:, keep]          # [rows, cols]
@@ -176,19 +176,51 @@ def firing_heatmap(analysis, layer: int, order: str = "index", max_cells: int = 
         skipped = ~routed[t_idx][:, keep]
         z[skipped] = float("nan")
         status[skipped.numpy()] = "expert not routed"
-    fig = go.Figure(go.Heatmap(
-        z=z.numpy(), x=keep.tolist(), y=_token_labels(analysis.tokens, t_idx.tolist()),
-        customdata=shown_h.numpy(), text=status, **_firing_colors(z),
-        hovertemplate="token %{y}<br>neuron %{x}<br>h = %{customdata:.4g}<br>%{text}<extra></extra>"))
+    labels = _token_labels(analysis.tokens, t_idx.tolist())
+    fig = go.Figure(go.Heatmap(z=z.numpy(), x=keep.tolist(), y=labels, hoverinfo="skip", **_firing_colors(z)))
+    fig.add_traces(_click_layer(labels, keep.tolist(), shown_h.numpy(), status))
     by = {"index": "neuron index", "frequency": "tokens that selected it, most first",
           "clustered": "similar firing patterns side by side"}[order]
     ids = f" = expert × {analysis.d_ff} + index" if analysis.n_experts else ""
     _style(fig, f"Layer {layer}: which neurons the sparse model computed", f"neuron{ids} (ordered by {by})",
            "token", sub=f"{_run_label(analysis)} · warm = computed, blue-grey = dropped",
            **_grid_layout(len(t_idx)))
+    fig.update_layout(hoverdistance=-1)                                  # any point of a cell picks it
     note = _reduced([f"the {cols:,} most active of {n_neu:,} neurons" if cols < n_neu else "",
                      _every(t_step, n_tok, "tokens")], max_cells)
     return Plot(fig, note)
+
+
+def _click_layer(labels: list[str], neurons: list[int], h: np.ndarray, status: np.ndarray) -> list[go.Scatter]:
+    """Invisible markers at the cell centres, one trace per status: plotly reports no click or selection
+    on a heatmap, so these carry the hover text and the cell a click selects (x = neuron id, y = the
+    token's label, customdata = h), which `clicked_cell` reads back."""
+    traces = []
+    for name in ("computed", "dropped", "expert not routed"):
+        rows, cols = np.nonzero(status == name)
+        if len(rows):
+            traces.append(go.Scatter(
+                x=[neurons[c] for c in cols], y=[labels[r] for r in rows], customdata=h[rows, cols],
+                mode="markers", marker=dict(opacity=0, size=10, symbol="square-open", color="black"),
+                selected=dict(marker=dict(opacity=1)), name=name, showlegend=False,
+                hovertemplate=f"token %{{y}}<br>neuron %{{x}}<br>h = %{{customdata:.4g}}<br>{name}<extra></extra>"))
+    return traces
+
+
+def clicked_cell(selection) -> tuple[int, int] | None:
+    """(token, neuron) of the firing heatmap cell a Streamlit selection event picked (its first point),
+    read from the point's x (the neuron id) and y (the label "token: text"); None when nothing usable
+    was picked. The ids are the cell's own, so a heatmap reduced to fit the budget maps back exactly."""
+    points = (selection or {}).get("points") or []
+    for point in points:
+        try:
+            token = int(str(point["y"]).split(":", 1)[0])
+            neuron = int(float(point["x"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if token >= 0 and neuron >= 0:
+            return token, neuron
+    return None
 
 
 def _firing_colors(z: torch.Tensor) -> dict:

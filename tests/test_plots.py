@@ -126,10 +126,12 @@ def token_index(label: str) -> int:
 
 def check_marking(a, layer, fig):
     """Each shown cell's category and sign agree with the recorded CSR trace (and MoE routing), its
-    values with the recorded h."""
+    values with the recorded h; the click layer (one scatter trace per status) has one point per cell."""
     trace, lf = fig.data[0], a.layers[layer]
-    z, h, status = np.asarray(trace.z), np.asarray(trace.customdata), np.asarray(trace.text)
+    z = np.asarray(trace.z)
     acts = lf.activations.float()
+    cells = {(y, x): (click.name, h) for click in fig.data[1:] for x, y, h in zip(click.x, click.y, click.customdata)}
+    assert len(cells) == z.size
     for i, label in enumerate(trace.y):
         t = token_index(label)
         assert label == f"{t}: {a.tokens[t]}"
@@ -137,8 +139,9 @@ def check_marking(a, layer, fig):
         experts = set(range(max(1, a.n_experts))) if lf.experts is None else set(lf.experts[t].tolist())
         for k, j in enumerate(trace.x):
             routed = j // a.d_ff in experts
-            assert status[i, k] == ("computed" if j in fired else "dropped" if routed else "expert not routed")
-            assert h[i, k] == pytest.approx(float(acts[t, j]), abs=1e-6)
+            status, h = cells[label, j]
+            assert status == ("computed" if j in fired else "dropped" if routed else "expert not routed")
+            assert h == pytest.approx(float(acts[t, j]), abs=1e-6)
             if not routed:
                 assert np.isnan(z[i, k])
                 continue
