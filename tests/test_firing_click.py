@@ -4,9 +4,12 @@ AppTest cannot click a plotly chart, so the pieces are checked apart: the select
 sends for a clicked cell (its point's x and y, as plotly reports them) maps back to the cell's token
 and neuron, also on a heatmap reduced to fit the cell budget, checked against the activations the
 analysis recorded; and the page, given the clicked cell in its session state as the on_select
-callback leaves it, links to the neuron view of that layer and neuron.
+callback leaves it, links to the neuron view of that layer and neuron. In a real Chromium, a click
+on a cell links the cell that the hover label names.
 """
+import re
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -15,6 +18,7 @@ from conftest import shared
 from sam_viz import RunSpec, analyze
 from sam_viz import plots as P
 from test_app import run_db  # noqa: F401 - autouse: a fresh run store per test
+from test_browser import CHROMIUM, _open, browser, profile_dir, server  # noqa: F401 - fixtures
 from test_profile_view import PID, write_profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,3 +91,28 @@ def test_clicked_cell_without_a_profile_says_how_to_make_one(tmp_path, monkeypat
     at = open_firing("1", dict(layer=1, token=4, neuron=37))
     assert not at.exception and not at.error and not corpus_links(at)
     assert any("Neuron 37 has no corpus view yet" in c.value for c in at.caption)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found; browser test skipped")
+def test_a_click_in_the_browser_links_the_hovered_cell(server, browser, tmp_path_factory):
+    """Real Chromium: the cell under the pointer (its hover label names token and neuron) is the one
+    the link opens, on a heatmap that a real plotly click selected."""
+    if not (profile_dir(tmp_path_factory) / PID).exists():
+        write_profile(profile_dir(tmp_path_factory), model="tiny-llama")
+    query = urlencode({"model": "tiny-llama", "prompt": "One two three four five six.", "policy": "topk",
+                       "density": "0.5", "layer": "1"})
+    page = _open(browser, f"{server}/?{query}")
+    page.wait_for_selector(".js-plotly-plot .gtitle:has-text('which neurons the sparse model computed')",
+                           timeout=120_000)
+    box = page.locator(".js-plotly-plot").first.locator(".nsewdrag").first.bounding_box()
+    x, y = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.4
+    page.mouse.move(x, y)
+    page.wait_for_selector(".hoverlayer .hovertext", timeout=10_000)
+    label = page.locator(".hoverlayer .hovertext").first.text_content()
+    token, neuron = re.search(r"token (\d+):.*neuron (\d+)", label).groups()
+    page.mouse.click(x, y)
+    link = page.locator("a", has_text="the cell you clicked")
+    link.wait_for(timeout=120_000)
+    assert f"Neuron {neuron} over a corpus" in link.inner_text() and f"token {token})" in link.inner_text()
+    assert link.get_attribute("href").endswith(f"corpus?profile={PID}&layer=1&neuron={neuron}")
+    page.close()
