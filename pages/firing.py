@@ -40,11 +40,10 @@ with right:
     token = token_picker(a)
 
 
-
-def _remember_click(shown_layer: int) -> None:
-    """on_select: keep the clicked cell (layer, token, neuron) for the links below."""
+def _remember_click(shown: dict) -> None:
+    """on_select: keep the clicked cell (the run and layer shown, token, neuron) for the link below."""
     cell = plots.clicked_cell(st.session_state["firing_heatmap"].get("selection"))
-    st.session_state["firing_cell"] = None if cell is None else dict(layer=shown_layer, token=cell[0], neuron=cell[1])
+    st.session_state["firing_cell"] = None if cell is None else dict(shown, token=cell[0], neuron=cell[1])
 
 
 def corpus_link(profile: dict, unit: int, label: str) -> None:
@@ -54,12 +53,13 @@ def corpus_link(profile: dict, unit: int, label: str) -> None:
 
 
 heat = plots.firing_heatmap(a, layer, order=order)
-st.plotly_chart(heat.fig, width="stretch", key="firing_heatmap", on_select=partial(_remember_click, layer),
+shown = dict(model=a.spec.model, prompt=a.spec.prompt, layer=layer)
+st.plotly_chart(heat.fig, width="stretch", key="firing_heatmap", on_select=partial(_remember_click, shown),
                 selection_mode="points", config={"displayModeBar": "hover", "displaylogo": False})
 if heat.note:
     st.caption(heat.note)
 profile, cell = profile_of_model(a.spec.model), st.session_state.get("firing_cell")
-if cell and cell.get("layer") == layer and 0 <= cell.get("neuron", -1) < a.n_neurons:
+if cell and all(cell.get(k) == v for k, v in shown.items()) and 0 <= cell.get("neuron", -1) < a.n_neurons:
     if profile:
         corpus_link(profile, cell["neuron"], f"Neuron {cell['neuron']} over a corpus (the cell you clicked, "
                                              f"token {cell['token']})")

@@ -66,8 +66,8 @@ def test_nothing_usable_picked_maps_to_none():
 def open_firing(layer: str, cell: dict | None) -> AppTest:
     at = AppTest.from_file(str(ROOT / "pages" / "firing.py"), default_timeout=180)
     at.query_params["model"], at.query_params["prompt"], at.query_params["layer"] = "tiny-llama", PROMPT, layer
-    if cell is not None:
-        at.session_state["firing_cell"] = cell
+    if cell is not None:                    # as _remember_click leaves it for a click on this run's map
+        at.session_state["firing_cell"] = {"model": "tiny-llama", "prompt": PROMPT, **cell}
     return at.run()
 
 
@@ -84,6 +84,8 @@ def test_clicked_cell_links_to_its_neuron_over_a_corpus(tmp_path, monkeypatch):
     assert link and f"corpus?profile={PID}&layer=1&neuron=37)" in link[0] and "token 4" in link[0]
     other = open_firing("0", dict(layer=1, token=4, neuron=37))    # a click on another layer's map
     assert not other.exception and not [v for v in corpus_links(other) if v.startswith("[Neuron 37")]
+    stale = open_firing("1", dict(layer=1, token=4, neuron=37, prompt="Another prompt."))   # another run's map
+    assert not stale.exception and not [v for v in corpus_links(stale) if v.startswith("[Neuron 37")]
 
 
 def test_clicked_cell_without_a_profile_says_how_to_make_one(tmp_path, monkeypatch):
