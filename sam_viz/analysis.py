@@ -45,7 +45,7 @@ class Analysis:
     kind: str                                 # "causal-lm" | "encoder"
     model_type: str
     tokens: list[str]
-    d_ff: int                                 # neurons per MLP (per expert for MoE)
+    d_ff: int                                 # neurons per MLP (per routed expert for MoE)
     n_experts: int                            # 0 unless MoE
     layers: list[LayerFiring]                 # the sparse pass's firing trace, one per layer
     dense_layers: list[LayerFiring]           # the dense pass (ids None: every neuron fired)
@@ -59,11 +59,13 @@ class Analysis:
     cost: dict[str, float] | None = None                # per token, see sam_viz.cost (predictor included)
     attributions: list = field(default_factory=list)    # sam_viz.attribution.Attribution results kept by the
                                                         # app; a saved run carries them (see sam_viz.store)
+    n_shared: int = 0                                   # MoE: neuron ids after the routed E * d_ff (shared
+                                                        # experts; models.LoadedModel.n_shared)
 
     @property
     def n_neurons(self) -> int:
-        """Neurons per layer (E * d_ff for MoE)."""
-        return self.d_ff * max(1, self.n_experts)
+        """Neuron ids per layer (E * d_ff routed, then the shared experts', for MoE)."""
+        return self.d_ff * max(1, self.n_experts) + self.n_shared
 
     @property
     def n_layers(self) -> int:
@@ -170,7 +172,7 @@ def analyze(loaded: LoadedModel, spec: RunSpec, progress: Progress | None = None
     t0 = time.perf_counter()
     enc = encode_prompt(loaded, spec.prompt)
     n_tokens = enc["input_ids"].shape[1]
-    n_neurons = loaded.d_ff * max(1, loaded.n_experts)
+    n_neurons = loaded.n_neurons
     keep = n_tokens * n_neurons * loaded.n_layers <= ACTIVATION_BUDGET
     t1 = time.perf_counter()
     step(0.1, "dense pass")
@@ -189,6 +191,7 @@ def analyze(loaded: LoadedModel, spec: RunSpec, progress: Progress | None = None
     analysis = Analysis(
         spec=spec, kind=loaded.kind, model_type=loaded.model_type,
         tokens=loaded.token_strings(enc["input_ids"][0]), d_ff=loaded.d_ff, n_experts=loaded.n_experts,
+        n_shared=loaded.n_shared,
         layers=recorder.layers(n_tokens, n_neurons), dense_layers=dense_rec.layers(n_tokens, n_neurons),
         compare=compare_outputs(loaded.kind, dense, sparse, enc["attention_mask"]),
         layer_divergence=divergence(dense, sparse),
