@@ -214,11 +214,21 @@ def _cost(loaded: LoadedModel, spec: RunSpec, layers: list[LayerFiring], n_token
     d_model = loaded.model.config.hidden_size
     params = calls = 0
     if calibration is not None and spec.policy == "predictor":
-        units = list(calibration.predictors)
-        params = calibration.predictor_cost(units[0])[1]
-        calls = loaded.n_layers * max(1, loaded.experts_per_token)
+        params, calls = _predictor_params(loaded, calibration, layers, n_tokens), 1
     glu = loaded.adapter.up is not None or loaded.adapter.gate_up is not None or loaded.adapter.is_moe
     return mlp_cost(layers, spec.policy, d_model, glu, n_tokens, params, calls)
+
+
+def _predictor_params(loaded: LoadedModel, calibration, layers: list[LayerFiring], n_tokens: int) -> float:
+    """Predictor parameters read per token: one call of each unit's predictor for every token that
+    unit computes (a dense MLP and a shared expert: every token; a routed expert: the tokens routed to it)."""
+    total = 0
+    for layer, expert in calibration.predictors:
+        experts = layers[layer].experts
+        routed = experts is not None and 0 <= expert < loaded.n_experts
+        uses = int((experts == expert).sum()) if routed else n_tokens
+        total += calibration.predictor_cost((layer, expert))[1] * uses
+    return total / max(1, n_tokens)
 
 
 def top_next_tokens(loaded: LoadedModel, logits: torch.Tensor, k: int = TOP_NEXT) -> list[dict]:

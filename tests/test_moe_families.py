@@ -20,7 +20,10 @@ from conftest import HELD_OUT
 from models import InputError, load_model
 from sam_viz import RunSpec, analyze
 from sparse_ops import Policy, Recorder, calibration_texts, sparsified
+from sam_viz.store import analysis_from_bytes, analysis_to_bytes
+from sparse_ops import calibration as calibration_module
 from sparse_ops.calibration import Calibration, Settings, collect, topk_counts, train_predictor
+from sparse_ops.recorder import DensityCounter
 from sparse_ops.kernels import available_kernels
 from sparse_ops.mlp import install
 
@@ -125,6 +128,11 @@ def test_topk_quarter_gives_density_quarter_in_every_layer(family, moe):
         assert lf.selected.tolist() == [per_token // 4] * n, i
         assert int(lf.ids.max()) < a.n_neurons
     assert a.dense_layers[0].activations.shape == (n, a.n_neurons)
+    assert analysis_from_bytes(analysis_to_bytes(a)).n_neurons == a.n_neurons          # a saved run keeps it
+    counter = DensityCounter(m.d_ff)                    # eval's light counter counts the same neurons
+    with torch.no_grad(), sparsified(m, Policy("topk", 0.25), recorder=counter):
+        m.model(**m.encode(PROMPT))
+    assert counter.counts() == {i: (int(l.selected.sum()), int(l.possible.sum())) for i, l in enumerate(a.layers)}
 
 
 def _moe_blocks(layers, family):
@@ -177,8 +185,16 @@ def _quick_calibration(m) -> Calibration:
                        {u: topk_counts(collector.data(u)[1]) for u in units}, n_tokens=n)
 
 
+# Predictor parameters read per token by hand: a unit of d_ff f has a d -> r -> f predictor, r = 8 here
+# (d / 8 = 4, raised to 8), so r * d + f * r + f parameters; per token, 2 routed experts per MoE layer,
+# its shared expert, and each dense layer.
+UNIT = {f: 8 * 32 + f * 8 + f for f in (16, 64)}
+PREDICTOR_PER_TOKEN = {"qwen3_moe": 3 * 2 * UNIT[16], "gpt_oss": 3 * 2 * UNIT[64],
+                       "deepseek_v3": UNIT[64] + 2 * (2 * UNIT[16] + UNIT[16])}
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
-def test_calibrated_policies_run(family, moe):
+def test_calibrated_policies_run(family, moe, monkeypatch):
     """threshold reaches about the target on held-out text; predictor and static pick exactly
     round(0.25 * d_ff) of every unit's neurons (routed, shared and dense), so exactly 0.25."""
     m = moe(family)
@@ -198,6 +214,9 @@ def test_calibrated_policies_run(family, moe):
         else:
             assert density == 0.25 and all(l.density == 0.25 for l in layers), policy
         assert torch.isfinite(logits).all()
+    monkeypatch.setitem(calibration_module._CALIBRATIONS, m.model, cal)        # the app finds it as its own
+    a = analyze(m, RunSpec(prompt=HELD_OUT[2], model=m.spec, policy="predictor", density=0.25, kernel="reference"))
+    assert a.cost["predictor_params"] == pytest.approx(PREDICTOR_PER_TOKEN[family])
 
 
 @pytest.mark.skipif("cpu" not in available_kernels(), reason="the cpu kernel cannot be built here")
@@ -248,6 +267,7 @@ def test_routing_page_shows_the_expert_views(family, moe, checkpoints, tmp_path,
     assert load["x"][-1] == ("shared" if shared else f"expert {TINY['num_experts'] - 1}")
     if shared:
         assert all(row[-1] == 1.0 for row in load["z"])
+    assert any("**shared experts**" in c.value for c in at.caption) == shared
     if first_moe:                                  # layer 0 is a dense MLP of the MoE model
         at = _routing_page(checkpoints[family], layer="0")
         assert not at.exception and not at.error
