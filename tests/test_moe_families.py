@@ -24,7 +24,7 @@ from sam_viz.store import analysis_from_bytes, analysis_to_bytes
 from sparse_ops import calibration as calibration_module
 from sparse_ops.calibration import Calibration, Settings, collect, topk_counts, train_predictor
 from sparse_ops.recorder import DensityCounter
-from sparse_ops.kernels import available_kernels
+from sparse_ops.kernels import KERNELS, available_kernels
 from sparse_ops.mlp import install
 
 FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama4_text", "granitemoe"]
@@ -229,6 +229,9 @@ def test_cpu_kernel_computes_or_refuses_the_activation(family, moe):
     if family == "gpt_oss":                          # clamped SwiGLU: one sentence naming it
         with pytest.raises(InputError, match="clamped SwiGLU"), sparsified(m, Policy("topk", 0.25), kernel="cpu"):
             m.model(**enc)
+        w = install(m)[0].weights(0)                 # the triton kernel refuses it before reaching a GPU
+        with pytest.raises(InputError, match="the triton kernel does not implement the activation ClampedSwish"):
+            KERNELS["triton"](torch.zeros(1, 32), torch.zeros(1, 4, dtype=torch.long), w)
         return
     with torch.no_grad(), sparsified(m, Policy("topk", 0.25), kernel="cpu"):
         got = m.model(**enc).logits
