@@ -6,6 +6,13 @@ and knows nothing about sparsity. Adapters are looked up by `config.model_type`.
 
 Paths are dotted attribute paths. `layers` is relative to `model.base_model`; every other path is
 relative to one decoder / encoder layer.
+
+Mixture-of-experts models add an `MoE` description: the router (and how to read what it returns:
+`route` normalises every convention to one), the routed experts' bank (`Experts`: stacked, halves or
+interleaved, transposed, biases, a clamped SwiGLU) and the shared experts. A layer that has no
+router is a dense MLP described by the adapter's own fields, so one adapter covers models whose
+layers differ in kind. `mlp_weights` gives every MLP unit (dense MLP, routed or shared expert) in
+one canonical layout.
 """
 from __future__ import annotations
 
@@ -19,28 +26,83 @@ from .errors import InputError
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A bank of routed experts stored stacked over the expert axis (one parameter for all experts).
+
+    gate_up_proj is [E, 2*d_ff, d] and down_proj [E, d, d_ff] (x @ W.T), or with `transposed`
+    [E, d, 2*d_ff] and [E, d_ff, d] (x @ W). Gate and up are the two halves of gate_up_proj, or
+    alternate (g0, u0, g1, u1 ...) when `interleaved`.
+    """
+    path: str                             # the module holding the stacked weights, relative to a layer
+    act: str | None = "act_fn"            # its activation submodule (None: `clamp` describes it)
+    transposed: bool = False
+    interleaved: bool = False
+    bias: bool = False                    # gate_up_proj_bias [E, 2*d_ff] and down_proj_bias [E, d]
+    clamp: tuple[str, str] | None = None  # (limit, alpha) attribute names of a clamped SwiGLU:
+                                          # h = g*sigmoid(alpha*g) * (clamp(u, -limit, limit) + 1), g = min(gate, limit)
+
+
+@dataclass(frozen=True)
+class SharedExpert:
+    """An MLP of an MoE layer that every token goes through, beside the routed experts (paths
+    relative to a layer). Its neurons are MLP neurons like any other: the policy applies to them."""
+    gate: str
+    up: str
+    down: str
+    act: str
+    scale: str | None = None              # Linear(d, 1): sigmoid(scale(x)) multiplies its output
+
+
+@dataclass(frozen=True)
+class MoE:
+    """A mixture-of-experts layer: a router picks experts per token, and shared experts (if any)
+    run for every token. A layer of the model without `router` is a dense MLP described by the
+    adapter's own gate / up / down / act (DeepSeek's first layers, Llama 4's interleaved ones)."""
+    router: str                           # relative to a layer
+    experts: Experts
+    shared: tuple[SharedExpert, ...] = ()
+    returns: str = "logits-weights-ids"   # what the router returns: (logits, top-k weights, top-k ids),
+                                          # or "scores-logits": ([N, E] weights, 0 off the top-k; logits)
+    probs: str = "softmax"                # the router's distribution over experts: softmax or sigmoid of logits
+    weight_input: bool = False            # the routing weight scales the expert's input, not its output
+    returns_pair: bool = False            # the block returns (y, router output), not y
+
+
+@dataclass(frozen=True)
 class MLPAdapter:
     family: str
     kind: str                      # "causal-lm" | "encoder"
     layers: str                    # ModuleList of blocks, relative to model.base_model
     entry: str                     # the module that a sparse wrapper replaces (computes the whole MLP)
-    act: str                       # activation module
-    down: str                      # output projection
+    act: str | None = None         # activation module (dense MLP)
+    down: str | None = None        # output projection (dense MLP)
     gate: str | None = None        # projection that goes through `act` (GLU gate, or W_in when not GLU)
     up: str | None = None          # GLU up projection (None: not GLU)
     gate_up: str | None = None     # fused [gate; up] projection (Phi-3), gate first
     tail: tuple[str, ...] = ()     # modules after `entry` that belong to the MLP (OPT, BERT)
     conv1d: bool = False           # weights stored [in, out] (GPT-2 Conv1D)
-    router: str | None = None      # MoE: router returning (logits, top-k weights, top-k indices)
-    experts: str | None = None     # MoE: fused experts (gate_up_proj [E, 2*d_ff, d], down_proj [E, d, d_ff])
+    moe: MoE | None = None         # mixture of experts (layers with its router); the fields above then
+                                   # describe the model's dense layers, if it has any
 
     @property
     def is_moe(self) -> bool:
-        return self.experts is not None
+        return self.moe is not None
 
 
 _GLU = dict(kind="causal-lm", layers="layers", entry="mlp", gate="mlp.gate_proj",
             up="mlp.up_proj", down="mlp.down_proj", act="mlp.act_fn")
+_FUSED = Experts("mlp.experts")
+
+
+def _moe(router: str = "mlp.gate", experts: Experts = _FUSED, **kw) -> dict:
+    return dict(family="moe", kind="causal-lm", layers="layers", entry=router.split(".")[0],
+                moe=MoE(router=router, experts=experts, **kw))
+
+
+def _shared(prefix: str, act: str = "act_fn", scale: str | None = None) -> SharedExpert:
+    return SharedExpert(gate=f"{prefix}.gate_proj", up=f"{prefix}.up_proj", down=f"{prefix}.down_proj",
+                        act=f"{prefix}.{act}", scale=scale)
+
 
 ADAPTERS: dict[str, MLPAdapter] = {
     **{t: MLPAdapter(family="glu", **_GLU)
@@ -54,9 +116,6 @@ ADAPTERS: dict[str, MLPAdapter] = {
     "bert": MLPAdapter(family="bert", kind="encoder", layers="encoder.layer", entry="intermediate",
                        gate="intermediate.dense", down="output.dense",
                        act="intermediate.intermediate_act_fn", tail=("output.dense",)),
-    "mixtral": MLPAdapter(family="moe", kind="causal-lm", layers="layers", entry="mlp",
-                          down="mlp.experts.down_proj", act="mlp.experts.act_fn",
-                          router="mlp.gate", experts="mlp.experts"),
     # -- dense families of 2024-2026 (issue 13, part A); tiny-config tests in tests/test_families.py --
     # Gemma 3 (sliding and global layers, scaled embedding), OLMo 2/3 (norms after the MLP) and SmolLM3
     # differ from Llama outside the MLP only, which the wrappers leave as shipped.
@@ -67,6 +126,22 @@ ADAPTERS: dict[str, MLPAdapter] = {
     "starcoder2": MLPAdapter(family="mlp", kind="causal-lm", layers="layers", entry="mlp",
                              gate="mlp.c_fc", down="mlp.c_proj", act="mlp.act"),
     # -- end of the dense families of issue 13 --
+}
+# MoE families. Routed experts: `experts`; shared experts: `shared`; dense layers: the GLU fields.
+ADAPTERS |= {
+    **{t: MLPAdapter(**_moe()) for t in ("mixtral", "qwen3_moe", "olmoe")},
+    "qwen2_moe": MLPAdapter(**_moe(shared=(_shared("mlp.shared_expert", scale="mlp.shared_expert_gate"),))),
+    "deepseek_v3": MLPAdapter(**_GLU | _moe(shared=(_shared("mlp.shared_experts"),), probs="sigmoid")),
+    "gpt_oss": MLPAdapter(**_moe("mlp.router", Experts("mlp.experts", act=None, transposed=True, interleaved=True,
+                                                       bias=True, clamp=("limit", "alpha")), returns_pair=True)),
+    "llama4_text": MLPAdapter(**_moe("feed_forward.router", Experts("feed_forward.experts", transposed=True),
+                                     shared=(_shared("feed_forward.shared_expert", "activation_fn"),),
+                                     returns="scores-logits", probs="sigmoid", weight_input=True,
+                                     returns_pair=True)
+                              | dict(layers="model.layers", gate="feed_forward.gate_proj",
+                                     up="feed_forward.up_proj", down="feed_forward.down_proj",
+                                     act="feed_forward.activation_fn")),
+    "granitemoe": MLPAdapter(**_moe("block_sparse_moe.router", Experts("block_sparse_moe.experts"))),
 }
 
 
@@ -99,7 +174,7 @@ def layer_modules(model: nn.Module, adapter: MLPAdapter) -> list[nn.Module]:
 class MLPWeights:
     """One MLP in canonical layout, as views of the model's own parameters (no copies).
 
-    h = act(x @ gate.T + b_gate) [* (x @ up.T + b_up)];  y = h @ down_t + b_down
+    h = act(x @ gate.T + b_gate) [* up_act(x @ up.T + b_up)];  y = h @ down_t + b_down
     """
     gate: torch.Tensor             # [d_ff, d]
     up: torch.Tensor | None        # [d_ff, d] (GLU) or None
@@ -108,10 +183,34 @@ class MLPWeights:
     b_gate: torch.Tensor | None = None
     b_up: torch.Tensor | None = None
     b_down: torch.Tensor | None = None
+    up_act: nn.Module | None = None    # applied to the up projection (a clamped SwiGLU); None: identity
 
     @property
     def d_ff(self) -> int:
         return self.gate.shape[0]
+
+
+class ClampedSwish(nn.Module):
+    """The gate side of a clamped SwiGLU: g = min(x, limit); g * sigmoid(alpha * g)."""
+
+    def __init__(self, limit: float, alpha: float):
+        super().__init__()
+        self.limit, self.alpha = float(limit), float(alpha)
+
+    def forward(self, x):
+        g = x.clamp(max=self.limit)
+        return g * torch.sigmoid(g * self.alpha)
+
+
+class ClampedShift(nn.Module):
+    """The up side of a clamped SwiGLU: clamp(x, -limit, limit) + 1."""
+
+    def __init__(self, limit: float):
+        super().__init__()
+        self.limit = float(limit)
+
+    def forward(self, x):
+        return x.clamp(min=-self.limit, max=self.limit) + 1
 
 
 def _linear(module: nn.Module, conv1d: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -120,26 +219,95 @@ def _linear(module: nn.Module, conv1d: bool) -> tuple[torch.Tensor, torch.Tensor
     return w, getattr(module, "bias", None)
 
 
+def has_path(root: nn.Module, path: str) -> bool:
+    try:
+        get_path(root, path)
+    except AttributeError:
+        return False
+    return True
+
+
+def n_routed(resolve: Callable[[str], nn.Module], moe: MoE) -> tuple[int, int]:
+    """(experts, neurons per expert) of an MoE layer's routed bank."""
+    down = resolve(moe.experts.path).down_proj                 # [E, d, d_ff] or [E, d_ff, d] (transposed)
+    return down.shape[0], down.shape[1 if moe.experts.transposed else 2]
+
+
 def mlp_weights(resolve: Callable[[str], nn.Module], adapter: MLPAdapter,
                 expert: int | None = None) -> MLPWeights:
-    """Canonical weights of one layer's MLP (of one expert, for MoE).
+    """Canonical weights of one MLP unit of a layer: the dense MLP (expert None), routed expert
+    `expert` < E, or shared expert `expert - E` of an MoE layer.
 
     `resolve(path)` finds a submodule of the layer by its adapter path; for an unwrapped layer
     that is `lambda p: get_path(layer, p)`, and the sparse wrapper passes its own.
     """
+    if expert is not None:
+        n_experts, _ = n_routed(resolve, adapter.moe)
+        if expert < n_experts:
+            return _expert_weights(resolve(adapter.moe.experts.path), adapter.moe.experts, expert, resolve)
+        s = adapter.moe.shared[expert - n_experts]
+        return _glu_weights(resolve, s.gate, s.up, s.down, s.act, False)
     act = resolve(adapter.act)
-    if adapter.is_moe:
-        experts = resolve(adapter.experts)
-        d_ff = experts.down_proj.shape[-1]
-        gu = experts.gate_up_proj[expert]                      # [2*d_ff, d]
-        return MLPWeights(gate=gu[:d_ff], up=gu[d_ff:], down_t=experts.down_proj[expert].t(), act=act)
-    down_w, b_down = _linear(resolve(adapter.down), adapter.conv1d)
     if adapter.gate_up is not None:
+        down_w, b_down = _linear(resolve(adapter.down), adapter.conv1d)
         gu, b = _linear(resolve(adapter.gate_up), adapter.conv1d)
         d_ff = gu.shape[0] // 2
         return MLPWeights(gate=gu[:d_ff], up=gu[d_ff:], down_t=down_w.t(), act=act,
                           b_gate=None if b is None else b[:d_ff], b_up=None if b is None else b[d_ff:],
                           b_down=b_down)
-    gate, b_gate = _linear(resolve(adapter.gate), adapter.conv1d)
-    up, b_up = (None, None) if adapter.up is None else _linear(resolve(adapter.up), adapter.conv1d)
-    return MLPWeights(gate=gate, up=up, down_t=down_w.t(), act=act, b_gate=b_gate, b_up=b_up, b_down=b_down)
+    return _glu_weights(resolve, adapter.gate, adapter.up, adapter.down, adapter.act, adapter.conv1d)
+
+
+def _glu_weights(resolve, gate: str, up: str | None, down: str, act: str, conv1d: bool) -> MLPWeights:
+    down_w, b_down = _linear(resolve(down), conv1d)
+    gate_w, b_gate = _linear(resolve(gate), conv1d)
+    up_w, b_up = (None, None) if up is None else _linear(resolve(up), conv1d)
+    return MLPWeights(gate=gate_w, up=up_w, down_t=down_w.t(), act=resolve(act), b_gate=b_gate, b_up=b_up,
+                      b_down=b_down)
+
+
+def _expert_weights(bank: nn.Module, spec: Experts, e: int, resolve) -> MLPWeights:
+    gu, down = bank.gate_up_proj[e], bank.down_proj[e]
+    gu, down_t = (gu.t(), down) if spec.transposed else (gu, down.t())      # [2*d_ff, d], [d_ff, d]
+    b = bank.gate_up_proj_bias[e] if spec.bias else None
+
+    def split(t):
+        if t is None:
+            return None, None
+        half = t.shape[0] // 2
+        return (t[0::2], t[1::2]) if spec.interleaved else (t[:half], t[half:])
+
+    (gate, up), (b_gate, b_up) = split(gu), split(b)
+    if spec.clamp is not None:
+        limit, alpha = (getattr(bank, name) for name in spec.clamp)
+        act, up_act = ClampedSwish(limit, alpha), ClampedShift(limit)
+    else:
+        act, up_act = resolve(f"{spec.path}.{spec.act}"), None
+    return MLPWeights(gate=gate, up=up, down_t=down_t, act=act, b_gate=b_gate, b_up=b_up,
+                      b_down=bank.down_proj_bias[e] if spec.bias else None, up_act=up_act)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a router chose, in one convention for every family."""
+    probs: torch.Tensor            # [N, E] the router's distribution over experts (rows sum to 1)
+    weights: torch.Tensor          # [N, top_k] weight of each picked expert
+    experts: torch.Tensor          # [N, top_k] int64 picked experts
+
+
+def route(router: nn.Module, x: torch.Tensor, moe: MoE) -> Routing:
+    """Call the model's own router on x [N, d] and normalise what it returns (see MoE.returns, .probs)."""
+    out = router(x)
+    if moe.returns == "scores-logits":
+        scores, logits = out
+        experts = torch.topk(logits, router.top_k, dim=-1).indices   # the same call the router makes
+        weights = scores.gather(1, experts)
+    else:
+        logits, weights, experts = out
+    logits = logits.float()
+    if moe.probs == "sigmoid":
+        p = torch.sigmoid(logits)
+        probs = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    return Routing(probs=probs, weights=weights, experts=experts.long())

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import MLPAdapter, adapter_for, get_path, layer_modules, mlp_weights
+from .adapters import MLPAdapter, adapter_for, get_path, has_path, layer_modules, mlp_weights, n_routed
 from .errors import InputError
 from .tiny import TINY_CONFIGS, tiny_config
 from .token_text import is_byte_level, readable_tokens
@@ -44,9 +44,11 @@ class LoadedModel:
     kind: str                         # "causal-lm" | "encoder"
     model_type: str
     n_layers: int
-    d_ff: int                         # neurons per MLP (per expert for MoE)
-    n_experts: int = 0                # MoE only
-    experts_per_token: int = 0        # MoE only
+    d_ff: int                         # neurons per MLP (per routed expert for MoE)
+    n_experts: int = 0                # MoE only: routed experts per MoE layer
+    experts_per_token: int = 0        # MoE only: routed experts picked per token
+    n_shared: int = 0                 # MoE only: neuron ids past the routed experts' E * d_ff (the shared
+                                      # experts' neurons; a dense layer wider than E * d_ff widens it)
     max_tokens: int = MAX_TOKENS
     add_special_tokens: bool = True   # False for tiny causal models borrowing BERT's tokenizer
     byte_level: bool = False          # byte-level BPE vocabulary ("Ġlist"): tokens shown as text
@@ -55,6 +57,11 @@ class LoadedModel:
     @property
     def layers(self) -> list[nn.Module]:
         return layer_modules(self.model, self.adapter)
+
+    @property
+    def n_neurons(self) -> int:
+        """Neuron ids per layer: d_ff, or for MoE E * d_ff routed then the shared experts' (see README)."""
+        return self.d_ff * max(1, self.n_experts) + self.n_shared
 
     def encode(self, text: str) -> dict[str, torch.Tensor]:
         """Tokenize one prompt ([1, T] tensors); fast tokenizers are not safe to share across threads."""
@@ -221,15 +228,28 @@ def _finish(spec: str, model: nn.Module, tokenizer) -> LoadedModel:
     adapter = adapter_for(config.model_type)
     model.eval().requires_grad_(False)
     layers = layer_modules(model, adapter)
-    first = layers[0]
-    weights = mlp_weights(lambda p: get_path(first, p), adapter, expert=0 if adapter.is_moe else None)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", MAX_TOKENS)
     loaded = LoadedModel(
         spec=spec, model=model, tokenizer=tokenizer, adapter=adapter, kind=adapter.kind,
-        model_type=config.model_type, n_layers=len(layers), d_ff=weights.d_ff,
-        n_experts=getattr(config, "num_local_experts", 0) if adapter.is_moe else 0,
-        experts_per_token=getattr(config, "num_experts_per_tok", 0) if adapter.is_moe else 0,
+        model_type=config.model_type, n_layers=len(layers), d_ff=0,
         max_tokens=min(MAX_TOKENS, positions), byte_level=is_byte_level(tokenizer),
     )
+    _set_widths(loaded, layers, config)
     log.info("loaded %s (%s, %d layers, d_ff %d)", spec, config.model_type, loaded.n_layers, loaded.d_ff)
     return loaded
+
+
+def _set_widths(loaded: LoadedModel, layers: list[nn.Module], config) -> None:
+    """d_ff, and for MoE models the expert counts and the width of the shared / dense neuron ids."""
+    adapter = loaded.adapter
+    moe = [l for l in layers if adapter.is_moe and has_path(l, adapter.moe.router)]
+    dense = [l for l in layers if l not in moe]
+    widths = [mlp_weights(lambda p, l=l: get_path(l, p), adapter).d_ff for l in dense]
+    if not moe:
+        loaded.d_ff = widths[0]
+        return
+    resolve = lambda p: get_path(moe[0], p)  # noqa: E731
+    loaded.n_experts, loaded.d_ff = n_routed(resolve, adapter.moe)
+    loaded.experts_per_token = int(config.num_experts_per_tok)
+    shared = sum(mlp_weights(resolve, adapter, loaded.n_experts + s).d_ff for s in range(len(adapter.moe.shared)))
+    loaded.n_shared = max([shared] + [w - loaded.n_experts * loaded.d_ff for w in widths])

@@ -71,6 +71,11 @@ with c2:
 
 if a.n_experts:
     st.subheader("Experts")
+    if a.n_shared:
+        st.caption("This model has **shared experts**: every token goes through them beside the experts the "
+                   "router picks. Their neurons are MLP neurons like any other: the policy sparsifies them, and "
+                   "density counts them (neuron ids after the routed experts'). They show as the column "
+                   "**shared**.")
     show(plots.expert_heatmap(a, layer), key="experts")
     c1, c2 = st.columns(2)
     with c1:

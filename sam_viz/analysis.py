@@ -45,7 +45,7 @@ class Analysis:
     kind: str                                 # "causal-lm" | "encoder"
     model_type: str
     tokens: list[str]
-    d_ff: int                                 # neurons per MLP (per expert for MoE)
+    d_ff: int                                 # neurons per MLP (per routed expert for MoE)
     n_experts: int                            # 0 unless MoE
     layers: list[LayerFiring]                 # the sparse pass's firing trace, one per layer
     dense_layers: list[LayerFiring]           # the dense pass (ids None: every neuron fired)
@@ -59,11 +59,13 @@ class Analysis:
     cost: dict[str, float] | None = None                # per token, see sam_viz.cost (predictor included)
     attributions: list = field(default_factory=list)    # sam_viz.attribution.Attribution results kept by the
                                                         # app; a saved run carries them (see sam_viz.store)
+    n_shared: int = 0                                   # MoE: neuron ids after the routed E * d_ff (shared
+                                                        # experts; models.LoadedModel.n_shared)
 
     @property
     def n_neurons(self) -> int:
-        """Neurons per layer (E * d_ff for MoE)."""
-        return self.d_ff * max(1, self.n_experts)
+        """Neuron ids per layer (E * d_ff routed, then the shared experts', for MoE)."""
+        return self.d_ff * max(1, self.n_experts) + self.n_shared
 
     @property
     def n_layers(self) -> int:
@@ -170,7 +172,7 @@ def analyze(loaded: LoadedModel, spec: RunSpec, progress: Progress | None = None
     t0 = time.perf_counter()
     enc = encode_prompt(loaded, spec.prompt)
     n_tokens = enc["input_ids"].shape[1]
-    n_neurons = loaded.d_ff * max(1, loaded.n_experts)
+    n_neurons = loaded.n_neurons
     keep = n_tokens * n_neurons * loaded.n_layers <= ACTIVATION_BUDGET
     t1 = time.perf_counter()
     step(0.1, "dense pass")
@@ -189,6 +191,7 @@ def analyze(loaded: LoadedModel, spec: RunSpec, progress: Progress | None = None
     analysis = Analysis(
         spec=spec, kind=loaded.kind, model_type=loaded.model_type,
         tokens=loaded.token_strings(enc["input_ids"][0]), d_ff=loaded.d_ff, n_experts=loaded.n_experts,
+        n_shared=loaded.n_shared,
         layers=recorder.layers(n_tokens, n_neurons), dense_layers=dense_rec.layers(n_tokens, n_neurons),
         compare=compare_outputs(loaded.kind, dense, sparse, enc["attention_mask"]),
         layer_divergence=divergence(dense, sparse),
@@ -211,11 +214,21 @@ def _cost(loaded: LoadedModel, spec: RunSpec, layers: list[LayerFiring], n_token
     d_model = loaded.model.config.hidden_size
     params = calls = 0
     if calibration is not None and spec.policy == "predictor":
-        units = list(calibration.predictors)
-        params = calibration.predictor_cost(units[0])[1]
-        calls = loaded.n_layers * max(1, loaded.experts_per_token)
+        params, calls = _predictor_params(loaded, calibration, layers, n_tokens), 1
     glu = loaded.adapter.up is not None or loaded.adapter.gate_up is not None or loaded.adapter.is_moe
     return mlp_cost(layers, spec.policy, d_model, glu, n_tokens, params, calls)
+
+
+def _predictor_params(loaded: LoadedModel, calibration, layers: list[LayerFiring], n_tokens: int) -> float:
+    """Predictor parameters read per token: one call of each unit's predictor for every token that
+    unit computes (a dense MLP and a shared expert: every token; a routed expert: the tokens routed to it)."""
+    total = 0
+    for layer, expert in calibration.predictors:
+        experts = layers[layer].experts
+        routed = experts is not None and 0 <= expert < loaded.n_experts
+        uses = int((experts == expert).sum()) if routed else n_tokens
+        total += calibration.predictor_cost((layer, expert))[1] * uses
+    return total / max(1, n_tokens)
 
 
 def top_next_tokens(loaded: LoadedModel, logits: torch.Tensor, k: int = TOP_NEXT) -> list[dict]:

@@ -251,7 +251,7 @@ def attribute(loaded: LoadedModel, spec: RunSpec, method: str = "ig", steps: int
     policy = spec.to_policy()
     with sparsified(loaded, policy, kernel=spec.kernel, recorder=rec):
         forward(loaded, enc)
-    sparse_layers = rec.layers(n, loaded.d_ff * max(1, loaded.n_experts))
+    sparse_layers = rec.layers(n, loaded.n_neurons)
     frozen = None if policy.kind == "dense" or loaded.n_experts else {
         i: lf.padded_ids() for i, lf in enumerate(sparse_layers)}
     args = (loaded, spec.kernel, fn, ids, method, steps, step)

@@ -30,7 +30,7 @@ def density_sweep(loaded: LoadedModel, spec: RunSpec, densities=SWEEP_DENSITIES,
         rec = Recorder()
         with sparsified(loaded, Policy(policy, density), kernel=spec.kernel, recorder=rec):
             sparse = forward(loaded, enc)
-        layers = rec.layers(n, loaded.d_ff * max(1, loaded.n_experts))
+        layers = rec.layers(n, loaded.n_neurons)
         achieved = sum(float(l.selected.sum()) for l in layers) / sum(float(l.possible.sum()) for l in layers)
         value = compare_outputs(loaded.kind, dense, sparse, enc["attention_mask"])[metric]
         rows.append({"policy": policy, "density": density, "achieved_density": achieved,

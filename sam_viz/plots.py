@@ -125,13 +125,15 @@ def _selected(lf, n_neurons: int) -> torch.Tensor:
 
 
 def _routed(analysis, lf) -> torch.Tensor | None:
-    """[T, n_neurons] bool: neurons of the experts the router picked per token (None unless MoE)."""
+    """[T, n_neurons] bool: neurons of the experts the router picked per token, and of the shared
+    experts (every token), or None unless the layer routes."""
     if not analysis.n_experts or lf.experts is None:
         return None
     n_tok = lf.experts.shape[0]
     picked = torch.zeros(n_tok, analysis.n_experts, dtype=torch.bool)
     picked[torch.arange(n_tok)[:, None], lf.experts.long()] = True
-    return picked.repeat_interleave(analysis.d_ff, dim=1)
+    shared = torch.ones(n_tok, analysis.n_shared, dtype=torch.bool)
+    return torch.cat([picked.repeat_interleave(analysis.d_ff, dim=1), shared], dim=1)
 
 
 def _token_grid(analysis, z: torch.Tensor, col_word: str, max_cells: int, **heatmap) -> tuple[go.Heatmap, str]:
@@ -330,6 +332,8 @@ def _sparse_row(analysis, lf, token: int, n: int) -> tuple[torch.Tensor, torch.T
 
 
 def _neuron_name(analysis, j: int) -> str:
+    if analysis.n_experts and j >= analysis.n_experts * analysis.d_ff:
+        return f"shared experts · neuron {j - analysis.n_experts * analysis.d_ff}"
     if analysis.n_experts:
         return f"expert {j // analysis.d_ff} · neuron {j % analysis.d_ff}"
     return f"neuron {j}"
@@ -357,17 +361,24 @@ def density_tokens_layers(analysis, max_cells: int = MAX_CELLS) -> Plot:
 # ---------------------------------------------------------------------------------- MoE routing
 
 def expert_heatmap(analysis, layer: int, max_cells: int = MAX_CELLS) -> Plot:
-    """MoE: tokens x experts of the router's weight (0 where the expert was not picked)."""
+    """MoE: tokens x experts of the router's weight (0 where the expert was not picked); the shared
+    experts, which every token goes through, are one last column "shared" at 1."""
     if not analysis.n_experts:
         return _empty("This model has no experts: expert routing exists only in mixture-of-experts models.")
     lf = analysis.layers[_index(layer, analysis.n_layers, "layer")]
     if lf.experts is None:
-        return _empty(f"No expert routing was recorded for layer {layer}.")
-    weights = torch.zeros(lf.experts.shape[0], analysis.n_experts)      # [T, E]
+        return _empty(f"Layer {layer} is a dense MLP of this mixture-of-experts model: every token goes through "
+                      "all of its neurons, and no router chooses.")
+    weights = torch.zeros(lf.experts.shape[0], analysis.n_experts + (analysis.n_shared > 0))   # [T, E (+1)]
     weights.scatter_(1, lf.experts.long(), lf.expert_weights.float())
-    trace, note = _token_grid(analysis, weights, "experts", max_cells, colorscale="Oranges", zmin=0, zmax=1,
-                              colorbar=dict(title="weight"),
+    weights[:, analysis.n_experts:] = 1.0
+    trace, note = _token_grid(analysis, weights, "experts", max_cells, colorscale="Oranges", zmin=0,
+                              zmax=max(1.0, float(weights.max())), colorbar=dict(title="weight"),
                               hovertemplate="token %{y}<br>expert %{x}<br>weight %{z:.3f}<extra></extra>")
+    if analysis.n_shared:
+        trace.x = ["shared" if x == analysis.n_experts else x for x in trace.x]
+    sub = "colour = the router's weight; blank = not picked" + (
+        "; shared: the shared experts, every token" if analysis.n_shared else "")
     fig = _style(go.Figure(trace), f"Layer {layer}: experts the router picked per token", "expert", "token",
-                 sub="colour = the router's weight; blank = not picked", **_grid_layout(len(trace.y)))
+                 sub=sub, **_grid_layout(len(trace.y)))
     return Plot(fig, note)

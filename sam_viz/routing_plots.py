@@ -104,36 +104,52 @@ def cofiring(a: Analysis, layer: int, top: int = 30, max_cells: int = MAX_CELLS)
                        sub="Jaccard overlap of the tokens each fires for", height=520, yaxis_autorange="reversed"))
 
 
+def _moe_layers(a: Analysis) -> list[int]:
+    """Layers that route (an MoE model may have dense layers: DeepSeek's first ones, Llama 4's interleaved)."""
+    return [i for i, l in enumerate(a.layers) if l.experts is not None]
+
+
+def _dense_note(a: Analysis, moe: list[int]) -> str:
+    dense = [i for i in range(a.n_layers) if i not in moe]
+    if not dense:
+        return ""
+    return f"Layer{'s' if len(dense) > 1 else ''} {', '.join(map(str, dense))}: dense MLP, no router (not shown)."
+
+
 def router_entropy(a: Analysis) -> Plot:
     """MoE: entropy of the router's distribution per token and layer, on the whole scale from 0
-    (certain) to ln(experts) (uniform); one column per layer."""
+    (certain) to ln(experts) (uniform); one column per routing layer. Sigmoid routers' scores are
+    normalised to a distribution first (models.adapters.route)."""
     if not a.n_experts:
         return _empty("Not a mixture-of-experts model: there is no router.")
-    ent = torch.stack([l.router_entropy for l in a.layers], dim=1)      # [T, L]
+    moe = _moe_layers(a)
+    ent = torch.stack([a.layers[i].router_entropy for i in moe], dim=1)      # [T, L_moe]
     top = math.log(a.n_experts)
     labels = [f"{i}: {html.escape(t)}" for i, t in enumerate(a.tokens)]
-    fig = go.Figure(go.Heatmap(z=ent.tolist(), x=list(range(a.n_layers)), y=labels, colorscale=ENTROPY_SCALE, zmin=0,
+    fig = go.Figure(go.Heatmap(z=ent.tolist(), x=moe, y=labels, colorscale=ENTROPY_SCALE, zmin=0,
                                zmax=top, colorbar=dict(title=dict(text="nats", side="top"), thickness=14, len=1),
                                hovertemplate="%{y}, layer %{x}: entropy %{z:.2f} nats<extra></extra>"))
     sub = f"0 = certain, {top:.2f} = uniform; here {float(ent.min()):.2f} to {float(ent.max()):.2f}"
     return Plot(_style(fig, "Router entropy per token and layer", "layer", "token", sub=sub,
-                       xaxis=dict(type="category", tickvals=list(range(a.n_layers))),
-                       yaxis=dict(type="category", autorange="reversed")))
+                       xaxis=dict(type="category", tickvals=moe),
+                       yaxis=dict(type="category", autorange="reversed")), _dense_note(a, moe))
 
 
 def expert_load(a: Analysis) -> Plot:
-    """MoE: share of the prompt's tokens each expert received, per layer (layer 0 at the top)."""
+    """MoE: share of the prompt's tokens each expert received, per routing layer (layer 0 at the top);
+    the shared experts, when the model has them, are a last column at 100%: every token goes through them."""
     if not a.n_experts:
         return _empty("Not a mixture-of-experts model: there are no experts.")
-    load = [torch.bincount(l.experts.long().flatten(), minlength=a.n_experts).double() / len(a.tokens)
-            for l in a.layers]
-    fig = go.Figure(go.Heatmap(z=torch.stack(load).tolist(), x=[f"expert {e}" for e in range(a.n_experts)],
-                               y=[f"layer {i}" for i in range(a.n_layers)], colorscale="Blues", zmin=0, zmax=1,
+    moe, shared = _moe_layers(a), [1.0] if a.n_shared else []
+    load = [torch.bincount(a.layers[i].experts.long().flatten(), minlength=a.n_experts).double().div(len(a.tokens))
+            .tolist() + shared for i in moe]
+    names = [f"expert {e}" for e in range(a.n_experts)] + (["shared"] if shared else [])
+    fig = go.Figure(go.Heatmap(z=load, x=names, y=[f"layer {i}" for i in moe], colorscale="Blues", zmin=0, zmax=1,
                                colorbar=dict(title=dict(text="share", side="top"), tickformat=".0%"),
                                hovertemplate="%{y}, %{x}: %{z:.0%} of tokens<extra></extra>"))
-    return Plot(_style(fig, "Expert load per layer", "expert", "layer",
-                       sub="share of the prompt's tokens routed to each expert",
-                       yaxis=dict(type="category", autorange="reversed")))
+    sub = "share of the prompt's tokens routed to each expert" + ("; shared: every token" if shared else "")
+    return Plot(_style(fig, "Expert load per layer", "expert", "layer", sub=sub,
+                       yaxis=dict(type="category", autorange="reversed")), _dense_note(a, moe))
 
 
 def neuron_attribution_plot(attribution, layer: int, top: int = 20) -> Plot:

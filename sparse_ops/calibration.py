@@ -243,8 +243,11 @@ def _phases(step: Progress, shares: dict[str, float]) -> Callable[[str], Progres
 
 
 def _unit_name(loaded: LoadedModel, unit: Unit) -> str:
-    """'layer 3 of 6' (counted from 1, as a person counts), with ', expert 2 of 8' for MoE units."""
+    """'layer 3 of 6' (counted from 1, as a person counts), with ', expert 2 of 8' (or ', shared
+    expert 1') for MoE units."""
     layer, expert = unit
+    if expert >= loaded.n_experts:
+        return f"layer {layer + 1} of {loaded.n_layers}, shared expert {expert - loaded.n_experts + 1}"
     return f"layer {layer + 1} of {loaded.n_layers}" + (
         f", expert {expert + 1} of {loaded.n_experts}" if expert >= 0 else "")
 

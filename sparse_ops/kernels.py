@@ -31,10 +31,11 @@ Kernel = Callable[[torch.Tensor, torch.Tensor, MLPWeights], tuple[torch.Tensor, 
 
 
 def activations(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
-    """All neurons: h = act(x W_gate^T + b) [* (x W_up^T + b_up)]  -> [N, d_ff]."""
+    """All neurons: h = act(x W_gate^T + b) [* up_act(x W_up^T + b_up)]  -> [N, d_ff]."""
     h = w.act(F.linear(x, w.gate, w.b_gate))
     if w.up is not None:
-        h = h * F.linear(x, w.up, w.b_up)
+        up = F.linear(x, w.up, w.b_up)
+        h = h * (up if w.up_act is None else w.up_act(up))
     return h
 
 
@@ -49,13 +50,22 @@ def _needs_grad(x: torch.Tensor, w: MLPWeights) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or w.gate.requires_grad or w.down_t.requires_grad)
 
 
+def _compiled_glu(name: str, w: MLPWeights) -> None:
+    """The compiled kernels compute act(gate) * up: refuse an MLP that transforms `up` too."""
+    if w.up_act is not None:
+        raise InputError(f"the {name} kernel does not implement the activation {type(w.act).__name__} with "
+                         f"{type(w.up_act).__name__} on the up projection (a clamped SwiGLU); use the reference kernel")
+
+
 def _cpu(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    _compiled_glu("cpu", w)
     if _needs_grad(x, w):
         return reference(x, idx, w)
     return cpu.cpu_kernel(x, idx, w)
 
 
 def _triton(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    _compiled_glu("triton", w)
     if _needs_grad(x, w):
         return reference(x, idx, w)
     try:                                       # imported on first use: triton is optional here

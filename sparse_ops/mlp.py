@@ -4,6 +4,12 @@ Outside a sparse run it calls the original modules, so the model computes exactl
 Inside one (see `sparsified`), it selects neurons with the run's policy and computes
 y = W_down[:, S] h_S (+ bias) with the run's kernel, as Deja Vu / CATS / TEAL do. Architecture
 details come from the declarative adapter; no family names here.
+
+An MoE layer is a set of MLP units: the routed experts the router picked for a token (unit e < E,
+weighted as the router says) and the shared experts every token goes through (unit E + s). The
+policy applies to every unit alike, with k = round(density * the unit's d_ff); a token's density
+is the share of its units' neurons computed (README, "Density in MoE models"). A layer of an MoE
+model without the router is a plain MLP (unit -1).
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import LoadedModel, MLPAdapter, MLPWeights, get_path, mlp_weights
-from models.adapters import set_path
+from models.adapters import n_routed, route, set_path
 
 from .context import Run, current_run
 from .kernels import activations
@@ -39,6 +45,10 @@ class SparseMLP(nn.Module):
         self.dense = dense                   # the original module, as shipped
         self.tail = nn.ModuleList(tail)      # originals of the absorbed modules, in call order
         self.neurons = nn.Identity()         # h [B, T, d_ff] passes here when a run exposes it (attribution)
+        moe = adapter.moe if adapter.is_moe and self._has(adapter.moe.router) else None
+        self.moe = moe                       # None: a dense MLP (also inside an MoE model)
+        self.n_experts, self.d_expert = n_routed(self.resolve, moe) if moe else (0, 0)
+        self.offsets = {-1: 0, **self._unit_offsets()} if moe else {-1: 0}   # unit -> its first neuron id
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, family={self.adapter.family}"
@@ -51,6 +61,22 @@ class SparseMLP(nn.Module):
             if path.startswith(root + "."):
                 return get_path(module, path[len(root) + 1:])
         raise KeyError(f"adapter path '{path}' is not part of the MLP at '{self.adapter.entry}'")
+
+    def _has(self, path: str) -> bool:
+        try:
+            self.resolve(path)
+        except (KeyError, AttributeError):
+            return False
+        return True
+
+    def _unit_offsets(self) -> dict[int, int]:
+        """Routed expert e: e * d_ff; shared expert s (unit E + s): after all routed ids, in order."""
+        out = {e: e * self.d_expert for e in range(self.n_experts)}
+        start = self.n_experts * self.d_expert
+        for s in range(len(self.moe.shared)):
+            out[self.n_experts + s] = start
+            start += self.weights(self.n_experts + s).d_ff
+        return out
 
     def weights(self, expert: int | None = None) -> MLPWeights:
         return mlp_weights(self.resolve, self.adapter, expert)
@@ -78,32 +104,45 @@ class SparseMLP(nn.Module):
             if run.recorder is not None or run.collector is not None:
                 self._record_dense(run, x2, _positions(x2))
             return y
-        if self.adapter.is_moe:
-            y = self._moe(run, x2, _positions(x2))
+        if self.moe is not None:
+            y, extra = self._moe(run, x2, _positions(x2))
         else:
-            y = self._sparse(run, x2, None, self._weights(run))
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+            y, extra = self._sparse(run, x2, None, self._weights(run)), None
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return (y, extra) if self.moe is not None and self.moe.returns_pair else y
 
     def _record_dense(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> None:
-        units = self._route(run, x2) if self.adapter.is_moe else [(-1, rows, None)]
+        units = self._units(run, x2)[0] if self.moe is not None else [(-1, rows, x2, None)]
         need_h = run.collector is not None or run.recorder.wants_activations
-        for e, tok, _ in units:
+        for e, tok, xe, _ in units:
             w = self._weights(run, e)
-            h = activations(x2[tok], w) if need_h else None
+            h = activations(xe, w) if need_h else None
             if run.recorder is not None:
-                run.recorder.add(self.layer, rows[tok], None, None, h, offset=max(e, 0) * w.d_ff)
+                run.recorder.add(self.layer, rows[tok], None, None, h, offset=self.offsets[e], width=w.d_ff)
             if run.collector is not None:                      # calibration: real tokens only
                 real = run.token_mask[rows[tok]] if run.token_mask is not None else slice(None)
-                run.collector.add((self.layer, e), x2[tok][real], h[real])
+                run.collector.add((self.layer, e), xe[real], h[real])
 
-    def _route(self, run: Run, x2: torch.Tensor):
-        """Route as shipped; record the routing; yield (expert, token rows, slot, weight) per picked expert."""
-        logits, top_w, top_e = self.resolve(self.adapter.router)(x2)    # [N, E], [N, top_k], [N, top_k]
+    def _units(self, run: Run, x2: torch.Tensor):
+        """Route as shipped and record the routing. Returns ([(unit, token rows, unit input, output
+        scale [n, 1] or None)] for each picked routed expert then each shared one, the Routing)."""
+        router = self.resolve(self.moe.router)
+        r = route(router, x2, self.moe)                                  # [N, E], [N, top_k], [N, top_k]
         if run.recorder is not None:
-            run.recorder.add_routing(self.layer, top_e, top_w, logits)
-        for e in top_e.unique().tolist():
-            tok, pos = torch.where(top_e == e)
-            yield e, tok, top_w[tok, pos, None]
+            run.recorder.add_routing(self.layer, r.experts, r.weights, r.probs)
+        units = []
+        for e in r.experts.unique().tolist():
+            tok, pos = torch.where(r.experts == e)
+            weight = r.weights[tok, pos, None].to(x2.dtype)
+            if self.moe.weight_input:
+                units.append((e, tok, x2[tok] * weight, None))
+            else:
+                units.append((e, tok, x2[tok], weight))
+        everyone = _positions(x2)
+        for s, shared in enumerate(self.moe.shared):
+            scale = None if shared.scale is None else torch.sigmoid(self.resolve(shared.scale)(x2))
+            units.append((self.n_experts + s, everyone, x2, scale))
+        return units, r
 
     def _sparse(self, run: Run, x2: torch.Tensor, rows: torch.Tensor | None, w: MLPWeights,
                 expert: int = -1) -> torch.Tensor:
@@ -134,9 +173,9 @@ class SparseMLP(nn.Module):
         if run.recorder is not None:
             if h_all is None and run.recorder.wants_activations:
                 h_all = activations(x2, w)
-            offset = max(expert, 0) * w.d_ff
+            offset = self.offsets[expert]
             ids = torch.where(idx >= 0, idx + offset, idx)
-            run.recorder.add(self.layer, rows, ids, h_sel, h_all, offset=offset, oracle_k=k)
+            run.recorder.add(self.layer, rows, ids, h_sel, h_all, offset=offset, oracle_k=k, width=w.d_ff)
         return y
 
     def _exposed(self, run: Run, x2: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> torch.Tensor:
@@ -146,21 +185,22 @@ class SparseMLP(nn.Module):
         h = self.neurons(h.reshape(-1, run.seq_len, w.d_ff)).reshape(-1, w.d_ff)
         return F.linear(h * selection_mask(idx, w.d_ff), w.down_t.t(), w.b_down)
 
-    def _moe(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Each picked expert's MLP run sparsely on its tokens, weighted as the router says."""
-        routes = list(self._route(run, x2))
+    def _moe(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each unit's MLP (picked routed experts, shared experts) run sparsely on its tokens, weighted
+        as the model weights it. Returns (y [N, d], the routing weights: what the block returns beside y)."""
+        units, r = self._units(run, x2)
         if run.policy.kind == "threshold" and run.calibrating and self.layer not in run.thresholds:
-            scores = []                                  # one threshold over all routed experts
-            for e, tok, _ in routes:
+            scores = []                                  # one threshold over all units of the layer
+            for e, tok, xe, _ in units:
                 w = self._weights(run, e)
-                scores.append(w.act(F.linear(x2[tok], w.gate, w.b_gate)).abs())
-            run.threshold(self.layer, torch.cat(scores), torch.cat([rows[tok] for _, tok, _ in routes]))
+                score = w.act(F.linear(xe, w.gate, w.b_gate)).abs()
+                scores.append((score[run.token_mask[rows[tok]]] if run.token_mask is not None else score).flatten())
+            run.threshold(self.layer, torch.cat(scores))
         y = torch.zeros_like(x2)
-        for e, tok, weight in routes:
-            w = self._weights(run, e)
-            ye = self._sparse(run, x2[tok], rows[tok], w, expert=e)
-            y.index_add_(0, tok, (ye * weight).to(y.dtype))
-        return y
+        for e, tok, xe, scale in units:
+            ye = self._sparse(run, xe, rows[tok], self._weights(run, e), expert=e)
+            y.index_add_(0, tok, (ye if scale is None else ye * scale).to(y.dtype))
+        return y, r.weights
 
 
 def _positions(x2: torch.Tensor) -> torch.Tensor:

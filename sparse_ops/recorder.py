@@ -2,7 +2,9 @@
 
 Stored compactly as CSR rows (one row per token): neuron ids as int16 (int32 when a layer has more
 than 32767 neurons), activation values as fp16. For MoE layers a neuron id is
-`expert * d_ff + j`, and the router's choice per token is kept too.
+`expert * d_ff + j` for a routed expert and `E * d_ff + (earlier shared experts' neurons) + j` for a
+shared one, and the router's choice per token is kept too. `possible` counts, per token, the
+neurons of the units the dense model computes for it (picked and shared experts; README).
 
 DensityCounter is the light alternative for a long text (`eval`): per layer, only how many neurons
 were computed and how many could have been; no ids, values, mass or oracle recall, and the MLPs do
@@ -109,9 +111,11 @@ class Recorder:
     _routing: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, layer: int, rows, ids, values, h_all, offset: int = 0, oracle_k: int | None = None) -> None:
+    def add(self, layer: int, rows, ids, values, h_all, offset: int = 0, oracle_k: int | None = None,
+            width: int | None = None) -> None:
         """rows [n]; ids/values [n, k] global ids (-1 = none; None: all neurons fired); h_all [n, d_ff]
-        every neuron's h. With oracle_k, also count how many selected ids are in the top-oracle_k by |h|."""
+        every neuron's h (its width is the unit's d_ff). With oracle_k, also count how many selected
+        ids are in the top-oracle_k by |h|."""
         h_all = h_all.detach()
         oracle = hits = None
         if oracle_k is not None and ids is not None:
@@ -127,9 +131,10 @@ class Recorder:
         with self._lock:
             self._parts.setdefault(layer, []).append(part)
 
-    def add_routing(self, layer: int, experts: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor) -> None:
-        logp = torch.log_softmax(logits.detach().float(), dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+    def add_routing(self, layer: int, experts: torch.Tensor, weights: torch.Tensor, probs: torch.Tensor) -> None:
+        """experts, weights [T, top_k]; probs [T, E] the router's distribution (models.adapters.route)."""
+        p = probs.detach().float()
+        entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)                  # 0 log 0 = 0
         with self._lock:
             self._routing[layer] = (experts.detach().to(torch.int16), weights.detach().to(torch.float16), entropy)
 
@@ -195,22 +200,24 @@ def _to_fp16(t: torch.Tensor) -> torch.Tensor:
 @dataclass
 class DensityCounter:
     """Counts, per layer, the neurons the sparse pass computed and those the dense model computes
-    (d_ff per token, per picked expert for MoE). Takes add() / add_routing() calls as a Recorder."""
+    (d_ff per token, per picked or shared expert for MoE). Takes add() / add_routing() calls as a Recorder."""
     d_ff: int
     wants_activations = False         # the MLPs pass h_all=None: nothing here reads h
     _counts: dict[int, list[int]] = field(default_factory=dict)     # layer -> [selected, possible]
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, layer: int, rows, ids, values=None, h_all=None, offset: int = 0, oracle_k: int | None = None) -> None:
-        """rows [n]; ids [n, k] (-1 = none) or None when every neuron of the unit fired."""
-        possible = rows.numel() * self.d_ff
+    def add(self, layer: int, rows, ids, values=None, h_all=None, offset: int = 0, oracle_k: int | None = None,
+            width: int | None = None) -> None:
+        """rows [n]; ids [n, k] (-1 = none) or None when every neuron of the unit (`width` neurons;
+        None: d_ff) fired."""
+        possible = rows.numel() * (width or self.d_ff)
         selected = possible if ids is None else int((ids >= 0).sum())
         with self._lock:
             counts = self._counts.setdefault(layer, [0, 0])
             counts[0] += selected
             counts[1] += possible
 
-    def add_routing(self, layer: int, experts, weights, logits) -> None:
+    def add_routing(self, layer: int, experts, weights, probs) -> None:
         """The router's choice is not counted (only the neurons of the experts it picked are)."""
 
     def counts(self) -> dict[int, tuple[int, int]]:
