@@ -286,3 +286,23 @@ def test_routing_page_names_the_activation_the_cpu_kernel_refuses(checkpoints, m
     assert [e.value for e in at.error] == [
         "the cpu kernel does not implement the activation ClampedSwish with ClampedShift on the up projection "
         "(a clamped SwiGLU); use the reference kernel"]
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "llama4_text"])
+def test_corpus_profile_counts_units_by_the_density_rule(family, checkpoints, moe, tmp_path):
+    """A corpus profile counts what the firing map counts: per token and layer, k = a quarter of each
+    computed unit's width (picked routed experts, shared experts, or a dense layer's MLP), so the fire
+    counts of layer l sum to tokens x PER_TOKEN[l] / 4; routing layers have a router entropy."""
+    import pandas as pd
+
+    from sam_viz.profile import build_profile
+    moe(family)
+    m = build_profile(str(checkpoints[family]), "builtin:calibration", density=0.25, context=32, max_tokens=256,
+                      root=tmp_path)
+    neurons = pd.read_parquet(tmp_path / m["id"] / "neurons.parquet")
+    fire = neurons.groupby("layer")["fire_count"].sum().to_numpy()
+    assert fire.tolist() == [m["tokens"] * n // 4 for n in PER_TOKEN[family]]
+    layers = pd.read_parquet(tmp_path / m["id"] / "layers.parquet").set_index("layer")
+    dense = DENSE_LAYERS.get(family, [])
+    for layer in range(3):
+        assert pd.isna(layers.loc[layer, "router_entropy"]) == (layer in dense)

@@ -111,10 +111,12 @@ class ShardStats:
         p.mass_kept[layer] += float((a * selected).sum(dtype=torch.float64))
         p.hits[layer] += int((selected & oracle_mask(a, k)).sum())
 
-    def observe_routing(self, layer: int, experts: torch.Tensor, logits: torch.Tensor) -> None:
-        """MoE router: tokens routed per expert, entropy (nats) of its distribution summed over tokens."""
-        logp = torch.log_softmax(logits.detach().float().cpu(), dim=-1)
-        self.p.entropy_sum[layer] += float(-(logp.exp() * logp).sum(dtype=torch.float64))
+    def observe_routing(self, layer: int, experts: torch.Tensor, probs: torch.Tensor) -> None:
+        """MoE router: tokens routed per expert, entropy (nats) of its distribution over experts (the
+        recorder's probabilities, normalised to sum 1 as the Routing page does) summed over tokens."""
+        p = probs.detach().double().cpu()
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+        self.p.entropy_sum[layer] += float(-torch.xlogy(p, p).sum())
         counts = torch.bincount(experts.detach().cpu().long().flatten(), minlength=self.p.routed.shape[1])
         self.p.routed[layer] += counts.numpy()
 

@@ -72,35 +72,37 @@ class ProfileSettings:
 
 
 def model_layout(loaded) -> Layout:
-    return Layout(loaded.n_layers, loaded.d_ff * max(1, loaded.n_experts), loaded.n_experts)
+    return Layout(loaded.n_layers, loaded.n_neurons, loaded.n_experts)
 
 
 class _DenseTap:
     """Recorder for the dense pass: every MLP call's h -> ShardStats (and topk / dense selections)."""
     wants_activations = True
 
-    def __init__(self, stats: ShardStats, k: int, relu: list[bool], policy: str, base: int):
-        self.stats, self.k, self.relu, self.policy, self.base = stats, k, relu, policy, base
+    def __init__(self, stats: ShardStats, density: float, relu: list[bool], policy: str, base: int):
+        self.stats, self.density, self.relu, self.policy, self.base = stats, density, relu, policy, base
 
-    def add(self, layer, rows, ids, values, h_all, offset=0, oracle_k=None):
-        self.stats.observe(layer, rows.cpu() + self.base, h_all, offset, self.k, self.relu[layer], self.policy)
+    def add(self, layer, rows, ids, values, h_all, offset=0, oracle_k=None, width=None):
+        k = Policy("topk", self.density).k(h_all.shape[-1])          # per unit: experts may differ in width
+        self.stats.observe(layer, rows.cpu() + self.base, h_all, offset, k, self.relu[layer], self.policy)
 
-    def add_routing(self, layer, experts, weights, logits):
-        self.stats.observe_routing(layer, experts, logits)
+    def add_routing(self, layer, experts, weights, probs):
+        self.stats.observe_routing(layer, experts, probs)
 
 
 class _PolicyTap:
     """Recorder for the policy's pass: its selection on each MLP call -> ShardStats."""
     wants_activations = True
 
-    def __init__(self, stats: ShardStats, k: int, base: int):
-        self.stats, self.k, self.base = stats, k, base
+    def __init__(self, stats: ShardStats, density: float, base: int):
+        self.stats, self.density, self.base = stats, density, base
 
-    def add(self, layer, rows, ids, values, h_all, offset=0, oracle_k=None):
+    def add(self, layer, rows, ids, values, h_all, offset=0, oracle_k=None, width=None):
         selected = None if ids is None else selection_mask(torch.where(ids >= 0, ids - offset, -1), h_all.shape[-1])
-        self.stats.observe_policy(layer, rows.cpu() + self.base, selected, h_all, offset, self.k)
+        k = Policy("topk", self.density).k(h_all.shape[-1])
+        self.stats.observe_policy(layer, rows.cpu() + self.base, selected, h_all, offset, k)
 
-    def add_routing(self, layer, experts, weights, logits):
+    def add_routing(self, layer, experts, weights, probs):
         """Routing is counted once, in the dense pass."""
 
 
@@ -113,7 +115,7 @@ class ShardMapper:
         self.layout = model_layout(self.loaded)
         self.k = Policy("topk", settings.density).k(self.loaded.d_ff)
         wrappers = install(self.loaded)
-        self.relu = [isinstance(w.weights(0 if self.loaded.n_experts else None).act, nn.ReLU) for w in wrappers]
+        self.relu = [isinstance(w.weights(0 if w.moe else None).act, nn.ReLU) for w in wrappers]
         self.device = next(self.loaded.model.parameters()).device
 
     def __call__(self, shard: Shard) -> Partial:
@@ -121,12 +123,12 @@ class ShardMapper:
         s, width = self.settings, shard.ids.shape[1]
         for b in range(0, shard.ids.shape[0], BATCH):
             ids = torch.from_numpy(np.ascontiguousarray(shard.ids[b:b + BATCH])).to(self.device)
-            tap = _DenseTap(stats, self.k, self.relu, s.policy, b * width)
+            tap = _DenseTap(stats, s.density, self.relu, s.policy, b * width)
             with sparsified(self.loaded, Policy("dense"), recorder=tap), torch.no_grad():
                 self.loaded.model.base_model(input_ids=ids)
             if s.policy not in ("topk", "dense"):
                 with sparsified(self.loaded, s.run_policy, kernel=s.kernel,
-                                recorder=_PolicyTap(stats, self.k, b * width)), torch.no_grad():
+                                recorder=_PolicyTap(stats, s.density, b * width)), torch.no_grad():
                     self.loaded.model.base_model(input_ids=ids)
         stats.p.layer_tokens += shard.tokens
         return stats.partial()

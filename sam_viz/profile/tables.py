@@ -41,7 +41,9 @@ def _ratio(a: np.ndarray, b: np.ndarray, empty: float = 0.0) -> np.ndarray:
 
 def layers_table(p: Partial, moe: bool) -> pa.Table:
     L = p.fire.shape[0]
-    entropy = pa.array(_ratio(p.entropy_sum, p.layer_tokens) if moe else [None] * L, pa.float64())
+    routing = p.routed.sum(1) > 0 if moe else np.zeros(L, bool)       # a dense layer of an MoE model: no router
+    entropy = pa.array(np.where(routing, _ratio(p.entropy_sum, p.layer_tokens), np.nan) if moe else [None] * L,
+                       pa.float64(), from_pandas=True)
     return pa.table({
         "layer": np.arange(L, dtype=np.int32), "tokens": p.layer_tokens,
         "density": _ratio(p.selected, p.possible), "oracle_density": _ratio(p.fire.sum(1), p.possible),
@@ -145,8 +147,9 @@ def logits_table(loaded, token_strings) -> pa.Table:
     scale = _final_norm_scale(loaded)
     cols = {k: [] for k in ("layer", "neuron", "sign", "rank", "token_id", "value")}
     for layer, wrapper in enumerate(install(loaded)):
-        for e in range(max(1, loaded.n_experts)):
-            down = wrapper.weights(e if loaded.n_experts else None).down_t.detach().float()   # [d_ff, d]
+        units = sorted(u for u in wrapper.offsets if u >= 0) if wrapper.moe else [-1]   # routed, shared; or the MLP
+        for e in units:
+            down = wrapper.weights(None if e < 0 else e).down_t.detach().float()          # [d_ff, d]
             if scale is not None:
                 down = down * scale
             for a in range(0, down.shape[0], 1024):
@@ -155,7 +158,7 @@ def logits_table(loaded, token_strings) -> pa.Table:
                     top = vals.topk(LOGIT_TOP, dim=1)
                     c = effect.shape[0]
                     cols["layer"].append(np.full(c * LOGIT_TOP, layer, np.int32))
-                    cols["neuron"].append(np.repeat(np.arange(c) + a + e * loaded.d_ff, LOGIT_TOP).astype(np.int32))
+                    cols["neuron"].append(np.repeat(np.arange(c) + a + wrapper.offsets[e], LOGIT_TOP).astype(np.int32))
                     cols["sign"].append(np.full(c * LOGIT_TOP, sign, dtype=object))
                     cols["rank"].append(np.tile(np.arange(LOGIT_TOP, dtype=np.int32), c))
                     cols["token_id"].append(top.indices.reshape(-1).cpu().numpy().astype(np.int64))
