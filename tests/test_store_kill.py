@@ -24,7 +24,7 @@ import torch
 import sam_viz.store
 from conftest import shared
 from sam_viz import RunSpec, analyze
-from sam_viz.store import FULL, READ_ONLY, RunStore
+from sam_viz.store import DAMAGED, FULL, READ_ONLY, RunStore, StoreError
 from test_app import PAGES, PROMPT, ROOT, open_app, run_db  # noqa: F401 - run_db: a fresh run store per test
 from test_store import assert_same
 
@@ -186,3 +186,11 @@ def test_a_read_only_store_is_one_sentence_and_the_app_keeps_serving(tmp_path):
     assert firing["exception"] == [] and firing["charts"] >= 3                  # the live analysis is shown
     assert firing["error"] == [f"Saved run 'AAAAAAAAAAAA' cannot be opened ({READ_ONLY}); showing a live "
                                "analysis instead."]
+
+
+def test_a_damaged_store_file_is_one_sentence(tmp_path):
+    db = tmp_path / "runs.sqlite"
+    db.write_bytes(b"not a database, " * 512)
+    with pytest.raises(StoreError) as exc:
+        RunStore(db)
+    assert str(exc.value) == DAMAGED
