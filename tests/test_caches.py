@@ -3,7 +3,7 @@ analysis, so a rerun, another session opening the same view, or going back to ea
 computes nothing; a new method, target, step count or run computes once. Counted as calls of
 sam_viz.attribution.attribute across AppTest sessions (each AppTest is a session of its own).
 Also: a run with the dense policy attributes (there is no neuron selection to hook, and the sparse
-side is the dense model exactly)."""
+side is the dense model exactly). Memory over many analyses is bench/memory.py's (too slow for here)."""
 import pytest
 
 import pages._shared
@@ -56,3 +56,4 @@ def test_a_dense_run_attributes_and_its_sparse_side_is_the_dense_model():
     assert a.sparse == a.dense and a.mass_lost == [0.0] * len(a.mass_lost)
     at = open_app("attribution", **{**LINK, "policy": "dense", "density": "1"})
     assert not at.exception and not at.error
+
