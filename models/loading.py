@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,12 +164,24 @@ def _load_tiny(name: str) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     config = tiny_config(name, tokenizer)
     auto = AutoModel if adapter_for(config.model_type).kind == "encoder" else AutoModelForCausalLM
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0):
         model = auto.from_config(config, dtype=torch.float32)
     loaded = _finish(name, model, tokenizer)
     loaded.add_special_tokens = loaded.kind == "encoder"      # no [CLS] / [SEP] around a causal prompt
     return loaded
+
+
+_SEEDED = threading.Lock()
+
+
+@contextmanager
+def seeded(seed: int):
+    """torch's global CPU generator seeded for a deterministic initialisation, and restored after. It is
+    one per process: sessions loading models in other threads would draw from it in between, so the
+    seeded sections take turns (and code running beside them draws from generators of its own)."""
+    with _SEEDED, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _demo_dir(name: str) -> Path:

@@ -11,6 +11,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
+# pandas whole before any figure: plotly's validators read it from sys.modules, where it is half-made
+# while another session's thread imports it for the first time (AttributeError: no attribute 'Series')
+import pandas  # noqa: F401
 import streamlit as st
 from streamlit.errors import StreamlitAPIException, StreamlitPageNotFoundError
 

@@ -5,6 +5,7 @@ import streamlit as st
 from pages._shared import page_context, explain, run_store, share_url
 from sam_viz import InputError, export
 from sam_viz.report import report_plots
+from sam_viz.text import escape_markdown
 
 ctx = page_context()
 a = ctx.analysis
@@ -21,6 +22,7 @@ st.subheader("Link to this view")
 st.code(share_url(ctx), language=None, wrap_lines=True)
 
 st.subheader("Save this run")
+problem = None                                  # the store's one sentence, said once on this page
 if ctx.run_id:
     st.caption(f"This is saved run `{ctx.run_id}`: the link above opens it.")
 elif st.button("Save run", type="primary", help="Saving the same analysis again gives the same id."):
@@ -29,15 +31,21 @@ elif st.button("Save run", type="primary", help="Saving the same analysis again 
         st.success(f"Saved as `{run_id}`. Share this link:")
         st.code(share_url(ctx, run_id=run_id), language=None, wrap_lines=True)
     except InputError as exc:
-        st.error(str(exc))
+        problem = str(exc)
+        st.error(escape_markdown(problem))
 
 st.subheader("Saved runs")
-runs = run_store().list(limit=50)
+try:
+    runs = run_store().list(limit=50)
+except InputError as exc:                       # a read-only, full or damaged store
+    runs = None
+    if str(exc) != problem:
+        st.error(escape_markdown(str(exc)))
 if runs:
     df = pd.DataFrame(runs)
     df["open"] = [share_url(ctx, run_id=run_id) for run_id in df["id"]]
     st.dataframe(df, hide_index=True, column_config={"open": st.column_config.LinkColumn("open")})
-else:
+elif runs is not None:
     st.caption("No saved runs yet.")
 
 st.subheader("Export")

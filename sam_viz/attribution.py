@@ -256,7 +256,8 @@ def attribute(loaded: LoadedModel, spec: RunSpec, method: str = "ig", steps: int
         i: lf.padded_ids() for i, lf in enumerate(sparse_layers)}
     args = (loaded, spec.kernel, fn, ids, method, steps, step)
     d = _side(*args, 0.1, "dense model", Policy("topk", 1.0), None)   # every neuron, exposed: equals dense
-    s = _side(*args, 0.55, "sparse model", policy, frozen)
+    exposed = Policy("topk", 1.0) if policy.kind == "dense" else policy      # dense: no neuron layer to hook
+    s = _side(*args, 0.55, "sparse model", exposed, frozen)
     step(1.0, "done")
     selected = [_selected_mask(lf, n, loaded.d_ff) for lf in sparse_layers] if d.neurons else []
     l1_dense, l1_sparse = [float(a.abs().sum()) for a in d.neurons], [float(a.abs().sum()) for a in s.neurons]

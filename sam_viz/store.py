@@ -8,9 +8,14 @@ Version 2 adds the attributions computed before saving (sam_viz.attribution.Attr
 per-layer tensors as `attributions.<k>.<field>.<layer>` (neurons_dense, neurons_sparse, kept), every
 other field in the JSON list `attributions`. Version 1 (no attributions) still loads.
 Loading validates structure, types and shapes; anything else is one InputError sentence.
+
+The store is SQLite in WAL mode, one transaction per save: a process killed in the middle of a save
+leaves the run either whole or absent (tests/test_store_kill.py kills savers with SIGKILL). A store
+that cannot be written (read-only folder, full disk, damaged file) is one StoreError sentence.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -61,6 +66,27 @@ RUN_ID = re.compile(r"[A-Za-z0-9_-]{12}")          # secrets.token_urlsafe(9)
 SCHEMA = """CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, created REAL NOT NULL, model TEXT, policy TEXT, density REAL,
     n_tokens INTEGER, prompt_preview TEXT, blob BLOB NOT NULL, digest TEXT)"""
+
+
+class StoreError(InputError):
+    """The run store cannot do what was asked (read-only, full, busy, damaged): one sentence."""
+
+
+FULL = "the run store's disk is full, so runs cannot be saved until space is freed"
+READ_ONLY = "the run store's folder is read-only or cannot be opened, so runs cannot be saved or opened here"
+BUSY = "the run store is busy with other saves; try again in a moment"
+DAMAGED = "the run store's database file is damaged; ask whoever runs this server to replace it"
+_WHY = {sqlite3.SQLITE_FULL: FULL, sqlite3.SQLITE_READONLY: READ_ONLY, sqlite3.SQLITE_CANTOPEN: READ_ONLY,
+        sqlite3.SQLITE_PERM: READ_ONLY, sqlite3.SQLITE_BUSY: BUSY, sqlite3.SQLITE_LOCKED: BUSY,
+        sqlite3.SQLITE_IOERR: "the run store's disk could not be read or written",
+        sqlite3.SQLITE_CORRUPT: DAMAGED, sqlite3.SQLITE_NOTADB: DAMAGED}     # SQLite's primary result codes
+
+
+def store_error(exc: Exception) -> StoreError:
+    """One sentence for a failure of the store's file or folder (an sqlite3 or OS error)."""
+    if isinstance(exc, sqlite3.Error):
+        return StoreError(_WHY.get((exc.sqlite_errorcode or 0) & 0xFF, "the run store cannot be used right now"))
+    return StoreError(FULL if getattr(exc, "errno", None) == errno.ENOSPC else READ_ONLY)
 
 
 def analysis_to_bytes(a: Analysis) -> bytes:
@@ -217,7 +243,11 @@ class RunStore:
     def __init__(self, path: str | os.PathLike | None = None, max_bytes: int = MAX_BLOB_BYTES):
         self.path = Path(path or os.environ.get("SAM_VIZ_RUN_DB") or DEFAULT_DB)
         self.max_bytes = max_bytes
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("run store folder %s: %r", self.path.parent, exc)
+            raise store_error(exc) from None
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(SCHEMA)
@@ -227,12 +257,20 @@ class RunStore:
 
     @contextmanager
     def _db(self):
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+        """One connection and one transaction (commit, or roll back on error). A failure of the file or
+        folder is a StoreError sentence; IntegrityError (an id or digest taken) is the caller's."""
         try:
-            with db:                                 # one transaction: commit, or roll back on error
-                yield db
-        finally:
-            db.close()
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+            try:
+                with db:
+                    yield db
+            finally:
+                db.close()
+        except sqlite3.IntegrityError:
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("run store %s: %r", self.path, exc)
+            raise store_error(exc) from None
 
     def save(self, analysis: Analysis) -> str:
         """The run's id: a new one, or the id it already has when the same content was saved before."""

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from models import LoadedModel, adapter_for
+from models.loading import seeded
 from sparse_ops import Policy, SparseMLP, install, sparsified
 from sparse_ops.calibration import Calibration, static_calibration
 
@@ -60,8 +61,7 @@ def build_model(cfg: DecodeConfig) -> LoadedModel:
                          num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
                          num_hidden_layers=cfg.layers, vocab_size=cfg.vocab,
                          max_position_embeddings=max(256, cfg.prompt + cfg.new + 1))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with seeded(cfg.seed):
         model = LlamaForCausalLM(config).float().eval().requires_grad_(False)
     loaded = LoadedModel(spec="bench-llama", model=model, tokenizer=None, adapter=adapter_for("llama"),
                          kind="causal-lm", model_type="llama", n_layers=cfg.layers, d_ff=cfg.intermediate)

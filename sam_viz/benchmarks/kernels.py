@@ -62,7 +62,8 @@ def _rows_for(name: str, d: int, d_ff: int, dt: str, densities, calls: int, ext)
     """One shape and dtype; its weight copies are freed when this returns."""
     dtype = torch.float32 if dt == "fp32" else torch.bfloat16
     copies = _copies(d, d_ff, dtype)
-    x = torch.randn(1, d)
+    gen = torch.Generator().manual_seed(d + d_ff)       # not the global generator: sessions share that one
+    x = torch.randn(1, d, generator=gen)
     xd = x.to(dtype)
     down = [w.down_t.t().contiguous() for w, _ in copies]                    # F.linear's [d, d_ff]
 
@@ -81,7 +82,7 @@ def _rows_for(name: str, d: int, d_ff: int, dt: str, densities, calls: int, ext)
     rows = []
     for density in densities:
         k = round(density * d_ff)
-        sets = [torch.sort(torch.randperm(d_ff)[:k]).values for _ in range(7)]
+        sets = [torch.sort(torch.randperm(d_ff, generator=gen)[:k]).values for _ in range(7)]
 
         out = (torch.empty(1, d), torch.empty(1, k))                           # reused, as a decode loop would
 

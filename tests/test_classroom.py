@@ -1,0 +1,114 @@
+"""A classroom at once: one real Streamlit server, eight browser sessions (Playwright contexts in one
+Chromium) opened at the same moment, each with its own model, policy and density, three of them
+saving their run. Every session must show exactly its own numbers, those of the same spec analysed
+alone in this process; none may wait forever or show an error. (bench/classroom.py times it.)"""
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.classroom import CLASS, launch, run_class, serve, stop, warm_up
+from playwright.sync_api import sync_playwright
+from conftest import shared
+from sam_viz import analyze, load_model
+from sam_viz.store import RunStore
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_CHROMIUM = pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                                 reason="no Chromium found (apt-get install chromium); browser test skipped")
+
+
+@pytest.fixture(scope="module")
+def classroom(tmp_path_factory):
+    db = tmp_path_factory.mktemp("runs") / "runs.sqlite"
+    proc, base = serve({"SAM_VIZ_RUN_DB": str(db)})
+    try:
+        with sync_playwright() as p:
+            browser = launch(p)
+            warm_up(browser, base, CLASS[:1])                 # past the blank first load; models load at once
+            sessions = run_class(browser, base, timeout_s=300)
+            browser.close()
+    finally:
+        stop(proc)
+    return sessions, RunStore(db)
+
+
+def _shown(value: float) -> float:
+    """What a metric shows, as a number: the page writes f'{value:.4g}'."""
+    return float(f"{value:.4g}")
+
+
+@NO_CHROMIUM
+@pytest.mark.parametrize("k", range(len(CLASS)), ids=[f"{s.page}-{s.model}" for s in CLASS])
+def test_each_session_shows_its_own_numbers(classroom, k):
+    sessions, store = classroom
+    got, session = sessions[k], CLASS[k]
+    assert got["stuck"] is None and got["exceptions"] == 0 and got["errors"] == []
+    alone = analyze(shared(session.model), session.spec())
+    if session.page == "runs":
+        saved = store.load(got["saved"])
+        assert saved.spec == session.spec()
+        assert saved.tokens == alone.tokens and saved.density == alone.density
+        for name, value in alone.compare.items():
+            assert math.isclose(saved.compare[name], value, rel_tol=1e-5, abs_tol=1e-9), name
+    else:
+        shown = {label: float(text) for label, text in got["metrics"].items()
+                 if label in {name.replace("_", " ") for name in alone.compare}}
+        assert shown.keys() == {name.replace("_", " ") for name in alone.compare}
+        for name, value in alone.compare.items():
+            assert math.isclose(shown[name.replace("_", " ")], _shown(value), rel_tol=2e-3, abs_tol=1e-9), name
+
+
+@NO_CHROMIUM
+def test_the_saved_runs_are_exactly_the_savers(classroom):
+    sessions, store = classroom
+    savers = {s["saved"]: s["session"] for s in sessions if s["session"].page == "runs"}
+    listed = {r["id"]: (r["model"], r["policy"], r["density"]) for r in store.list()}
+    assert listed == {run_id: (s.model, s.policy, s.density) for run_id, s in savers.items()}
+
+
+def test_tiny_models_loaded_at_once_in_many_sessions_have_the_weights_of_one_loaded_alone():
+    """Sessions load models in threads; a tiny model's seed-0 weights must not take numbers that
+    another thread's initialisation draws from torch's one global generator meanwhile."""
+    names = ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-mixtral"]
+    alone = {name: load_model(name).model.state_dict() for name in names}
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda name: (name, load_model(name).model.state_dict()), names * 3))
+    for name, weights in together:
+        assert all(torch.equal(t, weights[key]) for key, t in alone[name].items()), name
+
+
+RACE = textwrap.dedent("""
+    import threading
+    import pages._shared                        # what every page imports first
+    from sam_viz import plots
+    import torch
+    errors = []
+
+    def draw():
+        for _ in range(400):
+            try:
+                plots.go.Figure(plots.go.Heatmap(z=torch.rand(4, 4).numpy()))
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    t = threading.Thread(target=draw)
+    t.start()
+    import pandas                               # another session's page (Runs) imports pandas
+    t.join()
+    print(errors[:1])
+""")
+
+
+def test_a_figure_drawn_while_another_session_imports_pandas_does_not_fail():
+    proc = subprocess.run([sys.executable, "-c", RACE], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
