@@ -33,6 +33,17 @@ DEMO_SPECS = ("demo-lm", "demo-lm-dense")
 BUILTIN_SPECS = (DEFAULT_MODEL, *DEMO_SPECS, *TINY_CONFIGS)
 MAX_TOKENS = 512                      # analysis bound, whatever the model's context
 _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str) -> str:
+    """`text` if a tokenizer can take it; InputError for a lone surrogate (which argv and some
+    clipboards can carry but is not Unicode text), which tokenizers reject with a TypeError."""
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise InputError(f"the text holds a lone surrogate (U+{ord(bad.group()):04X} at character {bad.start() + 1}), "
+                         "which is not valid Unicode text; paste or type it again")
+    return text
 
 
 @dataclass
@@ -58,6 +69,7 @@ class LoadedModel:
 
     def encode(self, text: str) -> dict[str, torch.Tensor]:
         """Tokenize one prompt ([1, T] tensors); fast tokenizers are not safe to share across threads."""
+        check_text(text)
         with self._tok_lock:
             enc = self.tokenizer(text, return_tensors="pt", truncation=False,
                                  add_special_tokens=self.add_special_tokens)
@@ -65,6 +77,8 @@ class LoadedModel:
 
     def encode_batch(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Tokenize several texts into one right-padded batch ([B, T] tensors)."""
+        for text in texts:
+            check_text(text)
         with self._tok_lock:
             enc = self.tokenizer(list(texts), return_tensors="pt", padding=True,
                                  truncation=max_length is not None, max_length=max_length,
@@ -73,6 +87,7 @@ class LoadedModel:
 
     def plain_ids(self, text: str) -> list[int]:
         """Token ids of `text` without special tokens."""
+        check_text(text)
         with self._tok_lock:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
