@@ -196,7 +196,16 @@ def _checked_dir(spec: str) -> Path:
                          f"({os.pathsep.join(map(str, roots))}); set SAM_VIZ_MODEL_ROOTS to allow it")
     if not (path / "config.json").is_file():
         raise InputError(f"model path '{spec}' is not a checkpoint directory (no config.json)")
+    _check_links_stay_inside(path, spec, roots)
     return path
+
+
+def _check_links_stay_inside(path: Path, spec: str, roots: list[Path]) -> None:
+    """No file of the checkpoint is a symlink that leads outside the allowed roots."""
+    for item in path.iterdir():
+        target = item.resolve()
+        if not any(r == target or r in target.parents for r in roots):
+            raise InputError(f"'{item.name}' in model path '{spec}' links outside the allowed roots")
 
 
 def _hf_cache_dir(name: str) -> Path:
