@@ -95,3 +95,27 @@ def test_a_link_longer_than_the_prompt_box_says_so(tmp_path, monkeypatch):
     assert not at.exception
     said = " ".join(e.value for e in [*at.error, *at.warning])
     assert f"{MAX_PROMPT_CHARS:,}" in said and "30,000" in said
+
+
+def test_the_work_a_link_can_ask_for_is_bounded():
+    """README's Limits: continuation length, attribution steps and query, timing rounds, prompt size."""
+    from conftest import shared
+    from models import InputError
+    from sam_viz import greedy_continuation
+    from sam_viz.attribution import MAX_QUERY_CHARS, MAX_STEPS, attribute
+    from sam_viz.explore import MAX_CONTINUATION
+    from sam_viz.speed import MAX_ROUNDS, time_forward
+
+    loaded = shared("tiny-llama")
+    spec = RunSpec(prompt="One two three.", model="tiny-llama", policy="topk", density=0.5, kernel="reference")
+    out = greedy_continuation(loaded, spec, n_new=10**9)
+    assert len(out["dense"]) == len(out["sparse"]) == MAX_CONTINUATION == 64
+    assert time_forward(loaded, spec, rounds=10**9, warmup=0)["rounds"] == MAX_ROUNDS == 50
+    for steps in (MAX_STEPS + 1, 10**9, 1):
+        with pytest.raises(InputError, match=f"from 2 to {MAX_STEPS}"):
+            attribute(loaded, spec, method="ig", steps=steps)
+    with pytest.raises(InputError, match="limit"):
+        attribute(shared("tiny-bert"), RunSpec(prompt="One two.", model="tiny-bert", kernel="reference"),
+                  method="ixg", query="q" * (MAX_QUERY_CHARS + 1))
+    with pytest.raises(InputError, match=f"{MAX_PROMPT_CHARS:,}"):
+        RunSpec(prompt="x" * (MAX_PROMPT_CHARS + 1), model="tiny-llama")
