@@ -79,8 +79,8 @@ REQUIRED = {"analyze": ("--prompt",), "attribute": ("--prompt",), "eval": ("--ma
 @pytest.fixture(scope="module", autouse=True)
 def cached_models(request, tmp_path_factory):
     """Models loaded once (as the app's cache does), not once per input; the counts at the end."""
-    os.environ["PYTEST_TMP"] = str(tmp_path_factory.mktemp("files"))
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTEST_TMP", str(tmp_path_factory.mktemp("files")))
         mp.setattr(models, "load_model", shared)
         mp.delenv("SAM_VIZ_DEBUG", raising=False)
         yield
