@@ -26,7 +26,7 @@ from models import BUILTIN_SPECS
 from sam_viz.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = int(os.environ.get("SAM_VIZ_HARDENING_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("SAM_VIZ_HARDENING_EXAMPLES", "15"))
 TRIED: Counter = Counter()
 PROPS = settings(deadline=None, max_examples=EXAMPLES, derandomize=True, database=None,
                  suppress_health_check=list(HealthCheck))
