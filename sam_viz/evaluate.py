@@ -112,6 +112,8 @@ def read_text(path: str | None) -> str:
             raise InputError(f"text file '{name}' is over {MAX_TEXT_BYTES >> 20} MB")
     except FileNotFoundError:
         raise InputError(f"text file '{name}' does not exist") from None
+    except ValueError:                                      # os.stat refuses a NUL in a path
+        raise InputError("the text file's name holds a NUL character") from None
     except OSError as exc:
         raise InputError(f"cannot read text file '{name}' ({exc.strerror or type(exc).__name__})") from None
     try:

@@ -153,6 +153,7 @@ def test_attribute_never_fails_badly(args):
 @PROPS
 @given(argv("eval"))
 @example(["eval", "--model", "tiny-llama", "--max-tokens", "200", "--text", "/dev/zero"])   # hung: read forever
+@example(["eval", "--max-tokens", "128", "--text", "\x00"])           # ValueError: embedded null byte
 def test_eval_never_fails_badly(args):
     check(args)
 
