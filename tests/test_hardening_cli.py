@@ -90,7 +90,9 @@ def cached_models(request, tmp_path_factory):
 def report(request, surface: str, counts: Counter) -> None:
     """Print the inputs tried per surface; also into SAM_VIZ_HARDENING_COUNTS (a JSON file) when set."""
     line = f"hardening {surface}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    request.config.pluginmanager.get_plugin("terminalreporter").write_line(line)
+    plugins = request.config.pluginmanager
+    with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
+        plugins.get_plugin("terminalreporter").write_line(line)
     out = os.environ.get("SAM_VIZ_HARDENING_COUNTS")
     if out:
         data = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
