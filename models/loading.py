@@ -10,6 +10,7 @@ Weights are only ever read from safetensors; `trust_remote_code` stays off.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -34,6 +35,17 @@ DEMO_SPECS = ("demo-lm", "demo-lm-dense")
 BUILTIN_SPECS = (DEFAULT_MODEL, *DEMO_SPECS, *TINY_CONFIGS)
 MAX_TOKENS = 512                      # analysis bound, whatever the model's context
 _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str) -> str:
+    """`text` if a tokenizer can take it; InputError for a lone surrogate (which argv and some
+    clipboards can carry but is not Unicode text), which tokenizers reject with a TypeError."""
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise InputError(f"the text holds a lone surrogate (U+{ord(bad.group()):04X} at character {bad.start() + 1}), "
+                         "which is not valid Unicode text; paste or type it again")
+    return text
 
 
 @dataclass
@@ -66,6 +78,7 @@ class LoadedModel:
 
     def encode(self, text: str) -> dict[str, torch.Tensor]:
         """Tokenize one prompt ([1, T] tensors); fast tokenizers are not safe to share across threads."""
+        check_text(text)
         with self._tok_lock:
             enc = self.tokenizer(text, return_tensors="pt", truncation=False,
                                  add_special_tokens=self.add_special_tokens)
@@ -73,6 +86,8 @@ class LoadedModel:
 
     def encode_batch(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Tokenize several texts into one right-padded batch ([B, T] tensors)."""
+        for text in texts:
+            check_text(text)
         with self._tok_lock:
             enc = self.tokenizer(list(texts), return_tensors="pt", padding=True,
                                  truncation=max_length is not None, max_length=max_length,
@@ -81,6 +96,7 @@ class LoadedModel:
 
     def plain_ids(self, text: str) -> list[int]:
         """Token ids of `text` without special tokens."""
+        check_text(text)
         with self._tok_lock:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -200,7 +216,16 @@ def _checked_dir(spec: str) -> Path:
                          f"({os.pathsep.join(map(str, roots))}); set SAM_VIZ_MODEL_ROOTS to allow it")
     if not (path / "config.json").is_file():
         raise InputError(f"model path '{spec}' is not a checkpoint directory (no config.json)")
+    _check_links_stay_inside(path, spec, roots)
     return path
+
+
+def _check_links_stay_inside(path: Path, spec: str, roots: list[Path]) -> None:
+    """No file of the checkpoint is a symlink that leads outside the allowed roots."""
+    for item in path.iterdir():
+        target = item.resolve()
+        if not any(r == target or r in target.parents for r in roots):
+            raise InputError(f"'{item.name}' in model path '{spec}' links outside the allowed roots")
 
 
 def _hf_cache_dir(name: str) -> Path:
@@ -216,9 +241,55 @@ def _hf_cache_dir(name: str) -> Path:
         raise InputError(f"model 'hf:{name}' was not found {where} ({type(exc).__name__})") from None
 
 
+MAX_PARAMS = 8_000_000_000            # refused before allocating: 32 GB of fp32 weights
+_SIZE_KEYS = {"hidden": ("hidden_size", "n_embd", "d_model", "dim"),
+              "ff": ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim", "d_ff"),
+              "layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+              "vocab": ("vocab_size",), "experts": ("num_local_experts", "num_experts")}
+
+
+def estimate_params(config: dict) -> int:
+    """Parameters a config asks for, from its sizes alone (embeddings, and per layer attention
+    4 d^2 plus MLP 3 d d_ff per expert); enough to refuse an absurd one before allocating."""
+    size = {}
+    for name, keys in _SIZE_KEYS.items():
+        value = next((config[k] for k in keys if config.get(k) is not None), None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise InputError(f"the config's {name} size {str(value)[:20]!r} is not a whole number of at least 0")
+        size[name] = value
+    d = size["hidden"] or 0
+    ff = size["ff"] or 4 * d
+    return (size["vocab"] or 0) * d + (size["layers"] or 0) * (4 * d * d + 3 * d * ff * max(1, size["experts"] or 1))
+
+
+def check_config(path: Path, spec: str) -> None:
+    """Before transformers builds anything: config.json is a JSON object of a supported family whose
+    size is under MAX_PARAMS."""
+    try:
+        raw = json.loads((path / "config.json").read_bytes()[:1 << 20])
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the config of '{spec}': {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"the config of '{spec}' is not a JSON object")
+    adapter_for(str(raw.get("model_type"))[:60])
+    n = estimate_params(raw)
+    if n > MAX_PARAMS:
+        raise InputError(f"'{spec}' would have about {n:.3g} parameters; the limit is {MAX_PARAMS:.3g} "
+                         "(sizes in its config.json)")
+
+
+def check_tokenizer(spec: str, model: nn.Module, tokenizer) -> None:
+    """Every id the tokenizer can give has an embedding row."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise InputError(f"the tokenizer of '{spec}' does not match the model: it has {len(tokenizer):,} tokens, "
+                         f"the model's embedding only {rows:,} rows")
+
+
 def _load_dir(path: Path, spec: str) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    check_config(path, spec)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
@@ -231,8 +302,9 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
         model = auto.from_pretrained(path, config=config, dtype=torch.float32, use_safetensors=True,
                                      trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise InputError(f"cannot load '{spec}': {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt weights raise safetensors' own error type, among others
+        raise InputError(f"cannot load '{spec}': {(str(exc).splitlines() or [type(exc).__name__])[0][:300]}") from None
+    check_tokenizer(spec, model, tokenizer)
     return _finish(spec, model, tokenizer)
 
 

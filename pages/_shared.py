@@ -20,6 +20,7 @@ from streamlit.errors import StreamlitAPIException, StreamlitPageNotFoundError
 from sam_viz import (BUILTIN_SPECS, DEFAULT_MODEL, Analysis, InputError, LoadedModel, RunSpec, allowed_roots,
                      analyze, load_model)
 from sam_viz.analysis import TooManyTokens, truncate_to_tokens
+from sam_viz.spec import MAX_PROMPT_CHARS
 from sam_viz.store import RunStore
 from sam_viz.text import escape_markdown
 from sparse_ops import CALIBRATED, POLICIES, available_kernels, default_kernel, get_calibration, unavailable_kernels
@@ -302,7 +303,7 @@ def _url_density(raw: str | None) -> tuple[float, str] | None:
 
 def sidebar() -> RunSpec:
     """The shared sidebar, bound to the URL; raises InputError for a bad combination."""
-    raw = {key: st.query_params.get(key) for key in (*URL_CHOICES, "density")}   # before the widgets take them
+    raw = {key: st.query_params.get(key) for key in (*URL_CHOICES, "density", "prompt")}   # before the widgets take them
     snapped = st.session_state.pop("_density_snap", None)       # a link's density, put on the slider's grid
     if snapped is not None:
         st.session_state["density"] = snapped[0]
@@ -319,7 +320,7 @@ def sidebar() -> RunSpec:
         st.caption("Allowed roots: " + ", ".join(f"`{r}`" for r in allowed_roots()))
     sb.selectbox("Preset prompt", list(PRESETS), index=None, key="preset", on_change=_use_preset,
                  placeholder="Pick a preset...")
-    sb.text_area("Prompt", DEFAULT_PROMPT, key="prompt", bind="query-params", max_chars=20_000, height=120)
+    sb.text_area("Prompt", DEFAULT_PROMPT, key="prompt", bind="query-params", max_chars=MAX_PROMPT_CHARS, height=120)
     sb.selectbox("Policy", list(POLICIES), index=list(POLICIES).index("topk"), key="policy",
                  bind="query-params", help="topk: the k largest |h| per token (oracle). threshold: "
                  "|act(gate)| above a per-layer value calibrated on sample prompts. dense: every neuron.")
@@ -331,6 +332,9 @@ def sidebar() -> RunSpec:
                  "computes every neuron and masks (the oracle in tests). triton: the same on a GPU.")
     if missing:
         sb.caption("Not offered here: " + "; ".join(f"`{k}` ({why})" for k, why in missing.items()) + ".")
+    if raw["prompt"] is not None and len(raw["prompt"]) > MAX_PROMPT_CHARS:       # the box cuts it without a word
+        st.warning(f"The link's prompt is {len(raw['prompt']):,} characters; the prompt box takes "
+                   f"{MAX_PROMPT_CHARS:,}, so its first {MAX_PROMPT_CHARS:,} are analysed.")
     for line in _url_not_taken(raw):
         st.warning(line)
     if fix and abs(st.session_state["density"] - fix[0]) > 1e-9:

@@ -105,11 +105,24 @@ class TooManyTokens(InputError):
         self.n_tokens, self.limit = n_tokens, loaded.max_tokens
 
 
+class NoTokens(InputError):
+    """The prompt has no token of its own for this tokenizer (only characters it drops, such as
+    U+200B or U+202E): at most the special tokens the tokenizer adds to every text."""
+
+    def __init__(self, loaded: LoadedModel):
+        super().__init__(f"the prompt has no tokens for {loaded.spec}: its tokenizer drops every character "
+                         "of it (invisible or control characters?); type some visible text")
+
+
 def encode_prompt(loaded: LoadedModel, prompt: str) -> dict[str, torch.Tensor]:
+    """[1, T] input ids and attention mask of a prompt; TooManyTokens over the model's limit, NoTokens
+    when nothing but the tokenizer's own special tokens is left."""
     enc = loaded.encode(prompt)
     n = enc["input_ids"].shape[1]
     if n > loaded.max_tokens:
         raise TooManyTokens(n, loaded)
+    if n <= loaded.encode("")["input_ids"].shape[1]:
+        raise NoTokens(loaded)
     return enc
 
 

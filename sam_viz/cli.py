@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import unicodedata
 from dataclasses import replace
 
 from models import DEFAULT_MODEL, InputError
@@ -339,6 +340,13 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def one_line(text: str) -> str:
+    """`text` as one printable line: control, format and separator characters (a newline or an
+    escape sequence echoed from the user's input) are written as escapes, e.g. \\n or \\u202e."""
+    return "".join(ch if ch == " " or unicodedata.category(ch)[0] not in "CZ" else ch.encode("unicode_escape",
+                   "backslashreplace").decode("ascii") for ch in text)
+
+
 def _finite(obj):
     """JSON has no NaN / Infinity: non-finite numbers become null."""
     if isinstance(obj, float):
@@ -361,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 "build-kernels": cmd_build_kernels, "calibrate": cmd_calibrate, "eval": cmd_eval,
                 "profile": cmd_profile}[args.command](args)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -369,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug, but still one line for the user
         if os.environ.get("SAM_VIZ_DEBUG"):
             raise
-        print(f"error: internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+        print(f"error: internal error ({type(exc).__name__}: {one_line(str(exc))[:300]}); "
               "rerun with SAM_VIZ_DEBUG=1 for details", file=sys.stderr)
         return 1
 

@@ -13,6 +13,7 @@ values, no oracle sort, no h of every neuron) counts the MLP neurons it computed
 from __future__ import annotations
 
 import math
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -103,11 +104,16 @@ def read_text(path: str | None) -> str:
     file = HELDOUT if path is None else Path(path).expanduser()
     name = str(file) if path is None else path
     try:
-        if file.stat().st_size > MAX_TEXT_BYTES:
+        if not stat.S_ISREG(file.stat().st_mode):          # a device such as /dev/zero would never end
+            raise InputError(f"'{name}' is not a regular file (a directory or a device?); give a text file")
+        with file.open("rb") as f:
+            data = f.read(MAX_TEXT_BYTES + 1)
+        if len(data) > MAX_TEXT_BYTES:
             raise InputError(f"text file '{name}' is over {MAX_TEXT_BYTES >> 20} MB")
-        data = file.read_bytes()
     except FileNotFoundError:
         raise InputError(f"text file '{name}' does not exist") from None
+    except ValueError:                                      # os.stat refuses a NUL in a path
+        raise InputError("the text file's name holds a NUL character") from None
     except OSError as exc:
         raise InputError(f"cannot read text file '{name}' ({exc.strerror or type(exc).__name__})") from None
     try:

@@ -63,8 +63,17 @@ def to_csv(a: Analysis) -> str:
         cols = zip(l.selected.tolist(), l.possible.tolist(), l.mass_kept.tolist(), l.mass_total.tolist())
         for t, (sel, pos, kept, total) in enumerate(cols):
             share = kept / total if total > 0 else 1.0
-            w.writerow((i, t, a.tokens[t], sel, pos, sel / pos if pos else 1.0, share))
+            w.writerow((i, t, csv_text(a.tokens[t]), sel, pos, sel / pos if pos else 1.0, share))
     return out.getvalue()
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(text: str) -> str:
+    """A text cell that a spreadsheet shows as text: one starting like a formula (=, +, -, @, tab,
+    CR; OWASP's CSV injection advice) gets a leading apostrophe. Only text cells: numbers stay numbers."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 PAGE = """<!DOCTYPE html>

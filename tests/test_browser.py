@@ -270,3 +270,44 @@ def test_a_neuron_share_link_opens_the_neuron_view(server, browser, tmp_path, tm
     assert page.locator("[data-testid='stException']").count() == 0
     _shot(page, tmp_path, "corpus-neuron")
     page.close()
+
+
+XSS_PROMPT = '<img src=x onerror="window.__xss=1;alert(1)"> <svg onload="window.__xss=2"> </script><b>bold</b>'
+
+
+def _no_script_ran(page, dialogs):
+    assert dialogs == [] and page.evaluate("window.__xss") is None
+    assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_markup_in_a_prompt_never_runs_in_the_app_or_the_export(server, browser, tmp_path):
+    """Issue 15: a prompt of HTML with event handlers, on the Firing map, on Attribution (tokens as
+    coloured HTML spans) and in the exported HTML file opened from disk: shown as text, no handler
+    runs (no dialog, the global the handlers would set stays unset)."""
+    from conftest import shared
+    from sam_viz import RunSpec, analyze
+    from sam_viz.export import to_html
+    from sam_viz.report import report_plots
+
+    query = urlencode({"model": "tiny-llama", "prompt": XSS_PROMPT, "policy": "topk", "density": "0.5"})
+    for path, ready in (("", lambda p: _wait_for_titles(p, ["which neurons the sparse model computed"])),
+                        ("attribution", lambda p: p.get_by_text("Sparse - dense", exact=True).wait_for(timeout=180_000))):
+        page, dialogs = _open(browser, f"{server}/{path}?{query}"), []     # the global flag catches any earlier run
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        ready(page)
+        page.wait_for_timeout(1500)
+        _no_script_ran(page, dialogs)
+        assert page.locator("[data-testid='stMain'] img[src='x'], [data-testid='stMain'] svg[onload]").count() == 0
+        page.close()
+
+    a = analyze(shared("tiny-llama"), RunSpec(prompt=XSS_PROMPT, model="tiny-llama", kernel="reference"))
+    file = tmp_path / "export.html"
+    file.write_text(to_html(a, report_plots(a)), encoding="utf-8")
+    page, dialogs = browser.new_page(viewport={"width": 1400, "height": 1800}), []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(file.as_uri())
+    page.wait_for_selector(".js-plotly-plot .gtitle", timeout=60_000)
+    page.wait_for_timeout(1000)
+    _no_script_ran(page, dialogs)
+    assert XSS_PROMPT in page.locator("pre").first.inner_text()
+    page.close()
