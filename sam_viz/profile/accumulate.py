@@ -169,7 +169,7 @@ class ShardStats:
         partial. Only entries >= the unit's current TOP-th key can enter it: where the list is full
         that bound is the candidate filter; elsewhere it is this call's TOP-th largest |h|."""
         p = self.p
-        floor = torch.from_numpy(p.top_key[layer, cols, -1].astype(np.float32))      # -1: not full
+        floor = torch.from_numpy(p.top_key[layer, cols, -1].copy())                   # -1: not full
         live = (col_max >= floor) & (col_max > 0)
         if not bool(live.any()):
             return
@@ -181,14 +181,15 @@ class ShardStats:
             floor[open_] = sub[:, open_].topk(min(TOP, sub.shape[0]), dim=0).values[-1]
         r, j = (sub >= floor.clamp_min(_LEAST)).nonzero(as_tuple=True)      # and |h| > 0
         u = j if every else units[j]
-        key, val = a[r, u].double().numpy(), h[r, u].double().numpy()
+        key, val = a[r, u].numpy(), h[r, u].numpy()
         doc, pos, u = self.doc[rows[r].numpy()], self.pos[rows[r].numpy()], u.numpy()
         order = np.lexsort((pos, doc, -key, u))
         slot = _rank(u[order])
         keep = order[slot < TOP]
         touched, where = np.unique(u[keep], return_inverse=True)
         g = touched.size
-        new = [np.full((g, TOP), -1.0), np.zeros((g, TOP)), np.full((g, TOP), EMPTY), np.full((g, TOP), EMPTY)]
+        new = [np.full((g, TOP), -1.0, np.float32), np.zeros((g, TOP), np.float32), np.full((g, TOP), EMPTY),
+               np.full((g, TOP), EMPTY)]
         for arr, src in zip(new, (key, val, doc, pos)):
             arr[where, slot[slot < TOP]] = src[keep]
         at = touched + cols.start
@@ -217,9 +218,9 @@ class ShardStats:
         u, r = group // nb, np.argsort(by_hash.numpy())[r_hash[keep]]
         touched, where = np.unique(group, return_inverse=True)
         g = touched.size
-        new = [np.full((g, SAMPLES), EMPTY), np.zeros((g, SAMPLES)), np.zeros((g, SAMPLES), np.int64),
+        new = [np.full((g, SAMPLES), EMPTY), np.zeros((g, SAMPLES), np.float32), np.zeros((g, SAMPLES), np.int64),
                np.zeros((g, SAMPLES), np.int64)]
-        vals = sub.numpy()[r, u].astype(np.float64)
+        vals = sub.numpy()[r, u]
         for arr, src in zip(new, (hashes[r], vals, self.doc[sub_rows[r]], self.pos[sub_rows[r]])):
             arr[where, slot] = src
         p = self.p

@@ -63,12 +63,12 @@ class Partial:
     sum_abs: np.ndarray          # [L, U] f64
     max_abs: np.ndarray          # [L, U] f64
     hist: np.ndarray             # [L, U, bins] i64 counts of h in HIST_EDGES' bins
-    top_key: np.ndarray          # [L, U, TOP] f64 |h| (-1: empty slot)
-    top_val: np.ndarray          # [L, U, TOP] f64 h
+    top_key: np.ndarray          # [L, U, TOP] f32 |h| (-1: empty slot); h is float32, so exact
+    top_val: np.ndarray          # [L, U, TOP] f32 h
     top_doc: np.ndarray          # [L, U, TOP] i64 (EMPTY: empty slot)
     top_pos: np.ndarray          # [L, U, TOP] i64
     smp_hash: np.ndarray         # [L, U, sample_bins, SAMPLES] i64 (EMPTY: empty slot)
-    smp_val: np.ndarray          # [L, U, sample_bins, SAMPLES] f64 h
+    smp_val: np.ndarray          # [L, U, sample_bins, SAMPLES] f32 h
     smp_doc: np.ndarray          # [L, U, sample_bins, SAMPLES] i64
     smp_pos: np.ndarray          # [L, U, sample_bins, SAMPLES] i64
     layer_tokens: np.ndarray     # [L] i64 token positions seen
@@ -90,9 +90,10 @@ class Partial:
         L, U, B, S = layout.n_layers, layout.units, layout.bins, layout.sample_bins
         i64 = lambda *s, v=0: np.full(s, v, dtype=np.int64)              # noqa: E731
         f64 = lambda *s, v=0.0: np.full(s, v, dtype=np.float64)          # noqa: E731
+        f32 = lambda *s, v=0.0: np.full(s, v, dtype=np.float32)          # noqa: E731
         return cls(i64(L, U), i64(L, U), i64(L, U), f64(L, U), f64(L, U), i64(L, U, B),
-                   f64(L, U, TOP, v=-1.0), f64(L, U, TOP), i64(L, U, TOP, v=EMPTY), i64(L, U, TOP, v=EMPTY),
-                   i64(L, U, S, SAMPLES, v=EMPTY), f64(L, U, S, SAMPLES), i64(L, U, S, SAMPLES),
+                   f32(L, U, TOP, v=-1.0), f32(L, U, TOP), i64(L, U, TOP, v=EMPTY), i64(L, U, TOP, v=EMPTY),
+                   i64(L, U, S, SAMPLES, v=EMPTY), f32(L, U, S, SAMPLES), i64(L, U, S, SAMPLES),
                    i64(L, U, S, SAMPLES), i64(L), i64(L), i64(L), i64(L), i64(L), f64(L), f64(L), f64(L),
                    i64(L, max(layout.n_experts, 1)), i64(COFIRE, v=EMPTY), i64(COFIRE), i64(COFIRE),
                    np.zeros((COFIRE, L, -(-U // 8)), dtype=np.uint8))
