@@ -305,3 +305,12 @@ def test_oracle_pairs_with_many_ties_are_the_topk_set_with_ties_to_the_lower_ind
         got = torch.zeros_like(a, dtype=torch.bool)
         got[rows, cols] = True
         assert rows.numel() == 64 * k and torch.equal(got, selection_mask(topk_indices(a, k), 24))
+
+
+def test_state_of_a_7b_shape_stays_under_1_2_gb():
+    """Partial's size is linear in the layers (fixed shapes); 32 layers x 11,008 units (a 7B
+    model) was 1.61 GB with the sample hashes stored and 64-bit values."""
+    from sam_viz.profile.stats import Layout
+
+    one, two = (Partial.empty(Layout(n, 11_008)).nbytes() for n in (1, 2))
+    assert one + 31 * (two - one) < 1.2e9

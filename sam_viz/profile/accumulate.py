@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .stats import (COFIRE, EMPTY, HIST_EDGES, SAMPLE_EDGES, SAMPLE_RATE, SAMPLES, TOP, Layout, Partial,
-                    merge_smallest, merge_top, token_hash)
+                    merge_smallest, merge_top, sample_hash, token_hash)
 
 _SAMPLE_LIMIT = (1 << 63) // SAMPLE_RATE
 _LEAST = torch.nextafter(torch.tensor(0.0), torch.tensor(1.0))         # the least float32 > 0
@@ -218,16 +218,17 @@ class ShardStats:
         u, r = group // nb, np.argsort(by_hash.numpy())[r_hash[keep]]
         touched, where = np.unique(group, return_inverse=True)
         g = touched.size
-        new = [np.full((g, SAMPLES), EMPTY), np.zeros((g, SAMPLES), np.float32), np.zeros((g, SAMPLES), np.int64),
+        new = [np.full((g, SAMPLES), EMPTY), np.zeros((g, SAMPLES), np.float32), np.full((g, SAMPLES), EMPTY),
                np.zeros((g, SAMPLES), np.int64)]
         vals = sub.numpy()[r, u]
         for arr, src in zip(new, (hashes[r], vals, self.doc[sub_rows[r]], self.pos[sub_rows[r]])):
             arr[where, slot] = src
         p = self.p
         at_u, at_b = touched // nb + cols.start, touched % nb
-        olds = (p.smp_hash, p.smp_val, p.smp_doc, p.smp_pos)
-        for arr, merged in zip(olds, merge_smallest([x[layer, at_u, at_b] for x in olds], new)):
-            arr[layer, at_u, at_b] = merged
+        old = [x[layer, at_u, at_b] for x in (p.smp_val, p.smp_doc, p.smp_pos)]
+        merged = merge_smallest([sample_hash(old[1], old[2]), *old], new)[1:]
+        for arr, m in zip((p.smp_val, p.smp_doc, p.smp_pos), merged):
+            arr[layer, at_u, at_b] = m
 
 
 def _rank(groups: np.ndarray) -> np.ndarray:
