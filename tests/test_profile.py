@@ -314,3 +314,18 @@ def test_state_of_a_7b_shape_stays_under_1_2_gb():
 
     one, two = (Partial.empty(Layout(n, 11_008)).nbytes() for n in (1, 2))
     assert one + 31 * (two - one) < 1.2e9
+
+
+def test_a_checkpoint_of_another_state_layout_is_refused_not_misread():
+    """A checkpoint written before sample hashes left the state (an smp_hash field, empty sample
+    slots with doc 0) must not load as samples of doc 0: from_bytes refuses it, so a resume starts over."""
+    import io
+
+    from sam_viz.profile.stats import Layout
+
+    p = Partial.empty(Layout(1, 8))
+    assert vars(Partial.from_bytes(p.to_bytes())).keys() == vars(p).keys()
+    buf = io.BytesIO()
+    np.savez(buf, **vars(p), smp_hash=np.zeros_like(p.smp_doc))
+    with pytest.raises(ValueError):
+        Partial.from_bytes(buf.getvalue())

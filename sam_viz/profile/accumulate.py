@@ -55,8 +55,8 @@ def oracle_mask(a: torch.Tensor, k: int) -> torch.Tensor:
 def hist_counts(h: torch.Tensor, a: torch.Tensor) -> np.ndarray:
     """[n, d] h (float32) and |h| -> [d, bins] counts of h in HIST_EDGES' bins (as torch.bucketize
     with right=True), from float32 bits: the edges are 0 and ±2^j, so a bin is an exponent. |h|'s
-    bits shifted by 23 are its biased exponent; for h < 0 one is taken off first, so that -2^j
-    falls in the bin above it as bucketize puts it."""
+    bits shifted right by 23 are its biased exponent; for h < 0 the bits less one are, so that
+    -2^j (mantissa 0) counts with the magnitudes in (2^(j-1), 2^j), in the bin [-2^j, -2^(j-1))."""
     n, d = h.shape
     neg = h.numpy() < 0
     v = (a.numpy().view(np.int32) - neg) >> 23

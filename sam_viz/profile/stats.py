@@ -134,6 +134,8 @@ class Partial:
     @classmethod
     def from_bytes(cls, data: bytes) -> "Partial":
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            if set(z.files) != {f.name for f in fields(cls)}:       # another version's state (a checkpoint)
+                raise ValueError("partial statistics of another layout version")
             return cls(**{f.name: z[f.name] for f in fields(cls)})
 
 
