@@ -98,7 +98,8 @@ class Partial:
         f32 = lambda *s, v=0.0: np.full(s, v, dtype=np.float32)          # noqa: E731
         return cls(i64(L, U), i64(L, U), i64(L, U), f64(L, U), f64(L, U), i64(L, U, B),
                    f32(L, U, TOP, v=-1.0), f32(L, U, TOP), i64(L, U, TOP, v=EMPTY), i64(L, U, TOP, v=EMPTY),
-                   f32(L, U, S, SAMPLES), i64(L, U, S, SAMPLES, v=EMPTY), i64(L, U, S, SAMPLES), i64(L), i64(L), i64(L), i64(L), i64(L), f64(L), f64(L), f64(L),
+                   f32(L, U, S, SAMPLES), i64(L, U, S, SAMPLES, v=EMPTY), i64(L, U, S, SAMPLES),
+                   i64(L), i64(L), i64(L), i64(L), i64(L), f64(L), f64(L), f64(L),
                    i64(L, max(layout.n_experts, 1)), i64(COFIRE, v=EMPTY), i64(COFIRE), i64(COFIRE),
                    np.zeros((COFIRE, L, -(-U // 8)), dtype=np.uint8))
 
