@@ -275,3 +275,57 @@ def test_corpus_sources_read_the_same_documents(tmp_path):
     assert len(hashes) == 1
     with pytest.raises(InputError, match="its columns: body"):
         read_corpus(str(tmp_path / "c.parquet"))
+
+
+def test_histogram_from_float_bits_matches_searchsorted_on_the_edges():
+    """hist_counts reads bins off float32 exponents; the reference is np.searchsorted on HIST_EDGES
+    (bins (-inf, e0), [e0, e1), ...), on every edge, its float32 neighbours, ±0 and far outside."""
+    from sam_viz.profile.accumulate import hist_counts
+    from sam_viz.profile.stats import HIST_EDGES
+
+    edges = np.array(HIST_EDGES, dtype=np.float32)
+    up, down = np.nextafter(edges, np.float32(np.inf)), np.nextafter(edges, np.float32(-np.inf))
+    extra = np.array([0.0, -0.0, 1e-30, -1e-30, 1e-45, -1e-45, 3e5, -3e5, 0.3, -0.3], dtype=np.float32)
+    values = np.concatenate([edges, up, down, extra])
+    h = torch.from_numpy(np.stack([values, values[::-1].copy()], axis=1))        # [n, 2 units]
+    want = np.zeros((2, len(HIST_EDGES) + 1), dtype=np.int64)
+    for unit in range(2):
+        np.add.at(want[unit], np.searchsorted(edges, h[:, unit].numpy(), side="right"), 1)
+    assert np.array_equal(hist_counts(h, h.abs()), want)
+
+
+def test_oracle_pairs_with_many_ties_are_the_topk_set_with_ties_to_the_lower_index():
+    from sam_viz.profile.accumulate import oracle_pairs
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 4, (64, 24), generator=gen).float()                      # ties everywhere
+    a[::3] += torch.rand(22, 24, generator=gen)                                    # and rows without
+    for k in (1, 5, 12, 23, 24):
+        rows, cols = oracle_pairs(a, k)
+        got = torch.zeros_like(a, dtype=torch.bool)
+        got[rows, cols] = True
+        assert rows.numel() == 64 * k and torch.equal(got, selection_mask(topk_indices(a, k), 24))
+
+
+def test_state_of_a_7b_shape_stays_under_1_2_gb():
+    """Partial's size is linear in the layers (fixed shapes); 32 layers x 11,008 units (a 7B
+    model) was 1.61 GB with the sample hashes stored and 64-bit values."""
+    from sam_viz.profile.stats import Layout
+
+    one, two = (Partial.empty(Layout(n, 11_008)).nbytes() for n in (1, 2))
+    assert one + 31 * (two - one) < 1.2e9
+
+
+def test_a_checkpoint_of_another_state_layout_is_refused_not_misread():
+    """A checkpoint written before sample hashes left the state (an smp_hash field, empty sample
+    slots with doc 0) must not load as samples of doc 0: from_bytes refuses it, so a resume starts over."""
+    import io
+
+    from sam_viz.profile.stats import Layout
+
+    p = Partial.empty(Layout(1, 8))
+    assert vars(Partial.from_bytes(p.to_bytes())).keys() == vars(p).keys()
+    buf = io.BytesIO()
+    np.savez(buf, **vars(p), smp_hash=np.zeros_like(p.smp_doc))
+    with pytest.raises(ValueError):
+        Partial.from_bytes(buf.getvalue())

@@ -13,22 +13,58 @@ import numpy as np
 import torch
 
 from .stats import (COFIRE, EMPTY, HIST_EDGES, SAMPLE_EDGES, SAMPLE_RATE, SAMPLES, TOP, Layout, Partial,
-                    merge_smallest, merge_top, token_hash)
+                    merge_smallest, merge_top, sample_hash, token_hash)
 
 _SAMPLE_LIMIT = (1 << 63) // SAMPLE_RATE
+_LEAST = torch.nextafter(torch.tensor(0.0), torch.tensor(1.0))         # the least float32 > 0
+_POS_EDGES = [e for e in HIST_EDGES if e > 0]
+_EXP_LO = int(np.log2(_POS_EDGES[0])) + 127                 # biased float32 exponent of the first edge > 0
+
+
+def oracle_pairs(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, d] |h| -> (rows, cols) of the k largest per row, ties to the lower index (topk_indices'
+    set), as n * k flat index pairs. One unsorted topk of k + 1: a row whose k-th and (k+1)-th
+    values differ has its set in the topk; only rows with a tie there are resolved on the full row."""
+    n, d = a.shape
+    if k >= d:
+        return torch.arange(n).repeat_interleave(d), torch.arange(d).repeat(n)
+    top = a.topk(k + 1, dim=1, sorted=False)
+    low = top.values.topk(2, dim=1, largest=False)                       # (k+1)-th, k-th largest
+    tied = low.values[:, 0] == low.values[:, 1]
+    keep = torch.ones(n, k + 1, dtype=torch.bool)
+    keep[torch.arange(n), low.indices[:, 0]] = False
+    cols = top.indices[keep].view(n, k)
+    rows = torch.arange(n)[:, None].expand(n, k)
+    if not bool(tied.any()):
+        return rows.reshape(-1), cols.reshape(-1)
+    ok, bad = (~tied).nonzero().flatten(), tied.nonzero().flatten()
+    sub, t = a[bad], low.values[bad, 1:]
+    above, tie = sub > t, sub == t
+    need = k - above.sum(1, keepdim=True)
+    r, c = (above | (tie & (tie.cumsum(1) <= need))).nonzero(as_tuple=True)
+    return torch.cat([rows[ok].reshape(-1), bad[r]]), torch.cat([cols[ok].reshape(-1), c])
 
 
 def oracle_mask(a: torch.Tensor, k: int) -> torch.Tensor:
     """[n, d] |h| -> [n, d] bool: the k largest per row, ties to the lower index (topk_indices' set)."""
-    t = a.topk(k, dim=1).values[:, -1:]                                  # [n, 1] k-th largest
-    mask = a >= t
-    extra = (mask.float().sum(1) > k).nonzero().flatten()                # rows with ties at t past k
-    if extra.numel():
-        sub, ts = a[extra], t[extra]
-        above, tie = sub > ts, sub == ts
-        need = k - above.sum(1, keepdim=True)
-        mask[extra] = above | (tie & (tie.cumsum(1) <= need))
+    mask = torch.zeros(a.shape, dtype=torch.bool)
+    mask[oracle_pairs(a, k)] = True
     return mask
+
+
+def hist_counts(h: torch.Tensor, a: torch.Tensor) -> np.ndarray:
+    """[n, d] h (float32) and |h| -> [d, bins] counts of h in HIST_EDGES' bins (as torch.bucketize
+    with right=True), from float32 bits: the edges are 0 and ±2^j, so a bin is an exponent. |h|'s
+    bits shifted right by 23 are its biased exponent; for h < 0 the bits less one are, so that
+    -2^j (mantissa 0) counts with the magnitudes in (2^(j-1), 2^j), in the bin [-2^j, -2^(j-1))."""
+    n, d = h.shape
+    neg = h.numpy() < 0
+    v = (a.numpy().view(np.int32) - neg) >> 23
+    np.clip(v, _EXP_LO - 1, _EXP_LO - 1 + len(_POS_EDGES), out=v)
+    v -= _EXP_LO - 1                                                      # 0 .. 18: positive edges <= |h|
+    mid = len(_POS_EDGES)
+    idx = np.where(neg, mid - v, mid + 1 + v) + (np.arange(d, dtype=np.int32) * (len(HIST_EDGES) + 1))
+    return np.bincount(idx.ravel(), minlength=d * (len(HIST_EDGES) + 1)).reshape(d, -1)
 
 
 class ShardStats:
@@ -51,30 +87,30 @@ class ShardStats:
     def observe(self, layer: int, rows: torch.Tensor, h: torch.Tensor, offset: int, k: int, relu: bool,
                 policy: str | None = None) -> None:
         """Dense h [n, d] of `rows` [n]. policy "topk" / "dense": also count its selection, which on
-        this pass is the oracle top-k / every unit (counts of a bool mask are summed as floats: exact
-        below 2^24 rows per call, and several times faster)."""
-        h = h.detach().float().cpu()
+        this pass is the oracle top-k / every unit. The oracle is kept as its n * k (row, unit)
+        pairs, so counts are bincounts of k entries per row rather than sums over all d."""
+        h = h.detach().float().cpu().contiguous()
         rows = rows.detach().cpu().long()
         n, d = h.shape
         a = h.abs()
-        oracle = oracle_mask(a, k)
-        fire = oracle & (h > 0) if relu else oracle
+        r, c = oracle_pairs(a, k)
+        kept = a[r, c]                                                    # |h| of the oracle pairs
+        fr, fc = (r, c) if not relu else (r[h[r, c] > 0], c[h[r, c] > 0])
         p, cols = self.p, slice(offset, offset + d)
         p.tokens[layer, cols] += n
-        fired = fire.float().sum(0)
-        p.fire[layer, cols] += fired.long().numpy()
+        fired = np.bincount(fc.numpy(), minlength=d)
+        p.fire[layer, cols] += fired
         col_abs = a.sum(0)                                                # [d] float32, per call
         p.sum_abs[layer, cols] += col_abs.double().numpy()
-        p.max_abs[layer, cols] = np.maximum(p.max_abs[layer, cols], a.amax(0).double().numpy())
+        col_max = a.amax(0)
+        p.max_abs[layer, cols] = np.maximum(p.max_abs[layer, cols], col_max.double().numpy())
         p.possible[layer] += n * d
-        bins = self.layout.bins
-        idx = torch.bucketize(h, self.edges, right=True) + torch.arange(d) * bins
-        p.hist[layer, cols] += torch.bincount(idx.flatten(), minlength=d * bins).view(d, bins).numpy()
-        self._top(layer, cols, rows, h, a)
-        self._samples(layer, cols, rows, h, a)
-        slot = self.cf_slot[rows]
+        p.hist[layer, cols] += hist_counts(h, a)
+        self._top(layer, cols, rows, h, a, col_max)
+        self._samples(layer, cols, rows, h)
+        slot = self.cf_slot[rows[fr]]
         mine = slot >= 0
-        self.cf_bits[slot[mine], layer, cols] = fire[mine]
+        self.cf_bits[slot[mine], layer, offset + fc[mine]] = True
         if policy in ("topk", "dense"):
             total = float(col_abs.double().sum())
             p.mass_total[layer] += total
@@ -85,9 +121,9 @@ class ShardStats:
                 p.selected[layer] += n * d
                 p.mass_kept[layer] += total
             else:
-                p.select[layer, cols] += (fired if not relu else oracle.float().sum(0)).long().numpy()
+                p.select[layer, cols] += fired if not relu else np.bincount(c.numpy(), minlength=d)
                 p.selected[layer] += n * k
-                p.mass_kept[layer] += float((a * oracle).sum(dtype=torch.float64))
+                p.mass_kept[layer] += float(kept.sum(dtype=torch.float64))
 
     def observe_policy(self, layer: int, rows: torch.Tensor, selected: torch.Tensor | None, h: torch.Tensor,
                        offset: int, k: int) -> None:
@@ -129,26 +165,43 @@ class ShardStats:
         p.cf_bits[:n] = np.packbits(self.cf_bits[torch.from_numpy(order)].numpy(), axis=-1)
         return p
 
-    def _top(self, layer: int, cols: slice, rows: torch.Tensor, h: torch.Tensor, a: torch.Tensor) -> None:
-        """Per unit, the TOP largest |h| of this call (ties to the lower doc, pos), merged into the partial."""
-        t = a.topk(min(TOP, a.shape[0]), dim=0).values[-1]                  # [d]
-        r, u = ((a >= t) & (a > 0)).nonzero(as_tuple=True)
-        key, val = a[r, u].double().numpy(), h[r, u].double().numpy()
+    def _top(self, layer: int, cols: slice, rows: torch.Tensor, h: torch.Tensor, a: torch.Tensor,
+             col_max: torch.Tensor) -> None:
+        """Per unit, the TOP largest |h| of this call (ties to the lower doc, pos), merged into the
+        partial. Only entries >= the unit's current TOP-th key can enter it: where the list is full
+        that bound is the candidate filter; elsewhere it is this call's TOP-th largest |h|."""
+        p = self.p
+        floor = torch.from_numpy(p.top_key[layer, cols, -1].copy())                   # -1: not full
+        live = (col_max >= floor) & (col_max > 0)
+        if not bool(live.any()):
+            return
+        units = live.nonzero().flatten()
+        every = units.numel() == a.shape[1]
+        sub, floor = (a, floor) if every else (a[:, units], floor[units])
+        open_ = floor < 0
+        if bool(open_.any()):
+            floor[open_] = sub[:, open_].topk(min(TOP, sub.shape[0]), dim=0).values[-1]
+        r, j = (sub >= floor.clamp_min(_LEAST)).nonzero(as_tuple=True)      # and |h| > 0
+        u = j if every else units[j]
+        key, val = a[r, u].numpy(), h[r, u].numpy()
         doc, pos, u = self.doc[rows[r].numpy()], self.pos[rows[r].numpy()], u.numpy()
         order = np.lexsort((pos, doc, -key, u))
         slot = _rank(u[order])
         keep = order[slot < TOP]
-        d = a.shape[1]
-        new = [np.full((d, TOP), -1.0), np.zeros((d, TOP)), np.full((d, TOP), EMPTY), np.full((d, TOP), EMPTY)]
+        touched, where = np.unique(u[keep], return_inverse=True)
+        g = touched.size
+        new = [np.full((g, TOP), -1.0, np.float32), np.zeros((g, TOP), np.float32), np.full((g, TOP), EMPTY),
+               np.full((g, TOP), EMPTY)]
         for arr, src in zip(new, (key, val, doc, pos)):
-            arr[u[keep], slot[slot < TOP]] = src[keep]
-        p = self.p
-        old = [p.top_key[layer, cols], p.top_val[layer, cols], p.top_doc[layer, cols], p.top_pos[layer, cols]]
-        for arr, merged in zip(old, merge_top(old, new)):
-            arr[...] = merged
+            arr[where, slot[slot < TOP]] = src[keep]
+        at = touched + cols.start
+        old = [p.top_key[layer, at], p.top_val[layer, at], p.top_doc[layer, at], p.top_pos[layer, at]]
+        for arr, merged in zip((p.top_key, p.top_val, p.top_doc, p.top_pos), merge_top(old, new)):
+            arr[layer, at] = merged
 
-    def _samples(self, layer: int, cols: slice, rows: torch.Tensor, h: torch.Tensor, a: torch.Tensor) -> None:
-        """Per unit and |h| bin, the SAMPLES hash-sampled tokens of this call with the smallest hash."""
+    def _samples(self, layer: int, cols: slice, rows: torch.Tensor, h: torch.Tensor) -> None:
+        """Per unit and |h| bin, the SAMPLES hash-sampled tokens of this call with the smallest hash;
+        only the (unit, bin) lists that get a candidate are merged."""
         cand = self.sampled[rows]
         if not bool(cand.any()):
             return
@@ -163,17 +216,21 @@ class ShardStats:
         group, r_hash = key // m, key % m
         slot = _rank(group)
         keep = slot < SAMPLES
-        u, b, r = group[keep] // nb, group[keep] % nb, np.argsort(by_hash.numpy())[r_hash[keep]]
-        d = a.shape[1]
-        new = [np.full((d, nb, SAMPLES), EMPTY), np.zeros((d, nb, SAMPLES)), np.zeros((d, nb, SAMPLES), np.int64),
-               np.zeros((d, nb, SAMPLES), np.int64)]
-        vals = sub.numpy()[r, u].astype(np.float64)
+        group, slot = group[keep], slot[keep]
+        u, r = group // nb, np.argsort(by_hash.numpy())[r_hash[keep]]
+        touched, where = np.unique(group, return_inverse=True)
+        g = touched.size
+        new = [np.full((g, SAMPLES), EMPTY), np.zeros((g, SAMPLES), np.float32), np.full((g, SAMPLES), EMPTY),
+               np.zeros((g, SAMPLES), np.int64)]
+        vals = sub.numpy()[r, u]
         for arr, src in zip(new, (hashes[r], vals, self.doc[sub_rows[r]], self.pos[sub_rows[r]])):
-            arr[u, b, slot[keep]] = src
+            arr[where, slot] = src
         p = self.p
-        old = [p.smp_hash[layer, cols], p.smp_val[layer, cols], p.smp_doc[layer, cols], p.smp_pos[layer, cols]]
-        for arr, merged in zip(old, merge_smallest(old, new)):
-            arr[...] = merged
+        at_u, at_b = touched // nb + cols.start, touched % nb
+        old = [x[layer, at_u, at_b] for x in (p.smp_val, p.smp_doc, p.smp_pos)]
+        merged = merge_smallest([sample_hash(old[1], old[2]), *old], new)[1:]
+        for arr, m in zip((p.smp_val, p.smp_doc, p.smp_pos), merged):
+            arr[layer, at_u, at_b] = m
 
 
 def _rank(groups: np.ndarray) -> np.ndarray:

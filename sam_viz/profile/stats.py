@@ -6,6 +6,7 @@ entries of one fixed total order, so the list of a union is the list of the list
 - quantile samples: per (layer, unit) and fixed log-spaced bin of |h|, the SAMPLES tokens with the
   smallest hash(doc, pos), among the tokens whose hash falls in a fixed 1/SAMPLE_RATE share
   (bands relative to the neuron's max |h| are only known at the end; they are cut from these);
+  the hash is not stored: `sample_hash` recomputes it from (doc, pos) when lists are merged;
 - co-firing: the COFIRE tokens with the smallest hash(doc, pos), with their oracle firing bits.
 
 Memory is bounded by the model's size, never the corpus': every array below has a fixed shape
@@ -54,6 +55,11 @@ def token_hash(doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return ((x ^ (x >> np.uint64(31))) >> np.uint64(1)).astype(np.int64)
 
 
+def sample_hash(doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """token_hash of quantile-sample slots; EMPTY where the slot is empty (doc == EMPTY)."""
+    return np.where(doc == EMPTY, EMPTY, token_hash(doc, pos))
+
+
 @dataclass
 class Partial:
     """Statistics of some tokens of a corpus. [L, U] per unit, [L] per layer; see schema.md."""
@@ -63,13 +69,12 @@ class Partial:
     sum_abs: np.ndarray          # [L, U] f64
     max_abs: np.ndarray          # [L, U] f64
     hist: np.ndarray             # [L, U, bins] i64 counts of h in HIST_EDGES' bins
-    top_key: np.ndarray          # [L, U, TOP] f64 |h| (-1: empty slot)
-    top_val: np.ndarray          # [L, U, TOP] f64 h
+    top_key: np.ndarray          # [L, U, TOP] f32 |h| (-1: empty slot); h is float32, so exact
+    top_val: np.ndarray          # [L, U, TOP] f32 h
     top_doc: np.ndarray          # [L, U, TOP] i64 (EMPTY: empty slot)
     top_pos: np.ndarray          # [L, U, TOP] i64
-    smp_hash: np.ndarray         # [L, U, sample_bins, SAMPLES] i64 (EMPTY: empty slot)
-    smp_val: np.ndarray          # [L, U, sample_bins, SAMPLES] f64 h
-    smp_doc: np.ndarray          # [L, U, sample_bins, SAMPLES] i64
+    smp_val: np.ndarray          # [L, U, sample_bins, SAMPLES] f32 h
+    smp_doc: np.ndarray          # [L, U, sample_bins, SAMPLES] i64 (EMPTY: empty slot)
     smp_pos: np.ndarray          # [L, U, sample_bins, SAMPLES] i64
     layer_tokens: np.ndarray     # [L] i64 token positions seen
     possible: np.ndarray         # [L] i64 unit evaluations the dense model makes
@@ -90,10 +95,11 @@ class Partial:
         L, U, B, S = layout.n_layers, layout.units, layout.bins, layout.sample_bins
         i64 = lambda *s, v=0: np.full(s, v, dtype=np.int64)              # noqa: E731
         f64 = lambda *s, v=0.0: np.full(s, v, dtype=np.float64)          # noqa: E731
+        f32 = lambda *s, v=0.0: np.full(s, v, dtype=np.float32)          # noqa: E731
         return cls(i64(L, U), i64(L, U), i64(L, U), f64(L, U), f64(L, U), i64(L, U, B),
-                   f64(L, U, TOP, v=-1.0), f64(L, U, TOP), i64(L, U, TOP, v=EMPTY), i64(L, U, TOP, v=EMPTY),
-                   i64(L, U, S, SAMPLES, v=EMPTY), f64(L, U, S, SAMPLES), i64(L, U, S, SAMPLES),
-                   i64(L, U, S, SAMPLES), i64(L), i64(L), i64(L), i64(L), i64(L), f64(L), f64(L), f64(L),
+                   f32(L, U, TOP, v=-1.0), f32(L, U, TOP), i64(L, U, TOP, v=EMPTY), i64(L, U, TOP, v=EMPTY),
+                   f32(L, U, S, SAMPLES), i64(L, U, S, SAMPLES, v=EMPTY), i64(L, U, S, SAMPLES),
+                   i64(L), i64(L), i64(L), i64(L), i64(L), f64(L), f64(L), f64(L),
                    i64(L, max(layout.n_experts, 1)), i64(COFIRE, v=EMPTY), i64(COFIRE), i64(COFIRE),
                    np.zeros((COFIRE, L, -(-U // 8)), dtype=np.uint8))
 
@@ -108,9 +114,11 @@ class Partial:
         out.update(zip(("top_key", "top_val", "top_doc", "top_pos"),
                        merge_top([self.top_key, self.top_val, self.top_doc, self.top_pos],
                                  [other.top_key, other.top_val, other.top_doc, other.top_pos])))
-        out.update(zip(("smp_hash", "smp_val", "smp_doc", "smp_pos"),
-                       merge_smallest([self.smp_hash, self.smp_val, self.smp_doc, self.smp_pos],
-                                      [other.smp_hash, other.smp_val, other.smp_doc, other.smp_pos])))
+        out.update(zip(("smp_val", "smp_doc", "smp_pos"),
+                       merge_smallest([sample_hash(self.smp_doc, self.smp_pos), self.smp_val, self.smp_doc,
+                                       self.smp_pos],
+                                      [sample_hash(other.smp_doc, other.smp_pos), other.smp_val, other.smp_doc,
+                                       other.smp_pos])[1:]))
         out.update(zip(("cf_hash", "cf_doc", "cf_pos", "cf_bits"),
                        merge_smallest([self.cf_hash, self.cf_doc, self.cf_pos, self.cf_bits],
                                       [other.cf_hash, other.cf_doc, other.cf_pos, other.cf_bits], axis=0)))
@@ -127,6 +135,8 @@ class Partial:
     @classmethod
     def from_bytes(cls, data: bytes) -> "Partial":
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            if set(z.files) != {f.name for f in fields(cls)}:       # another version's state (a checkpoint)
+                raise ValueError("partial statistics of another layout version")
             return cls(**{f.name: z[f.name] for f in fields(cls)})
 
 

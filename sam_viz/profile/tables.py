@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .stats import EMPTY, Partial
+from .stats import EMPTY, Partial, sample_hash
 
 BANDS = tuple((i / 5, (i + 1) / 5) for i in range(5))
 PER_BAND = 4                                  # quantile samples per band
@@ -67,9 +67,9 @@ def _examples(p: Partial) -> dict[str, np.ndarray]:
     full = p.top_key.ravel() >= 0
     top = dict(layer=li[full], neuron=ui[full], band=np.full(full.sum(), "top", dtype=object), rank=ri[full],
                value=p.top_val.ravel()[full], doc=p.top_doc.ravel()[full], pos=p.top_pos.ravel()[full])
-    L, U, NB, S = p.smp_hash.shape
+    L, U, NB, S = p.smp_doc.shape
     li, ui = (x.reshape(-1) for x in np.indices((L, U, NB * S))[:2])
-    h = p.smp_hash.ravel()
+    h = sample_hash(p.smp_doc, p.smp_pos).ravel()
     val = p.smp_val.ravel()
     mx = p.max_abs[li, ui]
     band = np.minimum((np.abs(val) / np.where(mx > 0, mx, 1) * len(BANDS)).astype(np.int64), len(BANDS) - 1)
