@@ -71,9 +71,14 @@ COMMANDS = {
              "--context": st.integers(1, 64).map(str) | NUMBER, "--json": FLAG},
     "calibrate": {"--model": (st.sampled_from(BAD_MODELS) | TEXT).filter(lambda m: m.strip() not in BUILTIN_SPECS),
                   "--force": FLAG},                  # a real calibration takes minutes: tests/test_sparsity.py
+    "profile": {"--model": MODEL, "--corpus": st.sampled_from(["builtin:calibration", "builtin:", "builtin:x"])
+                | TEXT_FILE | TEXT, "--text-column": TEXT, "--policy": POLICY, "--density": NUMBER,
+                "--max-tokens": st.integers(1, 300).map(str) | NUMBER, "--context": st.integers(1, 64).map(str) | NUMBER,
+                "--engine": (st.just("local") | TEXT).filter(lambda e: e != "ray"),   # ray: tests/test_profile_ray.py
+                "--kernel": KERNEL, "--resume": FLAG, "--json": FLAG},
 }
 REQUIRED = {"analyze": ("--prompt",), "attribute": ("--prompt",), "eval": ("--max-tokens",),   # eval: bounded work
-            "calibrate": ("--model",)}
+            "calibrate": ("--model",), "profile": ("--max-tokens",)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,6 +86,7 @@ def cached_models(request, tmp_path_factory):
     """Models loaded once (as the app's cache does), not once per input; the counts at the end."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTEST_TMP", str(tmp_path_factory.mktemp("files")))
+        mp.setenv("SAM_VIZ_PROFILE_DIR", str(tmp_path_factory.mktemp("profiles")))
         mp.setattr(models, "load_model", shared)
         mp.delenv("SAM_VIZ_DEBUG", raising=False)
         yield
@@ -111,6 +117,7 @@ def check(argv: list[str]) -> None:
     """exit 0, or exit 2 and one `error:` line (the last one) on stderr; --json prints one object."""
     TRIED[argv[0]] += 1
     rc, out, err = run_cli(argv)
+    TRIED[f"{argv[0]} exit {rc}"] += 1
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc in (0, 2), (rc, err[-500:])
     assert "Traceback" not in err
@@ -157,6 +164,33 @@ def test_attribute_never_fails_badly(args):
 @example(["eval", "--model", "tiny-llama", "--max-tokens", "200", "--text", "/dev/zero"])   # hung: read forever
 @example(["eval", "--max-tokens", "128", "--text", "\x00"])           # ValueError: embedded null byte
 def test_eval_never_fails_badly(args):
+    check(args)
+
+
+@PROPS
+@given(argv("profile"))
+@example(["profile", "--model", "tiny-llama", "--corpus", "builtin:calibration", "--max-tokens", "128", "--context",
+          "16", "--json"])
+@example(["profile", "--model", "tiny-bert", "--corpus", "builtin:calibration", "--max-tokens", "64", "--context", "16",
+          "--policy", "topk", "--density", "1e-9"])
+def test_profile_never_fails_badly(args):
+    check(args)
+
+
+@st.composite
+def likely_profile(draw) -> list[str]:
+    """Mostly valid profile runs (the search above mostly meets the validation): a tiny model, the
+    built-in or a hostile text file, small bounded work, densities near the edges."""
+    return ["profile", "--model", draw(st.sampled_from(TINY)),
+            "--corpus", draw(st.just("builtin:calibration") | TEXT_FILE),
+            "--max-tokens", str(draw(st.integers(16, 200))), "--context", str(draw(st.integers(1, 40))),
+            "--policy", draw(st.sampled_from(["dense", "topk"])),
+            "--density", draw(st.sampled_from(["1", "0.5", "1e-9", "0.999", "0.01"])), "--json"]
+
+
+@settings(PROPS, max_examples=max(4, EXAMPLES // 2))
+@given(likely_profile())
+def test_profile_runs_that_pass_validation_never_fail_badly(args):
     check(args)
 
 
