@@ -16,9 +16,10 @@ from streamlit.testing.v1 import AppTest
 from conftest import TINY
 from test_app import ROOT, run_db  # noqa: F401 - the fixture: a fresh run store per test
 from test_hardening_cli import BAD_MODELS, EXAMPLES, HOSTILE, INVISIBLE, PROPS, report
+from test_profile_view import PID, write_profile
 
 TRIED: Counter = Counter()
-PAGES = ("firing", "tour", "density", "compare", "routing", "attribution", "speed", "claims", "runs")
+PAGES = ("firing", "tour", "density", "compare", "routing", "attribution", "speed", "claims", "runs", "corpus")
 TEXT = (st.sampled_from([h for h in HOSTILE if len(h) < 1000] + ["x" * 100_000]) | st.text(max_size=30)
         | st.text(st.sampled_from(INVISIBLE), min_size=1, max_size=6))
 NUMBER = st.sampled_from(["nan", "inf", "-inf", "1e400", "-0", "0", "1", "3", "0.3", "-5", "999999999999"]) | TEXT
@@ -28,14 +29,20 @@ SHARED = {"model": st.sampled_from(["tiny-llama", "tiny-gpt2", "tiny-bert"]) | s
           "kernel": st.sampled_from(["reference", "triton"]) | TEXT, "run": TEXT}
 PAGE_PARAMS = {"firing": ("layer", "token", "order"), "density": ("layer",), "compare": ("layer", "token"),
                "routing": ("layer", "freq"), "attribution": ("layer", "query"), "speed": (), "runs": (),
-               "claims": (), "tour": ("step", "tour_layer", "tour_token", "tour_density")}
+               "claims": (), "tour": ("step", "tour_layer", "tour_token", "tour_density"),
+               "corpus": ("profile", "layer", "neuron")}
 VALUES = {"order": st.sampled_from(["index", "frequency", "clustered"]) | TEXT,
-          "freq": st.sampled_from(["this prompt", "calibration text"]) | TEXT}
+          "freq": st.sampled_from(["this prompt", "calibration text"]) | TEXT,
+          "profile": st.sampled_from([PID, PID.upper(), f"../{PID}", "/etc", PID + "0"]) | TEXT}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def counts(request):
-    yield
+def counts(request, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:                   # the Corpus page: one hand-built profile
+        root = tmp_path_factory.mktemp("profiles")
+        write_profile(root)
+        mp.setenv("SAM_VIZ_PROFILE_DIR", str(root))
+        yield
     report(request, "app", TRIED)
 
 
@@ -51,8 +58,8 @@ def check(page: str, params: dict[str, str]) -> None:
     """No exception; the page's figures, or one sentence saying what is wrong."""
     TRIED[page] += 1
     at = AppTest.from_file(str(ROOT / "pages" / f"{page}.py"), default_timeout=240)
-    for key, value in params.items():
-        at.query_params[key] = value
+    for key, value in params.items():     # a URL carries UTF-8: a lone surrogate arrives as U+FFFD
+        at.query_params[key] = value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     at.run()
     assert not at.exception, (params, [e.value for e in at.exception])
     said = [e.value for e in at.error] + [w.value for w in at.warning]
