@@ -243,6 +243,12 @@ def cmd_profile(args) -> int:
             print(f"profile: {done:,}/{total:,} tokens, {message}", file=sys.stderr, flush=True)
 
     workers = None if args.workers is None else _workers(args.workers)
+    if args.ray_address is not None:
+        if args.engine != "ray":
+            raise InputError("--ray-address is for --engine ray")
+        from .profile.ray_engine import check_address
+
+        check_address(args.ray_address)                 # before the model loads: a wrong address fails fast
     manifest = build_profile(args.model, args.corpus, policy=args.policy, density=args.density,
                              context=args.context, max_tokens=args.max_tokens, text_column=args.text_column,
                              kernel=args.kernel, engine=args.engine, ray_address=args.ray_address,
