@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
             rows.append({"trained_on": name, "train_tokens": cal.n_tokens, "density": density,
                          **{f"recall ({k})": recall(cal, c, density) for k, c in eval_sets.items()}})
     result = {
-        "model": args.model, "corpus": args.corpus, "context": CONTEXT, "settings": cals["builtin"][0].settings.__dict__,
+        "model": args.model, "corpus": args.corpus, "context": CONTEXT,
+        "settings": cals["builtin"][0].settings.__dict__,
         "eval_tokens": {k: sum(c.count.values()) // len(c.count) for k, c in eval_sets.items()},
         "calibration_s": {k: round(v[1], 1) for k, v in cals.items()},
         "calibration_s_per_1k_tokens": {k: round(1000 * v[1] / v[0].n_tokens, 3) for k, v in cals.items()},

@@ -34,8 +34,8 @@ def _h_and_gate(spec: str, windows: torch.Tensor):
         mlp = layer.mlp
         hooks.append(mlp.down_proj.register_forward_pre_hook(
             lambda m, a, i=i: h.setdefault(i, []).append(a[0].reshape(-1, a[0].shape[-1]))))
-        hooks.append(mlp.gate_proj.register_forward_hook(
-            lambda m, a, out, i=i, act=mlp.act_fn: gate.setdefault(i, []).append(act(out).abs().reshape(-1, out.shape[-1]))))
+        hooks.append(mlp.gate_proj.register_forward_hook(lambda m, a, out, i=i, act=mlp.act_fn: gate.setdefault(
+            i, []).append(act(out).abs().reshape(-1, out.shape[-1]))))
     try:
         with torch.no_grad():
             model(input_ids=windows)
@@ -78,7 +78,7 @@ def test_cli_calibrate_corpus_stores_the_corpus_calibration(corpus_file, tmp_pat
     (["--corpus", "{tmp}/missing.txt"], "does not exist"),
     (["--corpus", "{tmp}/notes.txt", "--max-tokens", "3"], "max-tokens must be between"),
     (["--corpus", "{tmp}/short.txt"], "shorter than one context"),
-    (["--corpus", "{tmp}/notes.csv", "--text-column", "body"], "column"),
+    (["--corpus", "{tmp}/notes.csv", "--text-column", "body"], "has no column 'body'; its columns: title, text"),
 ])
 def test_calibrate_corpus_bad_input_is_one_error_line_and_exit_2(args, message, corpus_file, tmp_path, capsys,
                                                                  monkeypatch):

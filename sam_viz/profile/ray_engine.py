@@ -50,7 +50,7 @@ def _unpack(index: int, data: bytes) -> Shard:
 class _Worker:
     """One Ray actor: loads the model once (on its GPU when Ray gave it one), maps shards to partials."""
 
-    def __init__(self, spec: str, settings, threads: int):
+    def __init__(self, spec: str, settings, threads: int, gpu: bool):
         import torch
 
         from models import load_model
@@ -59,7 +59,7 @@ class _Worker:
 
         torch.set_num_threads(threads)
         loaded = load_model(spec)
-        if torch.cuda.is_available():
+        if gpu:                                        # Ray gave this actor one GPU
             loaded.model.to("cuda")
         self.mapper = ShardMapper(spec, settings, loaded=loaded)
 
@@ -149,7 +149,8 @@ def _map_merge(spec, settings, shards: list[Shard], workers: int, total, on_shar
     per = max(1, int(resources.get("CPU", 1) // workers))
     _quiet(ray)
     ds = ray.data.from_items([_pack(s) for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(_Worker, fn_constructor_kwargs={"spec": spec, "settings": settings, "threads": per},
+    kwargs = {"spec": spec, "settings": settings, "threads": per, "gpu": gpus}
+    ds = ds.map_batches(_Worker, fn_constructor_kwargs=kwargs,
                         compute=ray.data.ActorPoolStrategy(size=workers), batch_size=1, num_cpus=per,
                         num_gpus=1 if gpus else 0, batch_format="numpy", max_restarts=0)
     by_index = {s.index: s for s in shards}
