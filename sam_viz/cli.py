@@ -18,6 +18,7 @@ from dataclasses import replace
 from models import DEFAULT_MODEL, InputError
 
 EXIT_USAGE = 2
+CALIBRATION_CONTEXT = 128      # tokens per window of calibrate --corpus
 KERNEL_HELP = "reference, cpu or triton (default: cpu where it is built, else reference)"
 
 
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="train and store thresholds, predictors and static sets for a model")
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--force", action="store_true", help="train again even if a calibration is stored")
+    c.add_argument("--corpus", default=None, help="train on a corpus instead of the built-in text: a .txt, "
+                   ".jsonl, .csv or .parquet file, or builtin:calibration (replaces the stored calibration)")
+    c.add_argument("--text-column", default=None, help="the text column of a .jsonl, .csv or .parquet corpus")
+    c.add_argument("--max-tokens", default=None, help="train on at most this many corpus tokens (default: all)")
     _profile_parser(sub)
     return parser
 
@@ -244,6 +249,16 @@ def cmd_profile(args) -> int:
             print(f"profile: {done:,}/{total:,} tokens, {message}", file=sys.stderr, flush=True)
 
     workers = None if args.workers is None else _workers(args.workers)
+    if args.engine == "ray" and workers is None:
+        from .profile.ray_engine import DEFAULT_WORKERS
+
+        workers = DEFAULT_WORKERS                       # the manifest records how many ran
+    if args.ray_address is not None:
+        if args.engine != "ray":
+            raise InputError("--ray-address is for --engine ray")
+        from .profile.ray_engine import check_address
+
+        check_address(args.ray_address)                 # before the model loads: a wrong address fails fast
     manifest = build_profile(args.model, args.corpus, policy=args.policy, density=args.density,
                              context=args.context, max_tokens=args.max_tokens, text_column=args.text_column,
                              kernel=args.kernel, engine=args.engine, ray_address=args.ray_address,
@@ -317,12 +332,15 @@ def cmd_calibrate(args) -> int:
     from models import load_model
     from sparse_ops import calibration
 
+    if args.corpus is None and (args.text_column is not None or args.max_tokens is not None):
+        raise InputError("--text-column and --max-tokens are for --corpus")
     _quiet_libraries()
     loaded = load_model(args.model)
     path = calibration.path_for(loaded)
-    if path.is_file() and not args.force:
+    if path.is_file() and not args.force and args.corpus is None:
         print(f"{args.model}: already calibrated ({path}); --force trains again")
         return 0
+    windows, corpus = _corpus_windows(loaded, args) if args.corpus is not None else (None, None)
     t0 = time.perf_counter()
     last = [-1]
 
@@ -331,9 +349,10 @@ def cmd_calibrate(args) -> int:
             last[0] = int(frac * 20)
             print(f"[{frac:4.0%}] {text}", file=sys.stderr, flush=True)
 
-    cal = calibration.calibrate(loaded, progress=progress)
+    cal = calibration.calibrate(loaded, progress=progress, windows=windows, corpus=corpus)
     calibration.save(cal, path)
-    print(f"{args.model}: calibrated on {cal.n_tokens} tokens in {time.perf_counter() - t0:.1f} s: "
+    source = f"{args.corpus} ({cal.n_tokens:,} tokens)" if corpus else f"{cal.n_tokens} tokens"
+    print(f"{args.model}: calibrated on {source} in {time.perf_counter() - t0:.1f} s: "
           f"{len(cal.predictors)} predictors (rank {next(iter(cal.predictors.values()))[0].shape[0]}), "
           f"static sets and thresholds "
           f"for {len(cal.thresholds)} densities -> {path}")
@@ -345,6 +364,22 @@ def one_line(text: str) -> str:
     escape sequence echoed from the user's input) are written as escapes, e.g. \\n or \\u202e."""
     return "".join(ch if ch == " " or unicodedata.category(ch)[0] not in "CZ" else ch.encode("unicode_escape",
                    "backslashreplace").decode("ascii") for ch in text)
+
+
+def _corpus_windows(loaded, args):
+    """The corpus of `calibrate --corpus` as token windows [W, T] (the profile's reader), and its description."""
+    import torch
+
+    from .profile.corpus import read_corpus, tokenize
+    from .profile.mapper import ProfileSettings
+
+    context = min(CALIBRATION_CONTEXT, loaded.max_tokens)
+    limit = ProfileSettings(context=context, max_tokens=args.max_tokens).max_tokens    # validated
+    corpus = read_corpus(args.corpus, args.text_column)
+    stream = tokenize(loaded, corpus, context, limit)
+    windows = torch.from_numpy(stream.ids[:stream.limit].reshape(-1, context).copy())
+    return windows, {"source": corpus.source, "hash": corpus.hash, "tokens": stream.limit,
+                     "text_column": corpus.text_column}
 
 
 def _finite(obj):

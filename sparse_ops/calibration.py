@@ -1,4 +1,6 @@
-"""Calibration on the project's own text (sparse_ops/data/calibration.json, train split):
+"""Calibration on the project's own text (sparse_ops/data/calibration.json, train split), or on a
+corpus of fixed-length token windows (`calibrate(..., windows=ids)`, `python -m sam_viz calibrate
+--corpus`; the windows come from sam_viz.profile's corpus reader):
 
 - thresholds for the `threshold` policy, as in CATS / TEAL: per layer, the value of
   abs(act(W_gate x)) above which the target share of neurons lies. Calibrated sequentially in one
@@ -6,6 +8,11 @@
 - per MLP unit (a layer, or one expert of an MoE layer): a low-rank predictor d -> r -> d_ff
   trained to score the oracle top-k set from the MLP input (Deja Vu), and how often each neuron is
   in the oracle top-k (the `static` policy's ranking).
+
+On a corpus, each unit's predictor trains on a uniform sample of CORPUS_UNIT_TOKENS tokens (windows
+in a seeded random order; MLP inputs and the oracle soft labels as one byte, so the memory is bounded
+whatever the corpus), the static sets count the oracle top-k over every token, and the thresholds
+are calibrated on the first THRESHOLD_TOKENS tokens of that order.
 
 Trained data is stored as safetensors (never pickle) under SAM_VIZ_CACHE_DIR (default
 ~/.cache/sam-viz), keyed by a fingerprint of the model's weights, the settings and the texts.
@@ -43,6 +50,7 @@ TRAIN_DENSITIES = (0.1, 0.25, 0.5)                          # the predictor's so
 FORMAT = "sam-viz-calibration/1"
 THRESHOLD_TOKENS = 3000        # real tokens used to calibrate thresholds (one padded batch)
 UNIT_TOKENS = 8192             # most tokens kept per unit for predictor / static training
+CORPUS_UNIT_TOKENS = 65536     # on a corpus: tokens sampled per unit for predictor training
 SHARES = {"collect": 0.15, "predictors": 0.55, "static": 0.02, "thresholds": 0.28}   # of calibrate's time, roughly
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
@@ -72,6 +80,7 @@ class Calibration:
     counts: dict[Unit, torch.Tensor]          # [len(GRID), d_ff] int32: tokens with neuron j in the top-k
     thresholds: dict[float, dict[int, float]] = field(default_factory=dict)
     n_tokens: int = 0                         # calibration tokens seen (train split)
+    corpus: dict | None = None                # {"source", "hash", "tokens"} when trained on a corpus
     _static: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def scores(self, unit: Unit, x: torch.Tensor) -> torch.Tensor:
@@ -106,11 +115,17 @@ def calibrate_thresholds(loaded: LoadedModel, density: float, kernel: Kernel = r
     if cached is not None:
         return cached
     enc = loaded.encode_batch(_texts_within(loaded, calibration_texts()["train"], THRESHOLD_TOKENS))
+    thresholds = thresholds_on(loaded, density, enc, kernel)
+    with _LOCK:
+        _THRESHOLDS.setdefault(loaded.model, {})[density] = dict(thresholds)
+    return thresholds
+
+
+def thresholds_on(loaded: LoadedModel, density: float, enc: dict, kernel: Kernel = reference) -> dict[int, float]:
+    """{layer: threshold} reaching `density` on the batch `enc` (not cached)."""
     run = Run(policy=Policy("threshold", density), kernel=kernel, calibrating=True,
               token_mask=enc["attention_mask"].reshape(-1).bool())
     _forward_with(loaded, enc, run)
-    with _LOCK:
-        _THRESHOLDS.setdefault(loaded.model, {})[density] = dict(run.thresholds)
     return run.thresholds
 
 
@@ -157,6 +172,48 @@ class Collector:
         return torch.cat(self.x[unit]), torch.cat(self.h[unit])
 
 
+class TargetCollector(Collector):
+    """For corpora: keeps the MLP inputs and oracle soft labels (uint8 codes: labels times
+    len(TRAIN_DENSITIES)) of the first `limit` tokens per unit, and counts the oracle top-k at every
+    grid density over all tokens."""
+
+    def __init__(self, limit: int = CORPUS_UNIT_TOKENS):
+        super().__init__(limit)
+        self.counts: dict[Unit, torch.Tensor] = {}
+
+    def add(self, unit: Unit, x: torch.Tensor, h: torch.Tensor) -> None:
+        if len(x) == 0:
+            return
+        counts = topk_counts(h)
+        self.counts[unit] = counts + self.counts[unit] if unit in self.counts else counts
+        room = self.limit - self.count.get(unit, 0)
+        if room <= 0:
+            return
+        code = (oracle_targets(h[:room]) * len(TRAIN_DENSITIES)).round().to(torch.uint8)
+        self.x.setdefault(unit, []).append(x[:room].detach().clone())
+        self.h.setdefault(unit, []).append(code)
+        self.count[unit] = self.count.get(unit, 0) + min(room, len(x))
+
+    def targets(self, unit: Unit) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [n, d], soft labels y [n, d_ff]) of the unit's sampled tokens."""
+        return torch.cat(self.x[unit]), torch.cat(self.h[unit]).float() / len(TRAIN_DENSITIES)
+
+
+def collect_windows(loaded: LoadedModel, windows: torch.Tensor, progress: Progress, chunk: int = 16,
+                    seed: int = 0) -> tuple[TargetCollector, int]:
+    """Dense passes over token windows [W, T] in a seeded random order (so that the tokens kept per
+    unit are a uniform sample of the corpus)."""
+    install(loaded)
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    collector = TargetCollector()
+    for i in range(0, len(order), chunk):
+        progress(i / len(order), f"Collecting activations on the corpus (window {i + 1:,} of {len(order):,})")
+        ids = windows[order[i:i + chunk]]
+        _forward_with(loaded, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                      Run(policy=Policy("dense"), kernel=reference, collector=collector))
+    return collector, int(windows.numel())
+
+
 def collect(loaded: LoadedModel, texts, progress: Progress, chunk: int = 16) -> tuple[Collector, int]:
     install(loaded)                                  # the wrappers are what feed the collector
     collector, n_tokens = Collector(), 0
@@ -191,14 +248,18 @@ def topk_counts(h: torch.Tensor) -> torch.Tensor:
 
 
 def train_predictor(x: torch.Tensor, h: torch.Tensor, s: Settings) -> tuple[torch.Tensor, ...]:
-    """Low-rank d -> r -> d_ff scorer, BCE against the oracle soft labels."""
+    """Low-rank d -> r -> d_ff scorer, BCE against the oracle soft labels of h."""
+    return train_on_targets(x, oracle_targets(h), s)
+
+
+def train_on_targets(x: torch.Tensor, y: torch.Tensor, s: Settings) -> tuple[torch.Tensor, ...]:
+    """Low-rank d -> r -> d_ff scorer of inputs x [n, d], BCE against soft labels y [n, d_ff]."""
     gen = torch.Generator().manual_seed(s.seed)
-    d, d_ff = x.shape[-1], h.shape[-1]
+    d, d_ff = x.shape[-1], y.shape[-1]
     r = min(s.rank or max(8, min(256, round(d / 8))), d, d_ff)
     a = (torch.randn(r, d, generator=gen) / math.sqrt(d)).requires_grad_()
     b = (torch.randn(d_ff, r, generator=gen) / math.sqrt(r)).requires_grad_()
     bias = torch.zeros(d_ff, requires_grad=True)
-    y = oracle_targets(h)
     opt = torch.optim.Adam([a, b, bias], lr=s.lr)
     with torch.enable_grad():
         for _ in range(s.steps):
@@ -211,29 +272,45 @@ def train_predictor(x: torch.Tensor, h: torch.Tensor, s: Settings) -> tuple[torc
 
 
 def calibrate(loaded: LoadedModel, settings: Settings = Settings(), progress: Progress | None = None,
-              thresholds: bool = True) -> Calibration:
-    """Train predictors and static counts for every unit (and thresholds on the density grid)."""
+              thresholds: bool = True, windows: torch.Tensor | None = None,
+              corpus: dict | None = None) -> Calibration:
+    """Train predictors and static counts for every unit (and thresholds on the density grid), on
+    the built-in train texts, or on token `windows` [W, T] of a corpus (described by `corpus`)."""
     step = progress or (lambda frac, text: None)
     shares = SHARES if thresholds else {k: v / (1 - SHARES["thresholds"]) for k, v in SHARES.items()}
     phase = _phases(step, shares)
-    collector, n_tokens = collect(loaded, calibration_texts()["train"], phase("collect"))
+    if windows is None:
+        collector, n_tokens = collect(loaded, calibration_texts()["train"], phase("collect"))
+    else:
+        collector, n_tokens = collect_windows(loaded, windows, phase("collect"), seed=settings.seed)
     units = sorted(collector.x)
     if not units:
         raise RuntimeError(f"no MLP activations were collected from {loaded.spec}")
-    cal = Calibration(fingerprint(loaded, settings), settings, {}, {}, n_tokens=n_tokens)
+    cal = Calibration(fingerprint(loaded, settings), settings, {}, {}, n_tokens=n_tokens, corpus=corpus)
     train = phase("predictors")
     for i, unit in enumerate(units):
         train(i / len(units), f"Training the predictor for {_unit_name(loaded, unit)}")
-        cal.predictors[unit] = train_predictor(*collector.data(unit), settings)
+        cal.predictors[unit] = (train_predictor(*collector.data(unit), settings) if windows is None
+                                else train_on_targets(*collector.targets(unit), settings))
     phase("static")(0.0, "Choosing the static sets")
-    cal.counts = {unit: topk_counts(collector.data(unit)[1]) for unit in units}
+    cal.counts = collector.counts if windows is not None else {
+        unit: topk_counts(collector.data(unit)[1]) for unit in units}
     if thresholds:
-        grid = phase("thresholds")
-        for j, g in enumerate(GRID):
-            grid(j / len(GRID), f"Calibrating thresholds (density {g:g}, {j + 1} of {len(GRID)})")
-            cal.thresholds[g] = dict(calibrate_thresholds(loaded, g))
+        _grid_thresholds(loaded, cal, phase("thresholds"), windows, settings.seed)
     step(1.0, "Calibration done")
     return cal
+
+
+def _grid_thresholds(loaded: LoadedModel, cal: Calibration, grid: Progress, windows, seed: int) -> None:
+    """Thresholds at every GRID density: on the train texts, or on THRESHOLD_TOKENS tokens of the windows."""
+    enc = None
+    if windows is not None:
+        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+        ids = windows[order[:max(1, THRESHOLD_TOKENS // windows.shape[1])]]
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    for j, g in enumerate(GRID):
+        grid(j / len(GRID), f"Calibrating thresholds (density {g:g}, {j + 1} of {len(GRID)})")
+        cal.thresholds[g] = dict(calibrate_thresholds(loaded, g) if enc is None else thresholds_on(loaded, g, enc))
 
 
 def _phases(step: Progress, shares: dict[str, float]) -> Callable[[str], Progress]:
@@ -305,7 +382,7 @@ def save(cal: Calibration, path: Path) -> None:
         tensors.update({f"pred.{layer}.{expert}.a": a, f"pred.{layer}.{expert}.b": b,
                         f"pred.{layer}.{expert}.bias": bias, f"count.{layer}.{expert}": cal.counts[(layer, expert)]})
     meta = {"format": FORMAT, "fingerprint": cal.fingerprint, "settings": json.dumps(cal.settings.__dict__),
-            "n_tokens": str(cal.n_tokens),
+            "n_tokens": str(cal.n_tokens), "corpus": json.dumps(cal.corpus),
             "thresholds": json.dumps({str(g): {str(k): v for k, v in t.items()} for g, t in cal.thresholds.items()})}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -328,7 +405,7 @@ def load(path: Path) -> Calibration:
     thresholds = {float(g): {int(k): float(v) for k, v in t.items()}
                   for g, t in json.loads(meta.get("thresholds", "{}")).items()}
     return Calibration(meta["fingerprint"], Settings(**json.loads(meta["settings"])), predictors, counts,
-                       thresholds, int(meta.get("n_tokens", 0)))
+                       thresholds, int(meta.get("n_tokens", 0)), json.loads(meta.get("corpus", "null")))
 
 
 def get_calibration(loaded: LoadedModel, progress: Progress | None = None, train: bool = True,

@@ -1,8 +1,8 @@
 """Engines move shards to a map function and partials to the merge; they know no statistics.
 
 `run_local` maps the shards in-process, one after the other, merging as it goes (memory: one
-running Partial). `run_ray` will run the same ShardMapper in a pool of Ray actors and the same
-merge (issue 14's Ray part); until it is built it raises NotImplementedError.
+running Partial). `run_ray` runs the same ShardMapper in a pool of Ray actors and the same merge,
+in the same shard order (ray_engine.py; Ray is imported only when it is used).
 """
 from __future__ import annotations
 
@@ -29,4 +29,6 @@ def run_ray(spec: str, settings, shards: Iterable[Shard], *, address: str | None
             workers: int | None = None, total: Partial | None = None,
             on_shard: OnShard | None = None) -> Partial | None:
     """The same map (ShardMapper(spec, settings) per actor) and merge on Ray Data."""
-    raise NotImplementedError("the ray engine is not built yet")
+    from .ray_engine import run_ray as ray_run
+
+    return ray_run(spec, settings, shards, address=address, workers=workers, total=total, on_shard=on_shard)
