@@ -249,10 +249,6 @@ def cmd_profile(args) -> int:
             print(f"profile: {done:,}/{total:,} tokens, {message}", file=sys.stderr, flush=True)
 
     workers = None if args.workers is None else _workers(args.workers)
-    if args.engine == "ray" and workers is None:
-        from .profile.ray_engine import DEFAULT_WORKERS
-
-        workers = DEFAULT_WORKERS                       # the manifest records how many ran
     if args.ray_address is not None:
         if args.engine != "ray":
             raise InputError("--ray-address is for --engine ray")

@@ -30,6 +30,7 @@ from . import tables
 from .corpus import read_corpus, tokenize
 from .mapper import ProfileSettings, ShardMapper
 from .stats import HIST_EDGES, SAMPLE_RATE, SAMPLES, Partial, TOP
+from .ray_engine import DEFAULT_WORKERS
 from .view import profile_root
 
 VERSION = 1
@@ -105,7 +106,8 @@ def build_profile(spec: str, source: str, *, policy="topk", density=0.1, context
     else:
         total = engines.run_local(mapper, stream.shards(done), total, on_shard)
     manifest = _finish(loaded, corpus, stream, settings, total, work, pid, fingerprint,
-                       dict(engine=engine, workers=1 if engine == "local" else workers, shards=n_shards,
+                       dict(engine=engine, workers=1 if engine == "local" else workers or DEFAULT_WORKERS,
+                            shards=n_shards,
                             wall_s=spent + time.perf_counter() - start))
     os.rename(work, final)
     return manifest
