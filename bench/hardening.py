@@ -78,7 +78,8 @@ def main() -> None:
     args = parser.parse_args()
     status, counts, seconds = search(args.examples)
     result = {"examples": args.examples, "search_passed": status == 0, "search_s": round(seconds, 1),
-              "inputs_tried": counts, "inputs_tried_total": {k: sum(v.values()) for k, v in counts.items()},
+              "inputs_tried": counts,        # "<command> exit <rc>" keys split a command's count by exit status
+              "inputs_tried_total": {k: sum(n for c, n in v.items() if " exit " not in c) for k, v in counts.items()},
               "longest_prompt": longest_prompt()}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=1) + "\n")
