@@ -26,6 +26,8 @@ from models.loading import DEMO_DIR
 from sparse_ops import POLICIES, Policy, available_kernels, parse_density, sparsified
 from sparse_ops.recorder import DensityCounter
 
+from .spec import positive_int
+
 HELDOUT = DEMO_DIR / "heldout.txt"       # the demo LMs' test split (models/demo/README.md)
 SEPARATOR = "<|endoftext|>"
 CONTEXT = 128                            # the demo LMs' training context
@@ -33,16 +35,6 @@ BATCH = 16                               # windows per forward pass, as heldout_
 MAX_TEXT_BYTES = 64 * 2**20
 
 Progress = Callable[[int, int], None]    # (windows done, windows in all)
-
-
-def _positive_int(value, name: str) -> int:
-    try:
-        n = int(str(value).strip())
-    except ValueError:
-        raise InputError(f"{name} must be a positive whole number, got '{str(value)[:40]}'") from None
-    if n <= 0:
-        raise InputError(f"{name} must be a positive whole number, got {n}")
-    return n
 
 
 @dataclass(frozen=True)
@@ -65,9 +57,9 @@ class EvalSpec:
             raise InputError(f"unknown kernel '{str(self.kernel)[:40]}'; available here: "
                              f"{', '.join(available_kernels())}")
         object.__setattr__(self, "density", Policy(self.policy, parse_density(self.density)).density)
-        object.__setattr__(self, "context", _positive_int(self.context, "context"))
+        object.__setattr__(self, "context", positive_int(self.context, "context"))
         if self.max_tokens is not None:
-            n = _positive_int(self.max_tokens, "max-tokens")
+            n = positive_int(self.max_tokens, "max-tokens")
             if n < self.context:
                 raise InputError(f"max-tokens must be at least the context ({self.context} tokens): "
                                  "eval scores whole windows")

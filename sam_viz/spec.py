@@ -14,6 +14,17 @@ from sparse_ops import (KERNELS, POLICIES, Policy, available_kernels, default_ke
 MAX_PROMPT_CHARS = 20_000
 
 
+def positive_int(value, name: str) -> int:
+    """A whole number > 0 from an untrusted flag or field (`name` is how the user calls it)."""
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise InputError(f"{name} must be a positive whole number, got '{str(value)[:40]}'") from None
+    if n <= 0:
+        raise InputError(f"{name} must be a positive whole number, got {n}")
+    return n
+
+
 @dataclass(frozen=True)
 class RunSpec:
     prompt: str

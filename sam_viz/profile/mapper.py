@@ -20,22 +20,13 @@ from models import InputError, load_model
 from sparse_ops import POLICIES, Policy, available_kernels, default_kernel, install, parse_density, sparsified
 from sparse_ops.policy import selection_mask
 
+from ..spec import positive_int
 from .accumulate import ShardStats
 from .corpus import Shard
 from .stats import Layout, Partial
 
 BATCH = 16                                   # windows per forward pass
 MAX_TOKENS_CAP = 10 ** 10
-
-
-def _whole(value, name: str) -> int:
-    try:
-        n = int(str(value).strip())
-    except ValueError:
-        raise InputError(f"{name} must be a positive whole number, got '{str(value)[:40]}'") from None
-    if n <= 0:
-        raise InputError(f"{name} must be a positive whole number, got {n}")
-    return n
 
 
 @dataclass(frozen=True)
@@ -51,13 +42,13 @@ class ProfileSettings:
         if self.policy not in POLICIES:
             raise InputError(f"unknown policy '{str(self.policy)[:40]}'; choose one of {', '.join(POLICIES)}")
         object.__setattr__(self, "density", parse_density(self.density))
-        object.__setattr__(self, "context", _whole(self.context, "context"))
+        object.__setattr__(self, "context", positive_int(self.context, "context"))
         kernel = self.kernel or default_kernel()
         if kernel not in available_kernels():
             raise InputError(f"unknown kernel '{str(kernel)[:40]}'; available here: {', '.join(available_kernels())}")
         object.__setattr__(self, "kernel", kernel)
         if self.max_tokens is not None:
-            n = _whole(self.max_tokens, "max-tokens")
+            n = positive_int(self.max_tokens, "max-tokens")
             if not self.context <= n <= MAX_TOKENS_CAP:
                 raise InputError(f"max-tokens must be between the context ({self.context}) and {MAX_TOKENS_CAP:,}, "
                                  f"got {n}")
