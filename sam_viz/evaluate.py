@@ -13,7 +13,6 @@ values, no oracle sort, no h of every neuron) counts the MLP neurons it computed
 from __future__ import annotations
 
 import math
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,6 +25,7 @@ from models.loading import DEMO_DIR
 from sparse_ops import POLICIES, Policy, available_kernels, parse_density, sparsified
 from sparse_ops.recorder import DensityCounter
 
+from .files import decode_text, read_bytes
 from .spec import positive_int
 
 HELDOUT = DEMO_DIR / "heldout.txt"       # the demo LMs' test split (models/demo/README.md)
@@ -95,25 +95,7 @@ def read_text(path: str | None) -> str:
     """The text to evaluate (None: the held-out split); one sentence for a file that is not text."""
     file = HELDOUT if path is None else Path(path).expanduser()
     name = str(file) if path is None else path
-    try:
-        if not stat.S_ISREG(file.stat().st_mode):          # a device such as /dev/zero would never end
-            raise InputError(f"'{name}' is not a regular file (a directory or a device?); give a text file")
-        with file.open("rb") as f:
-            data = f.read(MAX_TEXT_BYTES + 1)
-        if len(data) > MAX_TEXT_BYTES:
-            raise InputError(f"text file '{name}' is over {MAX_TEXT_BYTES >> 20} MB")
-    except FileNotFoundError:
-        raise InputError(f"text file '{name}' does not exist") from None
-    except ValueError:                                      # os.stat refuses a NUL in a path
-        raise InputError("the text file's name holds a NUL character") from None
-    except OSError as exc:
-        raise InputError(f"cannot read text file '{name}' ({exc.strerror or type(exc).__name__})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"text file '{name}' is not UTF-8 text (a binary file?)") from None
-    if "\x00" in text:
-        raise InputError(f"text file '{name}' is binary (it holds NUL bytes), not text")
+    text = decode_text(read_bytes(file, "text file", name, MAX_TEXT_BYTES), "text file", name)
     if not text.strip():
         raise InputError(f"text file '{name}' is empty")
     return text

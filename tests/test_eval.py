@@ -216,3 +216,11 @@ def test_app_lists_the_demo_specs_and_opens_one(tmp_path, monkeypatch):
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert set(DEMO_SPECS) <= set(at.selectbox(key="model").options)
     assert at.session_state["ctx"].analysis.spec.model == "demo-lm"
+
+
+@pytest.mark.parametrize("path, message", [("/dev/zero", "is not a regular file"), ("a\x00b.txt", "holds a NUL"),
+                                           ("/nonexistent/x.txt", "does not exist")])
+def test_each_unusable_text_file_gets_its_own_sentence(path, message, capsys):
+    """The reader's checks each name their own reason (a device was once reported as a NUL in the name)."""
+    assert main(["eval", "--model", "tiny-llama", "--max-tokens", "128", "--text", path]) == 2
+    assert message in capsys.readouterr().err

@@ -229,6 +229,9 @@ BAD = [
     (["--corpus", "builtin:calibration", "--max-tokens", "5"], "max-tokens must be between"),
     (["--corpus", "builtin:calibration", "--max-tokens", "-3"], "positive whole number"),
     (["--corpus", "{d}/notes.docx"], "unknown format"),
+    (["--corpus", "{d}/zero.txt"], "not a regular file"),              # a symlink to /dev/zero: read forever
+    (["--corpus", "{d}/folder.txt"], "not a regular file"),
+    (["--corpus", "{d}/a\x00b.txt"], "holds a NUL character"),
 ]
 
 
@@ -241,6 +244,8 @@ def test_bad_corpus_input_is_one_error_line_and_exit_2(args, message, tmp_path, 
     (tmp_path / "rows.jsonl").write_text('{"title": "a", "body": "b"}\n')
     (tmp_path / "short.txt").write_text("two words")
     (tmp_path / "notes.docx").write_text("x")
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")
+    (tmp_path / "folder.txt").mkdir()
     code = cli.main(["profile", "--model", "tiny-llama", *[a.format(d=tmp_path) for a in args]])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]

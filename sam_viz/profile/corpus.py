@@ -21,6 +21,8 @@ import numpy as np
 
 from models import InputError
 
+from ..files import decode_text, read_bytes
+
 BUILTIN = "builtin:calibration"
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 MAX_BYTES = 1 << 30                       # a corpus file is read into memory: 1 GiB at most
@@ -107,12 +109,12 @@ def read_corpus(source: str, text_column: str | None = None) -> Corpus:
     if suffix not in FORMATS:
         raise InputError(f"corpus '{source[:80]}' has an unknown format; use a .txt, .jsonl, .csv or .parquet "
                          f"file, or {BUILTIN}")
-    data = _read_bytes(path, source)
+    data = read_bytes(path, "corpus file", source[:80], MAX_BYTES)
     column = None if suffix == ".txt" else (text_column or "text")
     if suffix == ".parquet":
         docs = _parquet(data, source, column)
     else:
-        text = _decode(data, source)
+        text = decode_text(data, "corpus file", source[:80])
         docs = {".txt": _txt, ".jsonl": _jsonl, ".csv": _csv}[suffix](text, source, column)
     docs = tuple(d for d in docs if d.strip())
     if not docs:
@@ -140,29 +142,6 @@ def tokenize(loaded, corpus: Corpus, context: int, max_tokens: int | None = None
                          "tokens")
     return TokenStream(np.concatenate(ids), np.concatenate(docs), np.concatenate(pos), context,
                        n_windows * context)
-
-
-def _read_bytes(path: Path, source: str) -> bytes:
-    try:
-        if path.stat().st_size > MAX_BYTES:
-            raise InputError(f"corpus file '{source[:80]}' is over {MAX_BYTES >> 30} GiB")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"corpus file '{source[:80]}' does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"corpus '{source[:80]}' is a directory, not a file") from None
-    except OSError as exc:
-        raise InputError(f"cannot read corpus file '{source[:80]}' ({exc.strerror or type(exc).__name__})") from None
-
-
-def _decode(data: bytes, source: str) -> str:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"corpus file '{source[:80]}' is not UTF-8 text (a binary file?)") from None
-    if "\x00" in text:
-        raise InputError(f"corpus file '{source[:80]}' is binary (it holds NUL bytes), not text")
-    return text
 
 
 def _txt(text: str, source: str, column) -> list[str]:
