@@ -238,6 +238,7 @@ def cmd_profile(args) -> int:
     import time
 
     from .profile import build_profile
+    from .spec import positive_int
 
     _quiet_libraries()
     shown = [time.perf_counter()]
@@ -248,7 +249,7 @@ def cmd_profile(args) -> int:
             shown[0] = now
             print(f"profile: {done:,}/{total:,} tokens, {message}", file=sys.stderr, flush=True)
 
-    workers = None if args.workers is None else _workers(args.workers)
+    workers = None if args.workers is None else positive_int(args.workers, "workers")
     if args.ray_address is not None:
         if args.engine != "ray":
             raise InputError("--ray-address is for --engine ray")
@@ -265,16 +266,6 @@ def cmd_profile(args) -> int:
     print(f"profile {manifest['id']}: {manifest['model']} over {manifest['corpus']['source']}, "
           f"{manifest['tokens']:,} tokens, {manifest['wall_s']:.1f} s")
     return 0
-
-
-def _workers(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise InputError(f"workers must be a positive whole number, got '{value[:40]}'") from None
-    if n <= 0:
-        raise InputError(f"workers must be a positive whole number, got {n}")
-    return n
 
 
 def cmd_bench(args) -> int:
