@@ -104,7 +104,6 @@ class ShardMapper:
         self.settings = settings
         self.loaded = loaded if loaded is not None else load_model(spec)
         self.layout = model_layout(self.loaded)
-        self.k = Policy("topk", settings.density).k(self.loaded.d_ff)
         wrappers = install(self.loaded)
         self.relu = [isinstance(w.weights(0 if w.moe else None).act, nn.ReLU) for w in wrappers]
         self.device = next(self.loaded.model.parameters()).device
