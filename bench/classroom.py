@@ -137,7 +137,7 @@ def _finish(s: Session, page, t0: float, timeout_s: float) -> dict:
                                    f"{FIGURES[s.page]} && document.querySelectorAll('[data-testid=\"stMetric\"]')"
                                    f".length > 0 && {SETTLED}", timeout=deadline_ms())
     except PlaywrightError as exc:                  # a session that never finished: the caller reports it
-        stuck = f"{type(exc).__name__}: {str(exc).splitlines()[0]} | page: {page.inner_text('body')[-300:]!r}"
+        stuck = f"{type(exc).__name__}: {str(exc).splitlines()[0]} | page: {page.inner_text('body')[-1500:]!r}"
     done = time.perf_counter() - t0
     metrics = {m.locator("[data-testid='stMetricLabel']").inner_text().strip():
                m.locator("[data-testid='stMetricValue']").inner_text().strip()
