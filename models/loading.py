@@ -167,35 +167,50 @@ def minilm_path() -> Path:
 
 
 def _load_minilm() -> LoadedModel:
-    from transformers import AutoModel, AutoTokenizer
+    with building():
+        from transformers import AutoModel, AutoTokenizer
 
-    path = minilm_path()
-    model = AutoModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    return _finish(DEFAULT_MODEL, model, AutoTokenizer.from_pretrained(path))
+        path = minilm_path()
+        model = AutoModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return _finish(DEFAULT_MODEL, model, tokenizer)
 
 
 def _load_tiny(name: str) -> LoadedModel:
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    with building():
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = tiny_config(name, tokenizer)
-    auto = AutoModel if adapter_for(config.model_type).kind == "encoder" else AutoModelForCausalLM
-    with seeded(0):
-        model = auto.from_config(config, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+        config = tiny_config(name, tokenizer)
+        auto = AutoModel if adapter_for(config.model_type).kind == "encoder" else AutoModelForCausalLM
+        with seeded(0):
+            model = auto.from_config(config, dtype=torch.float32)
     loaded = _finish(name, model, tokenizer)
     loaded.add_special_tokens = loaded.kind == "encoder"      # no [CLS] / [SEP] around a causal prompt
     return loaded
 
 
-_SEEDED = threading.Lock()
+_BUILD = threading.RLock()
+
+
+@contextmanager
+def building():
+    """One model build at a time in this process. transformers builds a model by patching
+    process-wide state for the duration (torch.nn.init's functions and PreTrainedModel.init_weights
+    made no-ops, tensors created on the meta device) and imports its model modules lazily, so two
+    sessions' builds at once in threads gave a model with meta tensors, a tiny model with other
+    weights, or an ImportError. Re-entrant; held also by `seeded`."""
+    with _BUILD:
+        yield
 
 
 @contextmanager
 def seeded(seed: int):
     """torch's global CPU generator seeded for a deterministic initialisation, and restored after. It is
     one per process: sessions loading models in other threads would draw from it in between, so the
-    seeded sections take turns (and code running beside them draws from generators of its own)."""
-    with _SEEDED, torch.random.fork_rng(devices=[]):
+    seeded sections take turns with each other and with every model build (code running beside them
+    draws from generators of its own)."""
+    with building(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
 
@@ -287,9 +302,17 @@ def check_tokenizer(spec: str, model: nn.Module, tokenizer) -> None:
 
 
 def _load_dir(path: Path, spec: str) -> LoadedModel:
+    check_config(path, spec)
+    with building():
+        model, tokenizer = _build_dir(path, spec)
+    check_tokenizer(spec, model, tokenizer)
+    return _finish(spec, model, tokenizer)
+
+
+def _build_dir(path: Path, spec: str):
+    """(model, tokenizer) of a checked checkpoint folder; the caller holds `building()`."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    check_config(path, spec)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
@@ -304,8 +327,7 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - corrupt weights raise safetensors' own error type, among others
         raise InputError(f"cannot load '{spec}': {(str(exc).splitlines() or [type(exc).__name__])[0][:300]}") from None
-    check_tokenizer(spec, model, tokenizer)
-    return _finish(spec, model, tokenizer)
+    return model, tokenizer
 
 
 def _finish(spec: str, model: nn.Module, tokenizer) -> LoadedModel:

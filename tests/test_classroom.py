@@ -92,6 +92,45 @@ def test_tiny_models_loaded_at_once_in_many_sessions_have_the_weights_of_one_loa
         assert all(torch.equal(t, weights[key]) for key, t in alone[name].items()), name
 
 
+BUILDS = textwrap.dedent("""
+    # A fresh process (nothing of transformers imported yet), as a server at the start of a lesson:
+    # every built-in model loaded at once in threads, then each alone, in the same process.
+    import threading
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+    from models import BUILTIN_SPECS, load_model
+    start = threading.Barrier(2 * len(BUILTIN_SPECS))
+
+    def build(name):
+        start.wait()
+        try:
+            return name, load_model(name).model.state_dict()
+        except Exception as exc:
+            return name, repr(exc)
+
+    with ThreadPoolExecutor(2 * len(BUILTIN_SPECS)) as pool:
+        together = list(pool.map(build, list(BUILTIN_SPECS) * 2))
+    alone = {name: load_model(name).model.state_dict() for name in BUILTIN_SPECS}
+    bad = []
+    for name, weights in together:
+        if isinstance(weights, str):
+            bad.append(f"{name}: {weights[:300]}")
+        elif any(t.is_meta or not torch.equal(t, alone[name][key]) for key, t in weights.items()):
+            bad.append(f"{name}: weights differ from the model loaded alone")
+    print(bad)
+""")
+
+
+def test_every_model_loaded_at_once_in_a_fresh_server_has_the_weights_of_one_loaded_alone():
+    """transformers builds a model by patching process-wide state (torch.nn.init's functions, the
+    default device, its lazy imports): two builds at once in threads gave a demo-lm with meta
+    tensors, tiny models with other weights, and ImportErrors. One build at a time."""
+    proc = subprocess.run([sys.executable, "-c", BUILDS], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 RACE = textwrap.dedent("""
     import threading
     import pages._shared                        # what every page imports first
