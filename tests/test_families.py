@@ -321,3 +321,23 @@ def test_firing_page_says_in_one_sentence_that_the_cpu_kernel_lacks_the_activati
     assert [e.value.split(";")[0] for e in at.error] == [
         "the cpu kernel does not implement the activation ClippedGELUActivation"]
     assert "\n" not in at.error[0].value
+
+
+@pytest.mark.skipif(readiness()[0] == "unavailable", reason="the cpu kernel cannot be built here")
+def test_one_click_moves_a_model_the_cpu_kernel_lacks_to_the_reference_kernel(monkeypatch, tmp_path):
+    """A gpt-oss or gelu_10 checkpoint under the sidebar's default kernel (cpu): the refusal comes with
+    a button; after it the page shows the reference kernel's analysis and the link says so."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    path = _save(tmp_path / "pythia-gelu10", _config("gpt_neox", tokenizer, hidden_act="gelu_10"), tokenizer)
+    monkeypatch.setenv("SAM_VIZ_MODEL_ROOTS", str(tmp_path))
+    at = _firing_page(monkeypatch, tmp_path, model=path, prompt=PROMPT, policy="topk", density="0.25", kernel="cpu")
+    switch = [b for b in at.button if b.label == "Use the reference kernel"]
+    assert len(at.error) == 1 and len(switch) == 1
+    at.selectbox(key="model").options.append(path)   # as the browser sends a typed-in option back
+    switch[0].click().run()
+    assert not at.exception and not at.error
+    shown = at.session_state["ctx"].analysis
+    alone = analyze(load_model(path), RunSpec(prompt=PROMPT, model=path, policy="topk", density=0.25,
+                                               kernel="reference"))
+    assert shown.spec.kernel == "reference" and at.query_params["kernel"] == "reference"
+    assert shown.tokens == alone.tokens and shown.compare == pytest.approx(alone.compare, rel=1e-6, abs=1e-12)
