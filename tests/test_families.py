@@ -341,3 +341,30 @@ def test_one_click_moves_a_model_the_cpu_kernel_lacks_to_the_reference_kernel(mo
                                                kernel="reference"))
     assert shown.spec.kernel == "reference" and at.query_params["kernel"] == "reference"
     assert shown.tokens == alone.tokens and shown.compare == pytest.approx(alone.compare, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma", "olmo2", "gpt_neox"])
+def test_a_profile_logit_effect_goes_through_the_final_norm_as_the_family_defines_it(model_type, family,
+                                                                                      monkeypatch):
+    """Per neuron, the logits its down column moves: unembed @ (scale * W_down[:, j]), where the final
+    norm's scale is its weight, and 1 + weight in Gemma's RMSNorm (transformers' modeling_gemma*)."""
+    from sam_viz.profile.tables import LOGIT_TOP, logits_table
+
+    path, _ = family(model_type)
+    monkeypatch.setenv("SAM_VIZ_MODEL_ROOTS", str(Path(path).parent))
+    loaded = load_model(path)                                   # a copy of its own: the norm is changed
+    norm = loaded.model.base_model.norm if hasattr(loaded.model.base_model, "norm") else \
+        loaded.model.base_model.final_layer_norm
+    norm.weight.copy_(torch.randn(norm.weight.shape, generator=torch.Generator().manual_seed(1)))
+    scale = norm.weight + 1 if model_type.startswith("gemma") else norm.weight
+    table = logits_table(loaded, lambda ids: [str(i) for i in ids]).to_pandas()
+    unembed = loaded.model.get_output_embeddings().weight
+    for layer in range(loaded.n_layers):
+        down = dict(loaded.model.base_model.layers[layer].mlp.named_parameters())
+        w_down = next(t for name, t in down.items() if name.endswith(("down_proj.weight", "dense_4h_to_h.weight")))
+        for j in (0, 17, D_FF - 1):
+            effect = unembed @ (scale * w_down[:, j])
+            got = table[(table.layer == layer) & (table.neuron == j) & (table.sign == "boost")].sort_values("rank")
+            want = effect.topk(LOGIT_TOP)
+            assert got.token_id.tolist() == want.indices.tolist()
+            assert got.value.to_numpy() == pytest.approx(want.values.double().numpy(), rel=1e-4, abs=1e-6)
