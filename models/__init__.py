@@ -1,9 +1,9 @@
 """Model loading and per-family MLP adapters. Knows nothing about sparsity."""
 from .adapters import ADAPTERS, MLPAdapter, MLPWeights, adapter_for, get_path, mlp_weights
-from .errors import InputError
+from .errors import InputError, KernelCannotCompute
 from .loading import BUILTIN_SPECS, DEFAULT_MODEL, MAX_TOKENS, LoadedModel, allowed_roots, load_model
 
 __all__ = [
-    "ADAPTERS", "BUILTIN_SPECS", "DEFAULT_MODEL", "MAX_TOKENS", "InputError", "LoadedModel",
+    "ADAPTERS", "BUILTIN_SPECS", "DEFAULT_MODEL", "MAX_TOKENS", "InputError", "KernelCannotCompute", "LoadedModel",
     "MLPAdapter", "MLPWeights", "adapter_for", "allowed_roots", "get_path", "load_model", "mlp_weights",
 ]

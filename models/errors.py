@@ -7,3 +7,12 @@ and the app shows it with `st.error`, never as a traceback.
 
 class InputError(ValueError):
     """A problem with what the user asked for, stated in one sentence."""
+
+
+class KernelCannotCompute(InputError):
+    """The chosen kernel does not implement this model's MLP (its activation); the reference kernel
+    runs any. The app offers to switch; the CLI says the sentence."""
+
+    def __init__(self, message: str, kernel: str):
+        super().__init__(message)
+        self.kernel = kernel

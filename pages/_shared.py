@@ -17,8 +17,8 @@ import pandas  # noqa: F401
 import streamlit as st
 from streamlit.errors import StreamlitAPIException, StreamlitPageNotFoundError
 
-from sam_viz import (BUILTIN_SPECS, DEFAULT_MODEL, Analysis, InputError, LoadedModel, RunSpec, allowed_roots,
-                     analyze, load_model)
+from sam_viz import (BUILTIN_SPECS, DEFAULT_MODEL, Analysis, InputError, KernelCannotCompute, LoadedModel, RunSpec,
+                     allowed_roots, analyze, load_model)
 from sam_viz.analysis import TooManyTokens, truncate_to_tokens
 from sam_viz.spec import MAX_PROMPT_CHARS
 from sam_viz.store import RunStore
@@ -371,6 +371,9 @@ def resolve_context() -> Context | None:
         if isinstance(exc, TooManyTokens):
             st.button(f"Analyse the first {exc.limit} tokens", type="primary", on_click=_truncate_prompt,
                       args=(exc.limit,))
+        if isinstance(exc, KernelCannotCompute):
+            st.button("Use the reference kernel", type="primary", on_click=_use_reference_kernel,
+                      help="Plain torch: computes every neuron of any activation and masks the unselected ones.")
         return None
 
 
@@ -385,6 +388,10 @@ def _saved_run(run_id: str) -> Analysis | None:
         st.error(f"{escape_markdown(why)}; showing a live analysis instead.")
         _leave_saved_run()
     return saved
+
+
+def _use_reference_kernel() -> None:
+    st.session_state["kernel"] = "reference"
 
 
 def _truncate_prompt(limit: int) -> None:

@@ -1,5 +1,5 @@
 """sam-viz: the analysis library under the app. Never imports Streamlit."""
-from models import BUILTIN_SPECS, DEFAULT_MODEL, InputError, LoadedModel, allowed_roots, load_model
+from models import BUILTIN_SPECS, DEFAULT_MODEL, InputError, KernelCannotCompute, LoadedModel, allowed_roots, load_model
 
 from .analysis import Analysis, Outputs, analyze, compare_outputs, encode_prompt, forward, sentence_embedding
 from .explore import (SWEEP_DENSITIES, SWEEP_POLICIES, calibration_counts, density_sweep, firing_counts,
@@ -7,7 +7,7 @@ from .explore import (SWEEP_DENSITIES, SWEEP_POLICIES, calibration_counts, densi
 from .spec import RunSpec
 
 __all__ = [
-    "Analysis", "BUILTIN_SPECS", "DEFAULT_MODEL", "InputError", "LoadedModel", "Outputs", "RunSpec",
+    "Analysis", "BUILTIN_SPECS", "DEFAULT_MODEL", "InputError", "KernelCannotCompute", "LoadedModel", "Outputs", "RunSpec",
     "SWEEP_DENSITIES", "SWEEP_POLICIES", "allowed_roots", "analyze", "calibration_counts", "compare_outputs",
     "density_sweep", "encode_prompt", "firing_counts", "forward", "greedy_continuation", "load_model", "mass_curve",
     "sentence_embedding",

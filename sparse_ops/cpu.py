@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models import InputError, MLPWeights
+from models import InputError, KernelCannotCompute, MLPWeights
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "sparse_mlp.cpp"
@@ -195,8 +195,9 @@ def activation_code(act) -> int:
     for code, fn in ACTIVATIONS.items():
         if torch.allclose(act(_PROBE.clone()), fn(_PROBE), atol=1e-6, rtol=1e-5):   # clone: act may work in place
             return code
-    raise InputError(f"the cpu kernel does not implement the activation {type(act).__name__}; "
-                     f"it computes {', '.join(ACTIVATION_NAMES.values())} (the reference kernel runs any activation)")
+    raise KernelCannotCompute(f"the cpu kernel does not implement the activation {type(act).__name__}; it "
+                              f"computes {', '.join(ACTIVATION_NAMES.values())} (the reference kernel runs any "
+                              "activation)", "cpu")
 
 
 def prepare(w: MLPWeights, dtype: torch.dtype = torch.float32) -> Prepared:

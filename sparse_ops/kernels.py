@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from models import InputError, MLPWeights
+from models import InputError, KernelCannotCompute, MLPWeights
 
 from . import cpu
 from .policy import selection_mask
@@ -53,8 +53,9 @@ def _needs_grad(x: torch.Tensor, w: MLPWeights) -> bool:
 def _compiled_glu(name: str, w: MLPWeights) -> None:
     """The compiled kernels compute act(gate) * up: refuse an MLP that transforms `up` too."""
     if w.up_act is not None:
-        raise InputError(f"the {name} kernel does not implement the activation {type(w.act).__name__} with "
-                         f"{type(w.up_act).__name__} on the up projection (a clamped SwiGLU); use the reference kernel")
+        raise KernelCannotCompute(f"the {name} kernel does not implement the activation {type(w.act).__name__} "
+                                  f"with {type(w.up_act).__name__} on the up projection (a clamped SwiGLU); use "
+                                  "the reference kernel", name)
 
 
 def _cpu(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from models import InputError, MLPWeights
+from models import InputError, KernelCannotCompute, MLPWeights
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOCK = threading.Lock()
@@ -198,7 +198,8 @@ def _act_code(act) -> int:
     try:
         code = activation_code(act)
     except InputError:
-        raise InputError(f"the triton kernel does not implement the activation {type(act).__name__}") from None
+        raise KernelCannotCompute(f"the triton kernel does not implement the activation {type(act).__name__} "
+                                  "(the reference kernel runs any activation)", "triton") from None
     try:
         _ACT_CODES[act] = code
     except TypeError:                              # not weak-referenceable: probe every call

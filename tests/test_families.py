@@ -321,3 +321,50 @@ def test_firing_page_says_in_one_sentence_that_the_cpu_kernel_lacks_the_activati
     assert [e.value.split(";")[0] for e in at.error] == [
         "the cpu kernel does not implement the activation ClippedGELUActivation"]
     assert "\n" not in at.error[0].value
+
+
+@pytest.mark.skipif(readiness()[0] == "unavailable", reason="the cpu kernel cannot be built here")
+def test_one_click_moves_a_model_the_cpu_kernel_lacks_to_the_reference_kernel(monkeypatch, tmp_path):
+    """A gpt-oss or gelu_10 checkpoint under the sidebar's default kernel (cpu): the refusal comes with
+    a button; after it the page shows the reference kernel's analysis and the link says so."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    path = _save(tmp_path / "pythia-gelu10", _config("gpt_neox", tokenizer, hidden_act="gelu_10"), tokenizer)
+    monkeypatch.setenv("SAM_VIZ_MODEL_ROOTS", str(tmp_path))
+    at = _firing_page(monkeypatch, tmp_path, model=path, prompt=PROMPT, policy="topk", density="0.25", kernel="cpu")
+    switch = [b for b in at.button if b.label == "Use the reference kernel"]
+    assert len(at.error) == 1 and len(switch) == 1
+    at.selectbox(key="model").options.append(path)   # as the browser sends a typed-in option back
+    switch[0].click().run()
+    assert not at.exception and not at.error
+    shown = at.session_state["ctx"].analysis
+    alone = analyze(load_model(path), RunSpec(prompt=PROMPT, model=path, policy="topk", density=0.25,
+                                               kernel="reference"))
+    assert shown.spec.kernel == "reference" and at.query_params["kernel"] == "reference"
+    assert shown.tokens == alone.tokens and shown.compare == pytest.approx(alone.compare, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma", "olmo2", "gpt_neox"])
+def test_a_profile_logit_effect_goes_through_the_final_norm_as_the_family_defines_it(model_type, family,
+                                                                                      monkeypatch):
+    """Per neuron, the logits its down column moves: unembed @ (scale * W_down[:, j]), where the final
+    norm's scale is its weight, and 1 + weight in Gemma's RMSNorm (transformers' modeling_gemma*)."""
+    from sam_viz.profile.tables import LOGIT_TOP, logits_table
+
+    path, _ = family(model_type)
+    monkeypatch.setenv("SAM_VIZ_MODEL_ROOTS", str(Path(path).parent))
+    loaded = load_model(path)                                   # a copy of its own: the norm is changed
+    norm = loaded.model.base_model.norm if hasattr(loaded.model.base_model, "norm") else \
+        loaded.model.base_model.final_layer_norm
+    norm.weight.copy_(torch.randn(norm.weight.shape, generator=torch.Generator().manual_seed(1)))
+    scale = norm.weight + 1 if model_type.startswith("gemma") else norm.weight
+    table = logits_table(loaded, lambda ids: [str(i) for i in ids]).to_pandas()
+    unembed = loaded.model.get_output_embeddings().weight
+    for layer in range(loaded.n_layers):
+        down = dict(loaded.model.base_model.layers[layer].mlp.named_parameters())
+        w_down = next(t for name, t in down.items() if name.endswith(("down_proj.weight", "dense_4h_to_h.weight")))
+        for j in (0, 17, D_FF - 1):
+            effect = unembed @ (scale * w_down[:, j])
+            got = table[(table.layer == layer) & (table.neuron == j) & (table.sign == "boost")].sort_values("rank")
+            want = effect.topk(LOGIT_TOP)
+            assert got.token_id.tolist() == want.indices.tolist()
+            assert got.value.to_numpy() == pytest.approx(want.values.double().numpy(), rel=1e-4, abs=1e-6)

@@ -128,14 +128,34 @@ def cofire_table(p: Partial) -> tuple[pa.Table, int]:
 
 
 def _final_norm_scale(loaded) -> torch.Tensor | None:
-    base = loaded.model.base_model
+    """The final norm's per-channel scale, found by evaluating the norm (as the cpu kernel tells
+    activations apart): for a probe x of mean 0, norm(x) - norm(-x) = 2 x scale / rms(x), whether it
+    is a LayerNorm, an RMSNorm or Gemma's RMSNorm with its (1 + w). Two probes, so that an odd width
+    has no channel left at 0."""
+    module = _final_norm(loaded.model.base_model)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    d = weight.shape[-1]
+    first = torch.tensor([(-1.0) ** i for i in range(d)])
+    if d % 2:
+        first[-1] = 0.0                                  # mean 0 at an odd width
+    scales = []
+    with torch.no_grad():
+        for x in (first, first.roll(1)):
+            probe = x.to(weight.dtype).to(weight.device)[None]
+            diff = (module(probe) - module(-probe))[0].float().cpu()
+            scales.append(diff / (2 * torch.where(x != 0, x, 1.0)) * x.pow(2).mean().sqrt())
+    return torch.where(first != 0, scales[0], scales[1]).to(weight.device)
+
+
+def _final_norm(base):
     for path in ("norm", "ln_f", "final_layer_norm", "decoder.final_layer_norm"):
         module = base
         for part in path.split("."):
             module = getattr(module, part, None)
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            return weight.detach().float() + (1.0 if loaded.model_type.startswith("gemma") else 0.0)
+        if module is not None:
+            return module
     return None
 
 
