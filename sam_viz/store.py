@@ -11,7 +11,10 @@ Loading validates structure, types and shapes; anything else is one InputError s
 
 The store is SQLite in WAL mode, one transaction per save: a process killed in the middle of a save
 leaves the run either whole or absent (tests/test_store_kill.py kills savers with SIGKILL). A store
-that cannot be written (read-only folder, full disk, damaged file) is one StoreError sentence.
+that cannot be written (read-only folder, full disk, damaged file) is one StoreError sentence. A
+store in a read-only folder (a teacher's runs on a read-only share) still lists and opens its runs:
+through SQLite's read-only mode while a writer elsewhere keeps its WAL files, else as an immutable
+file; saving there is the READ_ONLY_SAVE sentence.
 """
 from __future__ import annotations
 
@@ -74,6 +77,7 @@ class StoreError(InputError):
 
 FULL = "the run store's disk is full, so runs cannot be saved until space is freed"
 READ_ONLY = "the run store's folder is read-only or cannot be opened, so runs cannot be saved or opened here"
+READ_ONLY_SAVE = "the run store's folder is read-only, so its saved runs open here but new runs cannot be saved"
 BUSY = "the run store is busy with other saves; try again in a moment"
 DAMAGED = "the run store's database file is damaged; ask whoever runs this server to replace it"
 _WHY = {sqlite3.SQLITE_FULL: FULL, sqlite3.SQLITE_READONLY: READ_ONLY, sqlite3.SQLITE_CANTOPEN: READ_ONLY,
@@ -243,6 +247,15 @@ class RunStore:
     def __init__(self, path: str | os.PathLike | None = None, max_bytes: int = MAX_BLOB_BYTES):
         self.path = Path(path or os.environ.get("SAM_VIZ_RUN_DB") or DEFAULT_DB)
         self.max_bytes = max_bytes
+        self.read_only = False
+        try:
+            self._create()
+        except StoreError as exc:
+            if str(exc) != READ_ONLY or not self._opens_read_only():
+                raise
+            self.read_only = True
+
+    def _create(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -255,12 +268,33 @@ class RunStore:
                 db.execute("ALTER TABLE runs ADD COLUMN digest TEXT")     # a store from before digests
             db.execute("CREATE UNIQUE INDEX IF NOT EXISTS runs_digest ON runs (digest)")
 
+    def _opens_read_only(self) -> bool:
+        """A store that cannot be written: whether its runs can still be read."""
+        if not self.path.is_file():
+            return False
+        try:
+            with self._db(read_only=True) as db:
+                db.execute("SELECT id, created, model, policy, density, n_tokens, prompt_preview, blob "
+                           "FROM runs LIMIT 1").fetchall()
+            return True
+        except StoreError:
+            return False
+
+    def _connect(self, read_only: bool) -> sqlite3.Connection:
+        if not read_only:
+            return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+        # read-only: SQLite's locks through a writer's WAL files where they exist (it cannot make
+        # them here); with none, no writer is at work and the file is read as it stands
+        live = Path(f"{self.path}-wal").exists() and Path(f"{self.path}-shm").exists()
+        return sqlite3.connect(f"{self.path.resolve().as_uri()}?{'mode=ro' if live else 'immutable=1'}",
+                               uri=True, timeout=BUSY_TIMEOUT_S)
+
     @contextmanager
-    def _db(self):
+    def _db(self, read_only: bool | None = None):
         """One connection and one transaction (commit, or roll back on error). A failure of the file or
         folder is a StoreError sentence; IntegrityError (an id or digest taken) is the caller's."""
         try:
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+            db = self._connect(self.read_only if read_only is None else read_only)
             try:
                 with db:
                     yield db
@@ -272,8 +306,24 @@ class RunStore:
             log.warning("run store %s: %r", self.path, exc)
             raise store_error(exc) from None
 
+    @contextmanager
+    def _writing(self):
+        """_db for a change: in a store that reads but cannot be written (a read-only folder; or a
+        read-only file that SQLite opened for reading only), READ_ONLY_SAVE."""
+        if self.read_only:
+            raise StoreError(READ_ONLY_SAVE)
+        try:
+            with self._db() as db:
+                yield db
+        except StoreError as exc:
+            if str(exc) == READ_ONLY and self._opens_read_only():
+                raise StoreError(READ_ONLY_SAVE) from None
+            raise
+
     def save(self, analysis: Analysis) -> str:
         """The run's id: a new one, or the id it already has when the same content was saved before."""
+        if self.read_only:
+            raise StoreError(READ_ONLY_SAVE)
         blob = analysis_to_bytes(analysis)
         if len(blob) > self.max_bytes:
             raise InputError(f"this run is {len(blob) / 1e6:,.1f} MB saved; the limit is "
@@ -284,7 +334,7 @@ class RunStore:
         for _ in range(3):          # an id collision is ~2^-72, a digest race with another session rare
             run_id = secrets.token_urlsafe(9)
             try:
-                with self._db() as db:
+                with self._writing() as db:
                     same = db.execute("SELECT id FROM runs WHERE digest = ?", (digest,)).fetchone()
                     if same:
                         return same[0]
@@ -308,7 +358,7 @@ class RunStore:
     def delete(self, run_id: str) -> bool:
         if not valid_id(run_id):
             return False
-        with self._db() as db:
+        with self._writing() as db:
             return db.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
 
     def list(self, limit: int = 50) -> list[dict]:

@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ import torch
 import sam_viz.store
 from conftest import shared
 from sam_viz import RunSpec, analyze
-from sam_viz.store import DAMAGED, FULL, READ_ONLY, RunStore, StoreError
+from sam_viz.store import DAMAGED, FULL, READ_ONLY, READ_ONLY_SAVE, RunStore, StoreError
 from test_app import PAGES, PROMPT, ROOT, open_app, run_db  # noqa: F401 - run_db: a fresh run store per test
 from test_store import assert_same
 
@@ -144,17 +145,23 @@ def test_a_full_store_is_one_sentence_and_the_app_keeps_serving(run_db, monkeypa
 READ_ONLY_CHILD = textwrap.dedent("""
     import json
     from streamlit.testing.v1 import AppTest
-    out = []
+    from sam_viz.store import RunStore
+    store = RunStore()
+    out = {{"listed": [r["id"] for r in store.list()],
+            "loaded": {{i: store.load(i).compare for i in {ids!r}}}}}
     for page in ("runs", "firing"):
         at = AppTest.from_file({pages!r}[page], default_timeout=180)
-        at.query_params.update(model="tiny-llama", prompt="The cat sat.")
         if page == "firing":
-            at.query_params["run"] = "AAAAAAAAAAAA"
+            at.query_params["run"] = {ids!r}[0]              # a share link of a saved run
+        else:
+            at.query_params.update(model="tiny-llama", prompt="The cat sat.")
         at.run()
         if page == "runs":
             at = next(b for b in at.button if b.label == "Save run").click().run()
-        out.append(dict(page=page, exception=[str(e.value) for e in at.exception], error=[e.value for e in at.error],
-                        charts=len(at.get("plotly_chart"))))
+        ctx = at.session_state["ctx"] if "ctx" in at.session_state else None
+        out[page] = dict(exception=[str(e.value) for e in at.exception], error=[e.value for e in at.error],
+                         charts=len(at.get("plotly_chart")), tables=len(at.dataframe),
+                         run_id=ctx.run_id if ctx else None)
     print(json.dumps(out))
 """)
 
@@ -169,23 +176,86 @@ def _without_root_powers() -> list[str]:
     return [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
 
 
-def test_a_read_only_store_is_one_sentence_and_the_app_keeps_serving(tmp_path):
-    db = tmp_path / "store" / "runs.sqlite"
-    db.parent.mkdir()
-    RunStore(db).save(analyze(shared("tiny-llama"), RunSpec(prompt=PROMPT, model="tiny-llama")))
-    db.chmod(0o444)
-    db.parent.chmod(0o555)
+def _read_only_child(db: Path, ids: list[str]) -> dict:
     env = {**os.environ, "SAM_VIZ_RUN_DB": str(db), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     pages = {k: str(ROOT / v) for k, v in PAGES.items()}
-    proc = subprocess.run([*_without_root_powers(), sys.executable, "-c", READ_ONLY_CHILD.format(pages=pages)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    db.parent.chmod(0o755)
+    db.parent.chmod(0o555)
+    try:
+        proc = subprocess.run([*_without_root_powers(), sys.executable, "-c", READ_ONLY_CHILD.format(pages=pages, ids=ids)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        db.parent.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("writer", [False, True], ids=["no-writer", "a-writer-with-its-wal-open"])
+def test_a_read_only_store_opens_its_runs_refuses_saves_in_one_sentence_and_the_app_keeps_serving(tmp_path, writer):
+    """A store in a read-only folder (a teacher's runs on a read-only share): its runs are listed and
+    open as saved, on the Runs page and by link; Save run is one sentence. With a writer elsewhere
+    that holds its WAL open, the runs still only in the WAL are seen too."""
+    db = tmp_path / "store" / "runs.sqlite"
+    db.parent.mkdir()
+    first = analyze(shared("tiny-llama"), RunSpec(prompt=PROMPT, model="tiny-llama"))
+    second = analyze(shared("tiny-llama"), RunSpec(prompt=PROMPT, model="tiny-llama", density=0.3))
+    ids = [RunStore(db).save(first)]
+    held = None
+    if writer:
+        held = sqlite3.connect(db)                       # keeps -wal and -shm while the reader runs
+        held.execute("PRAGMA wal_autocheckpoint = 0")
+        held.execute("SELECT 1 FROM runs").fetchall()
+        ids.append(RunStore(db).save(second))
+        assert Path(f"{db}-wal").stat().st_size > 0
+    db.chmod(0o444)
+    try:
+        got = _read_only_child(db, ids)
+    finally:
+        if held is not None:
+            held.close()
+    assert sorted(got["listed"]) == sorted(ids)
+    for run_id, analysis in zip(ids, (first, second)):
+        assert got["loaded"][run_id] == pytest.approx(analysis.compare, rel=1e-6)
+    runs, firing = got["runs"], got["firing"]
+    assert runs["exception"] == [] and runs["error"] == [READ_ONLY_SAVE] and runs["tables"] == 1
+    assert firing["exception"] == [] and firing["error"] == [] and firing["run_id"] == ids[0]
+    assert firing["charts"] >= 3
+
+
+def test_a_store_that_can_be_neither_written_nor_read_is_one_sentence_and_the_app_keeps_serving(tmp_path):
+    db = tmp_path / "store" / "runs.sqlite"                   # no store file yet, in a read-only folder
+    db.parent.mkdir()
+    env = {**os.environ, "SAM_VIZ_RUN_DB": str(db), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    pages = {k: str(ROOT / v) for k, v in PAGES.items()}
+    db.parent.chmod(0o555)
+    try:
+        proc = subprocess.run([*_without_root_powers(), sys.executable, "-c", UNUSABLE_CHILD.format(pages=pages)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        db.parent.chmod(0o755)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs, firing = json.loads(proc.stdout.strip().splitlines()[-1])
     assert runs["exception"] == [] and runs["error"] == [READ_ONLY]
     assert firing["exception"] == [] and firing["charts"] >= 3                  # the live analysis is shown
     assert firing["error"] == [f"Saved run 'AAAAAAAAAAAA' cannot be opened ({READ_ONLY}); showing a live "
                                "analysis instead."]
+
+
+UNUSABLE_CHILD = textwrap.dedent("""
+    import json
+    from streamlit.testing.v1 import AppTest
+    out = []
+    for page in ("runs", "firing"):
+        at = AppTest.from_file({pages!r}[page], default_timeout=180)
+        at.query_params.update(model="tiny-llama", prompt="The cat sat.")
+        if page == "firing":
+            at.query_params["run"] = "AAAAAAAAAAAA"
+        at.run()
+        if page == "runs":
+            at = next(b for b in at.button if b.label == "Save run").click().run()
+        out.append(dict(page=page, exception=[str(e.value) for e in at.exception], error=[e.value for e in at.error],
+                        charts=len(at.get("plotly_chart"))))
+    print(json.dumps(out))
+""")
 
 
 def test_a_damaged_store_file_is_one_sentence(tmp_path):
