@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlencode
@@ -53,6 +55,31 @@ def check_server_process(pid: int) -> str:
     if not exe.startswith("python") or b"streamlit" not in argv:
         raise RuntimeError(f"process {pid} is {exe} {argv!r}, not the Python running streamlit")
     return " ".join(a.decode() for a in argv if a)
+
+
+class Sampler(threading.Thread):
+    """Reads a process's RSS every `interval` seconds, between the readings at the marks: the band
+    that RSS moves in while analyses run (one reading alone can land on a peak or a trough)."""
+
+    def __init__(self, pid: int, interval: float = 2.0):
+        super().__init__(daemon=True)
+        self.pid, self.interval, self.stopped = pid, interval, threading.Event()
+        self.seen, self.lock = [], threading.Lock()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                rss = server_rss_mib(self.pid)
+            except OSError:                   # the process has gone; the main loop reports it
+                return
+            with self.lock:
+                self.seen.append(rss)
+
+    def take(self) -> list[float]:
+        """The readings since the last take."""
+        with self.lock:
+            seen, self.seen = self.seen, []
+        return seen
 
 
 def link(base: str, path: str, i: int, models: tuple[str, ...]) -> str:
@@ -105,6 +132,8 @@ def measure(n: int, at: int, every: int, models: tuple[str, ...] = MODELS, attri
     series, problems, errored, t0 = [], [], 0, time.perf_counter()
     try:
         command = check_server_process(proc.pid)
+        sampler = Sampler(proc.pid)
+        sampler.start()
         with sync_playwright() as p:
             browser = launch(p)
             for i in range(n):
@@ -114,17 +143,31 @@ def measure(n: int, at: int, every: int, models: tuple[str, ...] = MODELS, attri
                 errored += bool(seen)
                 problems += seen
                 if (i + 1) % every == 0 or i + 1 in (at, n):
-                    series.append({"analyses": i + 1, "rss_mib": round(server_rss_mib(proc.pid), 1),
-                                   "seconds": round(time.perf_counter() - t0, 1)})
+                    rss = server_rss_mib(proc.pid)
+                    band = sampler.take() + [rss]
+                    series.append({"analyses": i + 1, "rss_mib": round(rss, 1), "min_mib": round(min(band), 1),
+                                   "max_mib": round(max(band), 1), "seconds": round(time.perf_counter() - t0, 1)})
+                    print(f"{series[-1]} errored {errored}", file=sys.stderr, flush=True)
             browser.close()
+        sampler.stopped.set()
     finally:
         stop(proc)
+    return summary(series, n, at) | {
+        "errored_analyses": errored, "problems": problems, "models": list(models), "policies": list(POLICIES),
+        "densities": list(DENSITIES), "attribution_every": attribute_every,
+        "seconds": round(time.perf_counter() - t0, 1), "server": command}
+
+
+def summary(series: list[dict], n: int, at: int) -> dict:
+    """RSS after `at` and after n analyses and the growth between (issue 15's measure); the highest
+    RSS sampled after `at`, and its growth over the reading at `at`."""
     rss = {row["analyses"]: row["rss_mib"] for row in series}
+    peak = max(row["max_mib"] for row in series if row["analyses"] > at) if n > at else rss[n]
     return {"analyses": n, "at": at, "rss_mib_at": rss[at], "rss_mib_end": rss[n],
-            "growth": round(rss[n] / rss[at] - 1, 4), "series": series, "errored_analyses": errored,
-            "problems": problems, "models": list(models), "policies": list(POLICIES),
-            "densities": list(DENSITIES), "attribution_every": attribute_every,
-            "seconds": round(time.perf_counter() - t0, 1), "server": command}
+            "growth": round(rss[n] / rss[at] - 1, 4), "max_mib_after_at": peak,
+            "growth_to_max": round(peak / rss[at] - 1, 4), "series": series,
+            "note": "rss_mib: the server's VmRSS read right after that many analyses; min_mib / max_mib: the "
+                    "lowest and highest of the readings every 2 s since the previous row"}
 
 
 def main() -> None:
