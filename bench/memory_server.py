@@ -4,11 +4,16 @@ Each analysis is a new prompt (never a cache hit) with models, policies and dens
 as bench.memory.spec gives them; a fresh browser context opens its share link on the Firing map
 (heatmap, token detail, density per token and layer) and then on Dense vs sparse (divergence, next
 tokens, metrics), and every 10th also on Attribution (the page's default integrated gradients). The
-server process's resident set (VmRSS in /proc/<pid>/status, no gc forced) is read every 20 analyses;
+server process's resident set (VmRSS in /proc/<pid>/status, no gc forced) is read every 20 analyses,
+and every 2 s between them for the band it moves in (a single reading can land on a peak or a trough);
 issue 15 asks that after 200 it be within 10% of after 20. Every page that shows an exception or an
 error box, or never draws its figures, is counted and listed. Writes bench/results/memory_server.json.
 
     python -m bench.memory_server [--analyses 200] [--at 20] [--every 20] [--models tiny-llama,minilm]
+                                  [--probe /tmp/probe.jsonl]
+
+With --probe the server also writes, every 15 s, glibc's malloc figures, Python's allocated blocks and
+objects and Streamlit's sessions (bench/memprobe/sitecustomize.py): what in its RSS grows.
 
 bench/memory.py measures the same sequence inside one process, without the server and the browser.
 """
@@ -31,6 +36,7 @@ from bench.classroom import SETTLED, launch, serve, stop
 from bench.memory import DENSITIES, MODELS, POLICIES, spec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory_server.json"
+PROBE = Path(__file__).resolve().parent / "memprobe"
 TIMEOUT_MS = 300_000
 FIGURES = f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {{n}} && {SETTLED}"
 METRIC_TIME = ("[...document.querySelectorAll('[data-testid=\"stMetricLabel\"]')]"
@@ -124,11 +130,19 @@ def analyse(browser, base: str, i: int, models: tuple[str, ...], attribute_every
     return problems
 
 
-def measure(n: int, at: int, every: int, models: tuple[str, ...] = MODELS, attribute_every: int = 10) -> dict:
-    """Run n analyses through a real server; its RSS (MiB) every `every` analyses and at `at`."""
+def probe_env(path: Path) -> dict:
+    """The server's environment for bench/memprobe: its sitecustomize on PYTHONPATH, writing to `path`."""
+    paths = [str(PROBE), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(paths), "SAM_VIZ_MEM_PROBE": str(path.resolve())}
+
+
+def measure(n: int, at: int, every: int, models: tuple[str, ...] = MODELS, attribute_every: int = 10,
+            probe: Path | None = None) -> dict:
+    """Run n analyses through a real server; its RSS (MiB) every `every` analyses and at `at`; with
+    `probe`, the server writes bench/memprobe's memory figures there."""
     tmp = Path(tempfile.mkdtemp(prefix="sam-viz-memory-"))
     proc, base = serve({"SAM_VIZ_RUN_DB": str(tmp / "runs.sqlite"), "SAM_VIZ_CACHE_DIR": str(tmp / "cache"),
-                        "SAM_VIZ_PROFILE_DIR": str(tmp / "profiles")})
+                        "SAM_VIZ_PROFILE_DIR": str(tmp / "profiles"), **(probe_env(probe) if probe else {})})
     series, problems, errored, t0 = [], [], 0, time.perf_counter()
     try:
         command = check_server_process(proc.pid)
@@ -178,10 +192,12 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--attribute-every", type=int, default=10)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--probe", type=Path, help="the server writes bench/memprobe's memory figures here (JSON lines)")
     args = ap.parse_args()
     if not 0 < args.at <= args.analyses or args.every < 1:
         ap.error("--at must be in 1..--analyses and --every at least 1")
-    result = measure(args.analyses, args.at, args.every, tuple(args.models.split(",")), args.attribute_every)
+    result = measure(args.analyses, args.at, args.every, tuple(args.models.split(",")), args.attribute_every,
+                     args.probe)
     result["cpus"] = os.cpu_count()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
