@@ -7,6 +7,8 @@ threshold set per model and density); from then on the RSS should stay flat: cac
 traces, hooks or kernel layouts left behind. Writes bench/results/memory.json.
 
     python -m bench.memory [--analyses 200] [--at 20] [--models tiny-llama,minilm,demo-lm] [--out PATH]
+
+The same sequence on the real server, driven by a browser: python -m bench.memory_server (bench/memory_server.py).
 """
 from __future__ import annotations
 
