@@ -1,5 +1,8 @@
 """sam-viz: Streamlit entry. Thin: page config and navigation over pages/; each page draws the
 shared sidebar (pages/_shared.py) and reads its analysis from the library."""
-from pages._shared import navigation
+from pages._shared import navigation, release_freed_memory
 
-navigation().run()
+try:
+    navigation().run()
+finally:
+    release_freed_memory()                    # what this run freed goes back to the system
