@@ -1,8 +1,5 @@
 """sam-viz: Streamlit entry. Thin: page config and navigation over pages/; each page draws the
 shared sidebar (pages/_shared.py) and reads its analysis from the library."""
-from pages._shared import navigation, release_freed_memory
+from pages._shared import navigation
 
-try:
-    navigation().run()
-finally:
-    release_freed_memory()                    # what this run freed goes back to the system
+navigation().run()

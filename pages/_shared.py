@@ -27,27 +27,24 @@ from sam_viz.store import RunStore
 from sam_viz.text import escape_markdown
 from sparse_ops import CALIBRATED, POLICIES, available_kernels, default_kernel, get_calibration, unavailable_kernels
 
-TRIM_EVERY_S = 5.0                     # release_freed_memory runs at most this often per process
-_TRIM_LOCK = threading.Lock()
-_trimmed_at = [-math.inf]
+M_ARENA_MAX = -8                      # glibc's mallopt parameter (malloc.h)
 
 
-def release_freed_memory() -> bool:
-    """Hand the memory glibc keeps after frees back to the system (malloc_trim), at most every
-    TRIM_EVERY_S; app.py calls it after each script run. Streamlit runs every script run in a thread
-    of its own, glibc gives threads malloc arenas of their own and keeps what is freed in each: over
-    200 analyses the server's RSS grew 12% with the memory in use flat (bench/memory_server.py). A
-    trim takes tens of ms. glibc only; elsewhere nothing happens."""
-    now = time.monotonic()
-    with _TRIM_LOCK:
-        if now - _trimmed_at[0] < TRIM_EVERY_S or not sys.platform.startswith("linux"):
-            return False
-        _trimmed_at[0] = now
+def limit_malloc_arenas(limit: int = 2) -> bool:
+    """Streamlit runs every script run in a thread of its own, and glibc gives threads malloc arenas
+    of their own (up to 8 per core) and keeps what is freed in each: over 200 analyses the server's
+    RSS grew 12% with the memory in use flat (bench/memory_server.py). With two arenas (what
+    MALLOC_ARENA_MAX=2 sets) it stayed flat. Called when this module is first imported, before the
+    script threads made arenas of their own. glibc only; MALLOC_ARENA_MAX set by the user wins."""
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
     try:
-        return ctypes.CDLL(None).malloc_trim(0) == 1
-    except (OSError, AttributeError):            # not glibc: no malloc_trim
+        return ctypes.CDLL(None).mallopt(M_ARENA_MAX, limit) == 1
+    except (OSError, AttributeError):            # not glibc: no mallopt
         return False
 
+
+limit_malloc_arenas()
 
 PRESETS = {
     "Fox": "The quick brown fox jumps over the lazy dog.",
