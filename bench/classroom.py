@@ -69,8 +69,11 @@ def free_port() -> int:
 
 
 def serve(env: dict) -> tuple[subprocess.Popen, str]:
-    """A Streamlit server of the app on a free port, once it answers its health check."""
+    """A Streamlit server of the app on a free port, once it answers its health check; with glibc's
+    malloc arenas limited as `make run` limits them (MALLOC_ARENA_MAX=0 in `env` or the environment:
+    glibc's defaults)."""
     port = free_port()
+    env = {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"), **env}
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
                              "--server.port", str(port), "--server.address", "127.0.0.1",
                              "--browser.gatherUsageStats", "false"],

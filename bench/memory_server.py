@@ -14,8 +14,9 @@ error box, or never draws its figures, is counted and listed. Writes bench/resul
 
 With --probe the server also writes, every 15 s, glibc's malloc figures, Python's allocated blocks and
 objects and Streamlit's sessions (bench/memprobe/sitecustomize.py): what in its RSS grows. The server
-inherits the environment, so `MALLOC_ARENA_MAX=2 python -m bench.memory_server` measures it with glibc
-limited to two malloc arenas (recorded in the result's malloc_env).
+is started as `make run` starts it, with glibc limited to two malloc arenas (MALLOC_ARENA_MAX=2, see
+bench.classroom.serve); `MALLOC_ARENA_MAX=0 python -m bench.memory_server` measures glibc's defaults
+(recorded in the result's malloc_env).
 
 bench/memory.py measures the same sequence inside one process, without the server and the browser.
 """
@@ -201,7 +202,7 @@ def main() -> None:
     result = measure(args.analyses, args.at, args.every, tuple(args.models.split(",")), args.attribute_every,
                      args.probe)
     result["cpus"] = os.cpu_count()
-    result["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}   # glibc's tunables
+    result["malloc_env"] = {"MALLOC_ARENA_MAX": "2", **{k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}   # glibc's tunables
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "problems"}, indent=1))

@@ -2,10 +2,8 @@
 link, and small widgets. Streamlit lives here and in the pages only; all computing is sam_viz's."""
 from __future__ import annotations
 
-import ctypes
 import math
 import os
-import sys
 import threading
 from contextlib import contextmanager
 import time
@@ -26,25 +24,6 @@ from sam_viz.spec import MAX_PROMPT_CHARS
 from sam_viz.store import RunStore
 from sam_viz.text import escape_markdown
 from sparse_ops import CALIBRATED, POLICIES, available_kernels, default_kernel, get_calibration, unavailable_kernels
-
-M_ARENA_MAX = -8                      # glibc's mallopt parameter (malloc.h)
-
-
-def limit_malloc_arenas(limit: int = 2) -> bool:
-    """Streamlit runs every script run in a thread of its own, and glibc gives threads malloc arenas
-    of their own (up to 8 per core) and keeps what is freed in each: over 200 analyses the server's
-    RSS grew 12% with the memory in use flat (bench/memory_server.py). With two arenas (what
-    MALLOC_ARENA_MAX=2 sets) it stayed flat. Called when this module is first imported, before the
-    script threads made arenas of their own. glibc only; MALLOC_ARENA_MAX set by the user wins."""
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        return ctypes.CDLL(None).mallopt(M_ARENA_MAX, limit) == 1
-    except (OSError, AttributeError):            # not glibc: no mallopt
-        return False
-
-
-limit_malloc_arenas()
 
 PRESETS = {
     "Fox": "The quick brown fox jumps over the lazy dog.",

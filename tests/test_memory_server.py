@@ -1,7 +1,9 @@
 """bench/memory_server.py's readings of another process (the real run takes many minutes and lives in
 bench/results/memory_server.json): the resident set it reads matches what the process wrote into
 memory, and it refuses to measure a process that is not the Python running streamlit."""
+import itertools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,9 +56,7 @@ def test_only_the_python_running_streamlit_is_measured(processes):
 
 
 ARENAS = """
-import ctypes, sys, threading
-if sys.argv[1] == "app":
-    import pages._shared  # noqa: F401 - what the server imports on its first script run
+import ctypes, threading
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 start, done = threading.Barrier(16), threading.Barrier(16)
@@ -74,17 +74,27 @@ libc.malloc_stats()                           # glibc: one 'Arena i:' block per 
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc arenas")
-@pytest.mark.parametrize("mode", ["bare", "app"])
-def test_the_app_keeps_glibc_to_two_malloc_arenas_however_many_threads_allocate(mode):
-    """The server's RSS grew 12% over 200 analyses from freed memory kept in per-thread arenas
-    (bench/results/memory_server.json); the app limits them to two. A bare Python gets one per
-    thread up to 8 per core: the count tells the two apart."""
+def _make_run_env() -> dict[str, str]:
+    """The variables `make run` sets on the line that starts the server (make -n: printed, not run)."""
+    out = subprocess.run(["make", "-n", "run"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    line = next(l for l in out.splitlines() if "streamlit run app.py" in l)
+    return dict(word.split("=", 1) for word in itertools.takewhile(lambda w: "=" in w, line.split()))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not shutil.which("make"), reason="glibc; make")
+@pytest.mark.parametrize("launch", ["bare", "make-run"])
+def test_the_server_as_make_run_starts_it_keeps_glibc_to_two_malloc_arenas(launch):
+    """The server's RSS grew 12% over 200 analyses from freed memory kept in glibc's per-thread arenas
+    (bench/results/memory_server_default_malloc.json; limited to two arenas it fell 12.5%,
+    memory_server_arena2.json). A process started with `make run`'s variables makes at most two arenas
+    when 16 threads allocate at once; a bare Python one per thread, up to 8 per core."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-    proc = subprocess.run([sys.executable, "-c", ARENAS, mode], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**env, "PYTHONPATH": str(ROOT)})
+    if launch == "make-run":
+        env.update(_make_run_env())
+    proc = subprocess.run([sys.executable, "-c", ARENAS], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     if "Arena 0:" not in proc.stderr:
         pytest.skip("not glibc: no malloc_stats arenas")
     arenas = sum(line.startswith("Arena ") for line in proc.stderr.splitlines())
-    assert arenas <= 2 if mode == "app" else arenas > 2
+    assert arenas <= 2 if launch == "make-run" else arenas > 2
