@@ -12,7 +12,3 @@ class InputError(ValueError):
 class KernelCannotCompute(InputError):
     """The chosen kernel does not implement this model's MLP (its activation); the reference kernel
     runs any. The app offers to switch; the CLI says the sentence."""
-
-    def __init__(self, message: str, kernel: str):
-        super().__init__(message)
-        self.kernel = kernel

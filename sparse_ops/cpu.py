@@ -197,7 +197,7 @@ def activation_code(act) -> int:
             return code
     raise KernelCannotCompute(f"the cpu kernel does not implement the activation {type(act).__name__}; it "
                               f"computes {', '.join(ACTIVATION_NAMES.values())} (the reference kernel runs any "
-                              "activation)", "cpu")
+                              "activation)")
 
 
 def prepare(w: MLPWeights, dtype: torch.dtype = torch.float32) -> Prepared:

@@ -55,7 +55,7 @@ def _compiled_glu(name: str, w: MLPWeights) -> None:
     if w.up_act is not None:
         raise KernelCannotCompute(f"the {name} kernel does not implement the activation {type(w.act).__name__} "
                                   f"with {type(w.up_act).__name__} on the up projection (a clamped SwiGLU); use "
-                                  "the reference kernel", name)
+                                  "the reference kernel")
 
 
 def _cpu(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:

@@ -199,7 +199,7 @@ def _act_code(act) -> int:
         code = activation_code(act)
     except InputError:
         raise KernelCannotCompute(f"the triton kernel does not implement the activation {type(act).__name__} "
-                                  "(the reference kernel runs any activation)", "triton") from None
+                                  "(the reference kernel runs any activation)") from None
     try:
         _ACT_CODES[act] = code
     except TypeError:                              # not weak-referenceable: probe every call
