@@ -26,11 +26,11 @@ def run_db(tmp_path, monkeypatch):
     return db
 
 
-def open_app(page="firing", **params) -> AppTest:
-    """Open one page with the URL's query params. (AppTest's switch_page neither reruns the entry
-    script nor keeps bound query params, so each page script is opened directly: every page draws
-    the shared sidebar itself, exactly as it does under app.py's navigation.)"""
-    at = AppTest.from_file(str(ROOT / PAGES[page]), default_timeout=180)
+def open_app(page="firing", timeout: float = 180, **params) -> AppTest:
+    """Open one page (pages/<page>.py) with the URL's query params. (AppTest's switch_page neither
+    reruns the entry script nor keeps bound query params, so each page script is opened directly:
+    every page draws the shared sidebar itself, exactly as it does under app.py's navigation.)"""
+    at = AppTest.from_file(str(ROOT / "pages" / f"{page}.py"), default_timeout=timeout)
     for key, value in params.items():
         at.query_params[key] = value
     return at.run()

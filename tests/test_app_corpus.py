@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from test_app import run_db  # noqa: F401 - autouse: a fresh run store per test
+from test_app import open_app, run_db  # noqa: F401 - run_db, autouse: a fresh run store per test
 from test_profile_view import PID, write_profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,10 +21,7 @@ def profiles(tmp_path, monkeypatch):
 
 
 def open_corpus(**params) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "pages" / "corpus.py"), default_timeout=120)
-    for key, value in params.items():
-        at.query_params[key] = value
-    return at.run()
+    return open_app("corpus", timeout=120, **params)
 
 
 def titles(at) -> list[str]:
@@ -102,9 +99,7 @@ def test_bad_link_params_are_one_sentence(profiles, params, message):
 
 def test_firing_map_links_to_the_neuron_over_a_corpus(profiles):
     write_profile(profiles, model="tiny-llama")
-    at = AppTest.from_file(str(ROOT / "pages" / "firing.py"), default_timeout=180)
-    at.query_params["model"], at.query_params["prompt"], at.query_params["layer"] = "tiny-llama", "One two three.", "1"
-    at.run()
+    at = open_app("firing", model="tiny-llama", prompt="One two three.", layer="1")
     assert not at.exception and not at.error
     a = at.session_state["ctx"].analysis
     strongest = int(a.dense_layers[1].activations[0].abs().argmax())

@@ -23,6 +23,7 @@ from sam_viz import RunSpec, analyze
 from sparse_ops import Policy, Recorder, sparsified
 from sparse_ops.cpu import activation_code, readiness
 from sparse_ops.mlp import install
+from test_app import open_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # tiny models: threads only wait on each other
 
@@ -293,13 +294,8 @@ def test_readme_lists_every_supported_family():
 
 def _firing_page(monkeypatch, tmp_path, **params):
     """The firing map opened from a URL, as a user's link opens it."""
-    from streamlit.testing.v1 import AppTest
-
     monkeypatch.setenv("SAM_VIZ_RUN_DB", str(tmp_path / "runs.sqlite"))
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "pages" / "firing.py"), default_timeout=180)
-    for key, value in params.items():
-        at.query_params[key] = value
-    return at.run()
+    return open_app("firing", **params)
 
 
 def test_firing_page_on_a_gemma3_checkpoint(family, monkeypatch, tmp_path):

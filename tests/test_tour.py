@@ -10,6 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import shared
 from pages._shared import DOC_PRESETS, PRESETS
+from test_app import open_app
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -32,10 +33,7 @@ def run_db(tmp_path, monkeypatch):
 
 
 def open_tour(**params) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "pages" / "tour.py"), default_timeout=300)
-    for key, value in params.items():
-        at.query_params[key] = value
-    return at.run()
+    return open_app("tour", timeout=300, **params)
 
 
 def titles(at) -> list[str]:
