@@ -187,12 +187,8 @@ class TargetCollector(Collector):
         counts = topk_counts(h)
         self.counts[unit] = counts + self.counts[unit] if unit in self.counts else counts
         room = self.limit - self.count.get(unit, 0)
-        if room <= 0:
-            return
-        code = (oracle_targets(h[:room]) * len(TRAIN_DENSITIES)).round().to(torch.uint8)
-        self.x.setdefault(unit, []).append(x[:room].detach().clone())
-        self.h.setdefault(unit, []).append(code)
-        self.count[unit] = self.count.get(unit, 0) + min(room, len(x))
+        if room > 0:                                  # kept as Collector keeps (x, h), h as its codes
+            super().add(unit, x[:room], (oracle_targets(h[:room]) * len(TRAIN_DENSITIES)).round().to(torch.uint8))
 
     def targets(self, unit: Unit) -> tuple[torch.Tensor, torch.Tensor]:
         """(x [n, d], soft labels y [n, d_ff]) of the unit's sampled tokens."""
