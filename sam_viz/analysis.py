@@ -8,7 +8,10 @@ encoders, and the max abs difference of the last hidden state for both.
 from __future__ import annotations
 
 import re
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,6 +39,7 @@ Progress = Callable[[float, str], None]
 ACTIVATION_BUDGET = 32_000_000   # fp16 values of h kept per pass (T * neurons * layers); 64 MB
 TOP_NEXT = 10
 MAX_SENTENCES = 16
+DENSE_MEMO_SIZE = 8              # dense passes kept per model: a density or policy change reuses its prompt's
 
 
 @dataclass
@@ -189,9 +193,7 @@ def analyze(loaded: LoadedModel, spec: RunSpec, progress: Progress | None = None
     keep = n_tokens * n_neurons * loaded.n_layers <= ACTIVATION_BUDGET
     t1 = time.perf_counter()
     step(0.1, "dense pass")
-    dense_rec = Recorder(keep_activations=keep)
-    with sparsified(loaded, Policy("dense"), recorder=dense_rec):
-        dense = forward(loaded, enc)
+    dense, dense_layers = _dense_pass(loaded, enc, spec.prompt, keep)
     t2 = time.perf_counter()
     step(0.4, f"sparse pass ({spec.policy}, density {spec.density:g})")
     recorder = Recorder(keep_activations=keep)
@@ -205,7 +207,7 @@ def analyze(loaded: LoadedModel, spec: RunSpec, progress: Progress | None = None
         spec=spec, kind=loaded.kind, model_type=loaded.model_type,
         tokens=loaded.token_strings(enc["input_ids"][0]), d_ff=loaded.d_ff, n_experts=loaded.n_experts,
         n_shared=loaded.n_shared,
-        layers=recorder.layers(n_tokens, n_neurons), dense_layers=dense_rec.layers(n_tokens, n_neurons),
+        layers=recorder.layers(n_tokens, n_neurons), dense_layers=dense_layers,
         compare=compare_outputs(loaded.kind, dense, sparse, enc["attention_mask"]),
         layer_divergence=divergence(dense, sparse),
     )
@@ -221,6 +223,53 @@ def analyze(loaded: LoadedModel, spec: RunSpec, progress: Progress | None = None
                            "sparse": ms(t3, t4), "compare": ms(t4, t5), "total": ms(t0, t5)}
     step(1.0, "done")
     return analysis
+
+
+class _DenseMemo:
+    """The dense pass of recent prompts, per model object, for a rerun that changes only the policy,
+    density or kernel (the dense side is the same then). Keyed by the prompt and by every parameter's
+    identity and in-place version counter, so a model whose weights were changed or replaced is run
+    again; results are shared read-only between analyses."""
+
+    def __init__(self):
+        self._by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(loaded: LoadedModel, *parts) -> tuple:
+        return (*parts, tuple((id(p), p._version) for p in loaded.model.parameters()))
+
+    def get(self, loaded: LoadedModel, key: tuple):
+        with self._lock:
+            memo = self._by_model.get(loaded.model)
+            if memo is None or key not in memo:
+                return None
+            memo.move_to_end(key)
+            return memo[key]
+
+    def put(self, loaded: LoadedModel, key: tuple, value) -> None:
+        with self._lock:
+            memo = self._by_model.setdefault(loaded.model, OrderedDict())
+            memo[key] = value
+            while len(memo) > DENSE_MEMO_SIZE:
+                memo.popitem(last=False)
+
+
+_DENSE = _DenseMemo()
+
+
+def _dense_pass(loaded: LoadedModel, enc: dict, prompt: str, keep: bool) -> tuple[Outputs, list[LayerFiring]]:
+    """The dense model's outputs and firing trace for this prompt (computed once per prompt)."""
+    key = _DENSE.key(loaded, "prompt", prompt, keep)
+    hit = _DENSE.get(loaded, key)
+    if hit is None:
+        rec = Recorder(keep_activations=keep)
+        with sparsified(loaded, Policy("dense"), recorder=rec):
+            out = forward(loaded, enc)
+        n_tokens = enc["input_ids"].shape[1]
+        hit = (out, rec.layers(n_tokens, loaded.n_neurons))
+        _DENSE.put(loaded, key, hit)
+    return hit
 
 
 def _cost(loaded: LoadedModel, spec: RunSpec, layers: list[LayerFiring], n_tokens: int, calibration) -> dict:
@@ -260,7 +309,11 @@ def sentence_cosines(loaded: LoadedModel, spec: RunSpec) -> list[dict]:
     """Encoders: cosine of each sentence's embedding, dense vs sparse (one padded batch each)."""
     sentences = split_sentences(spec.prompt)
     enc = loaded.encode_batch(sentences, max_length=loaded.max_tokens)
-    dense = sentence_embedding(forward(loaded, enc), enc["attention_mask"])
+    key = _DENSE.key(loaded, "sentences", tuple(sentences))
+    dense = _DENSE.get(loaded, key)
+    if dense is None:
+        dense = sentence_embedding(forward(loaded, enc), enc["attention_mask"])
+        _DENSE.put(loaded, key, dense)
     with sparsified(loaded, spec.to_policy(), kernel=spec.kernel):
         sparse = sentence_embedding(forward(loaded, enc), enc["attention_mask"])
     cos = (dense * sparse).sum(-1)
