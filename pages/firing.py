@@ -52,13 +52,16 @@ def corpus_link(profile: dict, unit: int, label: str) -> None:
               query_params={"profile": profile["id"], "layer": layer, "neuron": unit})
 
 
-heat = plots.firing_heatmap(a, layer, order=order)
+profile, cell = profile_of_model(a.spec.model), st.session_state.get("firing_cell")
+heat = plots.firing_heatmap(a, layer, order=order, clickable=profile is not None)   # a click leads to the profile
 shown = dict(model=a.spec.model, prompt=a.spec.prompt, layer=layer)
 st.plotly_chart(heat.fig, width="stretch", key="firing_heatmap", on_select=partial(_remember_click, shown),
                 selection_mode="points", config={"displayModeBar": "hover", "displaylogo": False})
 if heat.note:
     st.caption(heat.note)
-profile, cell = profile_of_model(a.spec.model), st.session_state.get("firing_cell")
+if profile is None:
+    st.caption("Hover a cell for its neuron and value. With a corpus profile of this model (Corpus page), a click "
+               "on a cell opens that neuron over the corpus.")
 if cell and all(cell.get(k) == v for k, v in shown.items()) and 0 <= cell.get("neuron", -1) < a.n_neurons:
     if profile:
         corpus_link(profile, cell["neuron"], f"Neuron {cell['neuron']} over a corpus (the cell you clicked, "

@@ -39,7 +39,7 @@ def event(x, y) -> dict:
 @pytest.mark.parametrize("max_cells", [P.MAX_CELLS, 2_000])
 def test_every_cell_maps_back_to_its_token_and_neuron(run, max_cells):
     layer = 1
-    plot = P.firing_heatmap(run, layer, "frequency", max_cells=max_cells)
+    plot = P.firing_heatmap(run, layer, "frequency", max_cells=max_cells, clickable=True)
     heat, clicks = plot.fig.data[0], plot.fig.data[1:]
     acts = run.layers[layer].activations.float()
     reduced = len(heat.x) < run.n_neurons and len(heat.y) < len(run.tokens)
