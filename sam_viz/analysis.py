@@ -40,6 +40,8 @@ ACTIVATION_BUDGET = 32_000_000   # fp16 values of h kept per pass (T * neurons *
 TOP_NEXT = 10
 MAX_SENTENCES = 16
 DENSE_MEMO_SIZE = 8              # dense passes kept per model: a density or policy change reuses its prompt's
+DENSE_MEMO_BYTES = 256 << 20     # and at most this many bytes of their tensors per model (a 7B model's
+                                 # hidden states alone are ~280 MB at 512 tokens: such a pass is not kept)
 
 
 @dataclass
@@ -245,17 +247,33 @@ class _DenseMemo:
             if memo is None or key not in memo:
                 return None
             memo.move_to_end(key)
-            return memo[key]
+            return memo[key][0]
 
     def put(self, loaded: LoadedModel, key: tuple, value) -> None:
+        size = _nbytes(value)
+        if size > DENSE_MEMO_BYTES:
+            return
         with self._lock:
             memo = self._by_model.setdefault(loaded.model, OrderedDict())
-            memo[key] = value
-            while len(memo) > DENSE_MEMO_SIZE:
+            memo[key] = (value, size)
+            while len(memo) > DENSE_MEMO_SIZE or sum(n for _, n in memo.values()) > DENSE_MEMO_BYTES:
                 memo.popitem(last=False)
 
 
 _DENSE = _DenseMemo()
+
+
+def _nbytes(value) -> int:
+    """Bytes of the tensors in a (nested) tuple or list of tensors, Outputs and LayerFiring."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, Outputs):
+        return _nbytes(value.hidden_states) + _nbytes(value.logits)
+    if isinstance(value, LayerFiring):
+        return value.nbytes()
+    return 0
 
 
 def _dense_pass(loaded: LoadedModel, enc: dict, prompt: str, keep: bool) -> tuple[Outputs, list[LayerFiring]]:

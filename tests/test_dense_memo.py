@@ -47,3 +47,13 @@ def test_encoder_sentence_cosines_match_a_fresh_model_after_a_density_change():
     again = analyze(loaded, RunSpec(prompt=PROMPT, model="tiny-bert", policy="topk", density=0.3))
     fresh = analyze(load_model("tiny-bert"), again.spec)
     assert again.sentence_cosines == fresh.sentence_cosines and again.compare == fresh.compare
+
+
+def test_a_dense_pass_over_the_memo_budget_is_not_kept(monkeypatch):
+    from sam_viz import analysis
+    monkeypatch.setattr(analysis, "DENSE_MEMO_BYTES", 1000)              # smaller than any pass of this prompt
+    loaded = load_model("tiny-llama")
+    first = analyze(loaded, RunSpec(prompt=PROMPT, model="tiny-llama", policy="topk", density=0.5))
+    second = analyze(loaded, RunSpec(prompt=PROMPT, model="tiny-llama", policy="topk", density=0.3))
+    assert second.dense_layers[0] is not first.dense_layers[0]
+    assert torch.equal(second.dense_layers[0].activations, first.dense_layers[0].activations)
