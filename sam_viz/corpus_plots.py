@@ -18,6 +18,7 @@ MAX_POINTS = 400          # points per hot-neuron curve
 MODEL_WIDE = "#222222"
 BOOST, SUPPRESS = "#2ca02c", "#d62728"
 TOKEN_CHARS = 16
+HIST_MARGIN = 0.05        # histogram: air either side of the bins that hold data, as a share of their span
 
 
 def _style(fig: go.Figure, title: str, x: str, y: str, sub: str = "", **layout) -> go.Figure:
@@ -84,7 +85,8 @@ def layer_quality(profile: Profile) -> Plot:
 
 
 def neuron_histogram(view: NeuronView) -> Plot:
-    """The counts of h in the profile's fixed bins; the two open bins drawn as wide as an inner one."""
+    """The counts of h in the profile's fixed bins; the two open bins drawn as wide as an inner one. The
+    x axis spans the bins that hold data (and a margin), not the fixed bins' whole range."""
     edges = np.asarray(view.hist_edges, dtype=float)
     if len(edges) == 0 or not sum(view.hist):
         return _empty(f"Layer {view.layer}, neuron {view.unit}: no activations counted.")
@@ -93,9 +95,12 @@ def neuron_histogram(view: NeuronView) -> Plot:
     labels = [f"< {edges[0]:.3g}"] + [f"[{a:.3g}, {b:.3g})" for a, b in zip(edges[:-1], edges[1:])] + [f"≥ {edges[-1]:.3g}"]
     fig = go.Figure(go.Bar(x=(lo + hi) / 2, y=view.hist, width=hi - lo, customdata=labels, marker_color="#636efa",
                            hovertemplate="h in %{customdata}<br>%{y:,} tokens<extra></extra>"))
+    used = np.flatnonzero(np.asarray(view.hist))                 # the axis spans the bins that hold data
+    left, right = lo[used[0]], hi[used[-1]]
+    margin = HIST_MARGIN * (right - left)
     return Plot(_style(fig, f"Layer {view.layer}, neuron {view.unit}: distribution of h", "activation h",
                        "tokens", sub=f"{view.tokens:,} tokens · max |h| {view.max_abs:.3g} · mean |h| "
-                       f"{view.mean_abs:.3g}", bargap=0))
+                       f"{view.mean_abs:.3g}", bargap=0, xaxis_range=[left - margin, right + margin]))
 
 
 def logit_effects(view: NeuronView) -> Plot:

@@ -273,3 +273,26 @@ def test_moe_units_count_their_expert_s_tokens(tmp_path):
     assert (v.expert, v.tokens, v.fire_freq) == (1, 4, 1.0)
     assert p.layer_table()["always_on"].tolist() == [2] and p.layer_table()["dead"].tolist() == [5]
     assert np.allclose(p.frequency()[0, :6], [1, 0.6, 0, 0, 0, 1])
+
+
+def _with_manifest(path, **change):
+    file = path / "manifest.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **change}))
+
+
+def test_histogram_axis_spans_the_bins_that_hold_data_not_the_fixed_range(tmp_path):
+    """The profile's real bins (0 and ±2^j up to ±128); a neuron whose |h| stays at or below 2.25 is
+    drawn on an axis around its data's bins [-4, -2) .. [2, 4), not on ±128 and the open bins."""
+    from sam_viz import corpus_plots
+    from sam_viz.profile.stats import HIST_EDGES
+
+    h = np.array([-2.25, -0.3, 0.1, 0.7, 1.5, 2.25])
+    counts = np.bincount(np.searchsorted(HIST_EDGES, h, side="right"), minlength=len(HIST_EDGES) + 1)
+    rows = _neurons().assign(hist=[counts.tolist()] * 16, max_abs=2.25)
+    _with_manifest(write_profile(tmp_path, neurons=rows), hist_edges=list(HIST_EDGES))
+    fig = corpus_plots.neuron_histogram(open_profile(PID, tmp_path).neuron(0, 0)).fig
+    assert fig.layout.xaxis.range is not None                        # not autoranged over every bin
+    left, right = fig.layout.xaxis.range
+    assert -4 * 1.2 <= left <= -4 and 4 <= right <= 4 * 1.2         # the data's outer bins, and a margin
+    assert sum(fig.data[0].y) == len(h)                              # every count still drawn
+
