@@ -296,3 +296,26 @@ def test_histogram_axis_spans_the_bins_that_hold_data_not_the_fixed_range(tmp_pa
     assert -4 * 1.2 <= left <= -4 and 4 <= right <= 4 * 1.2         # the data's outer bins, and a margin
     assert sum(fig.data[0].y) == len(h)                              # every count still drawn
 
+
+def test_under_topk_recall_and_precision_are_said_to_be_1_not_drawn(tmp_path):
+    from sam_viz import corpus_plots
+
+    path = write_profile(tmp_path)
+    plot = corpus_plots.layer_quality(open_profile(PID, tmp_path))
+    assert [t.name for t in plot.fig.data] == ["recall", "precision", "mass kept"] and plot.note == ""
+    _with_manifest(path, settings={"policy": "topk", "density": 0.25})
+    plot = corpus_plots.layer_quality(open_profile(PID, tmp_path))
+    assert [t.name for t in plot.fig.data] == ["mass kept"]
+    assert "topk" in plot.note and "1 by construction" in plot.note
+
+
+def test_firing_heatmap_colours_span_the_data_and_say_so(tmp_path):
+    """Every unit fires on 2 to 5 of its 10 tokens: the colour scale is 20% to 50%, not 0 to 100%."""
+    from sam_viz import corpus_plots
+
+    rows = _neurons().assign(fire_count=[2 + j % 4 for j in range(16)])
+    write_profile(tmp_path, neurons=rows)
+    plot = corpus_plots.firing_heatmap(open_profile(PID, tmp_path))
+    heat = plot.fig.data[0]
+    assert (heat.zmin, heat.zmax) == pytest.approx((0.2, 0.5))
+    assert "20.0% to 50.0%" in plot.note and "not 0 to 100%" in plot.note
