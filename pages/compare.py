@@ -24,9 +24,9 @@ if a.cost:
     c = a.cost
     k1, k2, k3 = st.columns(3)
     k1.metric("MLP weights read per token", f"{c['sparse_bytes'] / 1e6:.2f} MB",
-              **cost_delta(c["sparse_bytes"], c["dense_bytes"], f"{c['dense_bytes'] / 1e6:.2f} MB"))
+              **cost_delta(c["sparse_bytes"], c["dense_bytes"], f"{c['dense_bytes'] / 1e6:.2f} MB", "bytes"))
     k2.metric("MLP FLOPs per token", f"{c['sparse_flops'] / 1e6:.2f} M",
-              **cost_delta(c["sparse_flops"], c["dense_flops"], f"{c['dense_flops'] / 1e6:.2f} M"))
+              **cost_delta(c["sparse_flops"], c["dense_flops"], f"{c['dense_flops'] / 1e6:.2f} M", "FLOPs"))
     k3.metric("of which the predictor", f"{c['predictor_bytes'] / 1e6:.2f} MB",
               f"{c['predictor_flops'] / 1e6:.2f} M FLOPs", delta_color="off", delta_arrow="off")
     st.caption("As a batch-1 decoder pays it (fp32 weights): topk must compute every neuron to rank them; "
