@@ -92,3 +92,27 @@ def test_sweep_marks_the_runs_density():
     lines = [(s["x0"], s["x1"]) for s in sweep["layout"]["shapes"] if s["type"] == "line"]
     assert lines == [(0.35, 0.35)]
     assert any("0.35" in a["text"] for a in sweep["layout"]["annotations"])
+
+
+def test_dense_vs_sparse_names_its_numbers_and_words_the_cost_for_the_model():
+    """Human names with a tooltip and formats (top-1 agreement as a percentage: 13 of 14 positions is
+    92.9%, not 0.9286); no 'of which the predictor' for a policy without one; the cost sentence of a
+    decoder, and of an encoder (minilm) one that does not describe a decoder."""
+    at = open_app("compare", model="tiny-llama", prompt=PROMPT, policy="topk", density="0.3")
+    assert not at.exception and not at.error
+    compare = at.session_state["ctx"].analysis.compare
+    shown = {m.proto.label: m.proto for m in at.metric}
+    assert {"KL divergence", "Top-1 agreement", "Largest hidden-state difference"} <= set(shown)
+    assert shown["Top-1 agreement"].body == f"{100 * compare['top1_agreement']:.1f}%"
+    assert shown["KL divergence"].body.endswith(" nats")
+    assert all(shown[k].help for k in ("KL divergence", "Top-1 agreement", "Largest hidden-state difference"))
+    assert "of which the predictor" not in shown
+    captions = " ".join(c.value for c in at.caption)
+    assert "batch-1 decoder" in captions and "predictor" not in captions
+
+    at = open_app("compare", model="minilm", prompt=PROMPT, policy="topk", density="0.3")
+    assert not at.exception and not at.error
+    shown = {m.proto.label: m.proto for m in at.metric}
+    assert "Embedding cosine" in shown and "cosine" not in shown
+    captions = " ".join(c.value for c in at.caption)
+    assert "encoder" in captions and "decoder" not in captions

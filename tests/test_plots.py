@@ -438,3 +438,14 @@ def test_policy_summary_keeps_better_higher_and_better_lower_apart(runs):
              if fig.layout.xaxis2.domain[0] <= ann.x <= fig.layout.xaxis2.domain[1]}
     rest = {ann.text for ann in fig.layout.annotations if ann.x < fig.layout.xaxis2.domain[0]}
     assert any("lower is better" in t for t in panel) and any("higher is better" in t for t in rest)
+
+
+def test_compare_numbers_get_names_and_formats():
+    from sam_viz.analysis import describe_compare
+
+    rows = describe_compare({"kl": 0.012345, "top1_agreement": 13 / 14, "cosine": 0.99871, "max_abs_diff": float("nan"),
+                             "other_metric": 2.0})
+    assert [(name, value) for name, value, _ in rows] == [
+        ("KL divergence", "0.0123 nats"), ("Top-1 agreement", "92.9%"), ("Embedding cosine", "0.9987"),
+        ("Largest hidden-state difference", "n/a"), ("other metric", "2")]
+    assert all(meaning for _, _, meaning in rows[:4])
