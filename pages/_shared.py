@@ -428,13 +428,19 @@ def show(plot, key: str | None = None) -> None:
         st.caption(plot.note)
 
 
-def cost_delta(sparse: float, dense: float, dense_text: str) -> dict:
+def cost_delta(sparse: float, dense: float, dense_text: str, what: str = "", timed: int | None = None) -> dict:
     """st.metric keywords for a cost (bytes, FLOPs, time) against dense: the signed change, so that a
-    decrease points down in green and an increase up in red; no arrow when it rounds to no change."""
+    decrease points down in green and an increase up in red; no arrow when it rounds to no change.
+    `what` names the quantity in the delta ("-25% bytes vs dense"), so that a count is not read as a
+    time. `timed`: how this run's measured time moved (sam_viz.speed.time_change: +1 slower, -1 faster,
+    0 the same; None when not timed): a counted cost keeps its colour only where the measured time
+    moved the same way, so that a run measured slower than dense shows no green arrow (a grey one)."""
     change = sparse / dense - 1 if dense else 0.0
+    named = f" {what}" if what else ""
     if round(change, 2) == 0:
-        return dict(delta=f"same as dense ({dense_text})", delta_color="off", delta_arrow="off")
-    return dict(delta=f"{change:+.0%} vs dense ({dense_text})", delta_color="inverse")
+        return dict(delta=f"same{named} as dense ({dense_text})", delta_color="off", delta_arrow="off")
+    agrees = timed is None or timed == (1 if change > 0 else -1)
+    return dict(delta=f"{change:+.0%}{named} vs dense ({dense_text})", delta_color="inverse" if agrees else "off")
 
 
 def layer_picker(analysis: Analysis) -> int:

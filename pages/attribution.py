@@ -7,7 +7,7 @@ import streamlit as st
 from pages._shared import explain, page_context, progress_bar, show
 from sam_viz import InputError
 from sam_viz.attribution import (MAX_QUERY_CHARS, MAX_STEPS, attribute, attribution_key, default_query,
-                                 likely_targets, recall, remember)
+                                 delta_text, likely_targets, recall, remember)
 from sam_viz.routing_plots import neuron_attribution_plot
 from sam_viz.text import colored_tokens, escape_markdown
 
@@ -22,7 +22,9 @@ of the prompt's embedding to the dense model's embedding of a **query** sentence
 default the prompt's first sentence when it has several, else a fixed question). Integrated
 gradients walks from a neutral input (every word replaced by an unknown-word token) to your prompt
 and adds up how much each token's embedding moved the output; the **delta** is how far that sum is
-from the real change of the output (0 = exact). Input x gradient is a faster, rougher estimate.
+from the real change of the output. A delta below what float32 numbers can tell apart at this output
+shows as "< 1.5e-08" (say): the integral converged to every digit kept, which does not make the model
+linear. Input x gradient is a faster, rougher estimate.
 
 **Under sparsity**: the sparse model keeps, along the whole path, the neurons it chose on your
 prompt (its selection is *frozen*), so what is explained is exactly the sparse model that ran. If
@@ -100,19 +102,30 @@ def saved_attribution():
 a = saved_attribution() if ctx.run_id else live_attribution()
 m1, m2, m3 = st.columns(3)
 if a.delta_dense is not None:
-    m1.metric("delta, dense", f"{a.delta_dense:.2e}", help="sum of attributions - (f(input) - f(baseline))")
-    m2.metric("delta, sparse", f"{a.delta_sparse:.2e}")
+    for col, which, delta, resolution in ((m1, "dense", a.delta_dense, a.delta_resolution[0]),
+                                          (m2, "sparse", a.delta_sparse, a.delta_resolution[1])):
+        col.metric(f"delta, {which}", delta_text(delta, resolution),
+                   help=f"sum of attributions - (f(input) - f(baseline)), in float32: {delta:.2e}. Below "
+                        f"{resolution:.1e}, float32's spacing at this f, it is rounding: the sum equals the change "
+                        "of f to every digit float32 keeps because the integral converged, not because the model "
+                        "is linear.")
 m3.metric("time", f"{a.timings_ms['total'] / 1000:.2f} s")
 
 
 noise = a.token_noise
 rows = [(label, values) for label, values, noisy in (("Dense", a.dense, noise[0]), ("Sparse", a.sparse, noise[1]))
         if not noisy]
+top = max((abs(v) for _, values in rows for v in values), default=0.0)       # one colour scale for every row
 if not any(noise):
     rows.append(("Sparse - dense", [s - d for d, s in zip(a.dense, a.sparse)]))
-st.caption("Red pushes the output up, blue pulls it down; stronger colour = larger share.")
+if rows:
+    st.caption(f"Red pushes the output up, blue pulls it down. Every row is on one scale: full colour at "
+               f"|attribution| {top:.3g}, the largest of the model rows. Hover a token for its value.")
 for label, values in rows:
-    st.markdown(f"**{label}**<br>{colored_tokens(a.tokens, values)}", unsafe_allow_html=True)
+    st.markdown(f"**{label}**<br>{colored_tokens(a.tokens, values, scale=top)}", unsafe_allow_html=True)
+    if label == "Sparse - dense":
+        st.caption(f"Largest |sparse - dense|: {max(map(abs, values)):.3g}, "
+                   f"{max(map(abs, values)) / (top or 1):.0%} of the full-colour value.")
 if any(noise):
     st.info(noise_sentence(noise, "token attributions"))
 

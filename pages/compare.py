@@ -3,6 +3,8 @@ import streamlit as st
 
 from pages._shared import cost_delta, explain, page_context, show
 from sam_viz import greedy_continuation, quality_plots
+from sam_viz.analysis import describe_compare
+from sam_viz.cost import cost_sentence
 from sam_viz.text import continuation_html
 
 ctx = page_context()
@@ -18,19 +20,19 @@ explain("""
   most likely one. The first token where they part ways is highlighted.
 """)
 m1, m2, m3 = st.columns(3)
-for col, (name, value) in zip((m1, m2, m3), a.compare.items()):
-    col.metric(name.replace("_", " "), f"{value:.4g}")
+for col, (name, value, meaning) in zip((m1, m2, m3), describe_compare(a.compare)):
+    col.metric(name, value, help=meaning or None)
 if a.cost:
     c = a.cost
     k1, k2, k3 = st.columns(3)
     k1.metric("MLP weights read per token", f"{c['sparse_bytes'] / 1e6:.2f} MB",
-              **cost_delta(c["sparse_bytes"], c["dense_bytes"], f"{c['dense_bytes'] / 1e6:.2f} MB"))
+              **cost_delta(c["sparse_bytes"], c["dense_bytes"], f"{c['dense_bytes'] / 1e6:.2f} MB", "bytes"))
     k2.metric("MLP FLOPs per token", f"{c['sparse_flops'] / 1e6:.2f} M",
-              **cost_delta(c["sparse_flops"], c["dense_flops"], f"{c['dense_flops'] / 1e6:.2f} M"))
-    k3.metric("of which the predictor", f"{c['predictor_bytes'] / 1e6:.2f} MB",
-              f"{c['predictor_flops'] / 1e6:.2f} M FLOPs", delta_color="off", delta_arrow="off")
-    st.caption("As a batch-1 decoder pays it (fp32 weights): topk must compute every neuron to rank them; "
-               "threshold reads every gate row to score them; the predictor's own weights are included.")
+              **cost_delta(c["sparse_flops"], c["dense_flops"], f"{c['dense_flops'] / 1e6:.2f} M", "FLOPs"))
+    if a.spec.policy == "predictor":
+        k3.metric("of which the predictor", f"{c['predictor_bytes'] / 1e6:.2f} MB",
+                  f"{c['predictor_flops'] / 1e6:.2f} M FLOPs", delta_color="off", delta_arrow="off")
+    st.caption(cost_sentence(a.kind, a.spec.policy))
 
 c1, c2 = st.columns(2)
 with c1:

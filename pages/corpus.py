@@ -82,6 +82,16 @@ def context_row(tokens, focus: int, value: float, where: str, prof, layer: int) 
                   query_params={"model": prof.manifest["model"], "prompt": prompt, "layer": layer, "token": token})
 
 
+def show_or_say(plot, key: str) -> bool:
+    """The figure when it has data (True); else only the sentence saying why, once (an empty figure
+    would repeat it above its caption)."""
+    if plot.fig.data:
+        show(plot, key=key)
+        return True
+    st.caption(escape_markdown(plot.note))
+    return False
+
+
 def overview(prof) -> None:
     table = prof.layer_table()
     units = prof.n_layers * prof.units
@@ -130,10 +140,9 @@ def neuron_page(prof, layer: int, unit: int) -> None:
                 context_row(r.tokens, r.focus, r.value, f"doc {r.doc}, token {r.pos}", prof, layer)
     left, right = st.columns(2)
     with left:
-        show(corpus_plots.neuron_histogram(v), key="neuron_histogram")
+        show_or_say(corpus_plots.neuron_histogram(v), key="neuron_histogram")
     with right:
-        show(corpus_plots.logit_effects(v), key="logit_effects")
-        if prof.manifest.get("logit_effect"):
+        if show_or_say(corpus_plots.logit_effects(v), key="logit_effects") and prof.manifest.get("logit_effect"):
             st.caption(f"Final norm: {escape_markdown(prof.manifest['logit_effect'])}")
     st.subheader("Neurons that fire with it")
     st.caption(escape_markdown(v.cofire_note))

@@ -63,19 +63,28 @@ else:
     timing = _timing()
     m1, m2, m3 = st.columns(3)
     m1.metric(f"Dense forward ({timing['tokens']} tokens)", f"{timing['dense_ms']:.1f} ms")
+    moved = speed.time_change(timing)
     m2.metric(f"Sparse forward ({ctx.spec.kernel} kernel)", f"{timing['sparse_ms']:.1f} ms",
-              f"{speed.speedup_text(timing)} vs dense", delta_color="off", delta_arrow="off")
+              f"{speed.speedup_text(timing)} vs dense", delta_color={1: "red", -1: "green"}.get(moved, "off"),
+              delta_arrow={1: "up", -1: "down"}.get(moved, "off"),
+              help="Measured: the median of the per-round ratios dense time / sparse time (above 1x: faster).")
     m3.button("Time again", key="_speed_again")
 if summary:
+    moved = None if timing is None else speed.time_change(timing)
     k1, k2, k3 = st.columns(3)
     k1.metric("MLP weights read per token", f"{summary['sparse_bytes'] / 1e6:.2f} MB",
-              **cost_delta(summary["sparse_bytes"], summary["dense_bytes"], f"{summary['dense_bytes'] / 1e6:.2f} MB"))
+              **cost_delta(summary["sparse_bytes"], summary["dense_bytes"], f"{summary['dense_bytes'] / 1e6:.2f} MB",
+                           "bytes", moved))
     k2.metric("MLP FLOPs per token", f"{summary['sparse_flops'] / 1e6:.2f} M",
-              **cost_delta(summary["sparse_flops"], summary["dense_flops"], f"{summary['dense_flops'] / 1e6:.2f} M"))
+              **cost_delta(summary["sparse_flops"], summary["dense_flops"], f"{summary['dense_flops'] / 1e6:.2f} M",
+                           "FLOPs", moved))
     k3.metric("Floor per token (read once)", f"{summary['sparse_floor_ms']:.3f} ms",
               help=f"The time to read those bytes once at this machine's {summary['bandwidth_gb_s']:.1f} GB/s.",
               **cost_delta(summary["sparse_floor_ms"], summary["dense_floor_ms"],
-                           f"{summary['dense_floor_ms']:.3f} ms"))
+                           f"{summary['dense_floor_ms']:.3f} ms", "floor", moved))
+    st.caption("Bytes, FLOPs and floor are counted per token, not timed: what a batch-1 decoder would read and "
+               "compute." + ("" if moved != 1 else f" This run was measured slower than dense ({timing['speedup']:.2f}x), "
+                             "so their arrows are grey: reading fewer weights did not make it faster here."))
 if timing is not None:
     show(speed_plots.forward_bars(timing, summary), key="forward_bars")
 

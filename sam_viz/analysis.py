@@ -178,6 +178,29 @@ def compare_outputs(kind: str, dense: Outputs, sparse: Outputs, attention_mask: 
     return result
 
 
+COMPARE_METRICS = {                  # compare_outputs' keys: (name on screen, format, what it measures)
+    "kl": ("KL divergence", "{:.3g} nats", "Mean over the prompt's positions of KL(dense || sparse) between the "
+           "two models' next-token distributions, in nats: 0 = the same distributions."),
+    "top1_agreement": ("Top-1 agreement", "{:.1%}", "Share of the prompt's positions at which both models' most "
+                       "likely next token is the same."),
+    "cosine": ("Embedding cosine", "{:.4f}", "Cosine of the sparse model's mean-pooled sentence embedding to the "
+               "dense model's: 1 = the same direction."),
+    "max_abs_diff": ("Largest hidden-state difference", "{:.3g}", "The largest |dense - sparse| over every entry "
+                     "of the last hidden state."),
+}
+
+
+def describe_compare(compare: dict[str, float]) -> list[tuple[str, str, str]]:
+    """(name, value as text, what it measures) for each of an analysis' compare numbers, in order; a key
+    without a description is shown by its own name, a value that is not finite as 'n/a'."""
+    out = []
+    for key, value in compare.items():
+        name, fmt, help_text = COMPARE_METRICS.get(key, (key.replace("_", " "), "{:.4g}", ""))
+        finite = isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+        out.append((name, fmt.format(value) if finite else "n/a", help_text))
+    return out
+
+
 def divergence(dense: Outputs, sparse: Outputs) -> list[float]:
     out = []
     for hd, hs in zip(dense.hidden_states[1:], sparse.hidden_states[1:]):

@@ -18,6 +18,7 @@ MAX_POINTS = 400          # points per hot-neuron curve
 MODEL_WIDE = "#222222"
 BOOST, SUPPRESS = "#2ca02c", "#d62728"
 TOKEN_CHARS = 16
+HIST_MARGIN = 0.05        # histogram: air either side of the bins that hold data, as a share of their span
 
 
 def _style(fig: go.Figure, title: str, x: str, y: str, sub: str = "", **layout) -> go.Figure:
@@ -59,32 +60,44 @@ def hot_curves(profile: Profile, max_points: int = MAX_POINTS) -> Plot:
 
 
 def firing_heatmap(profile: Profile, max_columns: int = MAX_COLUMNS) -> Plot:
-    """Layers x neurons firing frequency, each layer's neurons sorted most frequent first."""
+    """Layers x neurons firing frequency, each layer's neurons sorted most frequent first; the colour
+    scale spans the data's range (the note says so), so that a matrix of low frequencies is not all dark."""
     m = profile.firing_matrix(max_columns)
     starts = np.arange(0, m.units, m.block)
+    lo, hi = float(m.values.min()), float(m.values.max())
+    zmin, zmax = (lo, hi) if hi > lo else (0.0, 1.0)        # the data's range; one value: the whole scale
     fig = go.Figure(go.Heatmap(z=m.values, x=starts, y=list(range(profile.n_layers)), colorscale="Viridis",
-                               zmin=0, zmax=1, colorbar=dict(title="fires on", tickformat=".0%"),
+                               zmin=zmin, zmax=zmax, colorbar=dict(title="fires on", tickformat=".1%"),
                                hovertemplate="layer %{y}<br>rank %{x}<br>fires on %{z:.1%} of tokens<extra></extra>"))
-    note = (f"Each column is the mean of {m.block} neighbouring ranks: {m.units:,} neurons per layer in "
-            f"{m.values.shape[1]} columns." if m.block > 1 else "")
+    notes = [f"Colours span this profile's range, {zmin:.1%} to {zmax:.1%} of tokens, not 0 to 100%."
+             if hi > lo else "",
+             f"Each column is the mean of {m.block} neighbouring ranks: {m.units:,} neurons per layer in "
+             f"{m.values.shape[1]} columns." if m.block > 1 else ""]
+    note = " ".join(n for n in notes if n)
     return Plot(_style(fig, "Firing frequency, neurons sorted per layer", "neuron rank within its layer, most "
                        "frequent first", "layer", sub=_setting(profile),
                        height=max(300, 160 + 18 * profile.n_layers), yaxis=dict(dtick=1, autorange="reversed")), note)
 
 
 def layer_quality(profile: Profile) -> Plot:
-    """Per layer: recall and precision of the profile's policy against the oracle, and mass kept."""
+    """Per layer: recall and precision of the profile's policy against the oracle, and mass kept. Under
+    topk the policy is the oracle (recall = precision = 1 by construction): mass kept only, and a note."""
     t = profile.layer_table()
-    fig = go.Figure([go.Scatter(x=t["layer"], y=t[col], mode="lines+markers", name=label)
-                     for col, label in (("recall", "recall"), ("precision", "precision"), ("mass_kept", "mass kept"))])
     s = profile.settings
+    oracle = s["policy"] == "topk"                    # the policy is the oracle: nothing to compare
+    lines = (("mass_kept", "mass kept"),) if oracle else (
+        ("recall", "recall"), ("precision", "precision"), ("mass_kept", "mass kept"))
+    fig = go.Figure([go.Scatter(x=t["layer"], y=t[col], mode="lines+markers", name=label) for col, label in lines])
+    note = ("Recall and precision are not drawn: under topk the policy is the oracle, so both are 1 by "
+            "construction." if oracle else "")
     return Plot(_style(fig, f"The {s['policy']} policy against the oracle", "layer", "share (0 to 1)",
                        sub=f"density {s['density']:g}, over {profile.manifest.get('tokens', 0):,} tokens",
-                       yaxis_range=[0, 1.02], xaxis_dtick=1))
+                       yaxis_range=[0, 1.02], xaxis_dtick=1, showlegend=True), note)
 
 
 def neuron_histogram(view: NeuronView) -> Plot:
-    """The counts of h in the profile's fixed bins; the two open bins drawn as wide as an inner one."""
+    """The counts of h in the profile's fixed bins; the two open bins drawn as wide as an inner one. The
+    x axis spans the bins that hold data (and a margin), not the fixed bins' whole range."""
     edges = np.asarray(view.hist_edges, dtype=float)
     if len(edges) == 0 or not sum(view.hist):
         return _empty(f"Layer {view.layer}, neuron {view.unit}: no activations counted.")
@@ -93,9 +106,12 @@ def neuron_histogram(view: NeuronView) -> Plot:
     labels = [f"< {edges[0]:.3g}"] + [f"[{a:.3g}, {b:.3g})" for a, b in zip(edges[:-1], edges[1:])] + [f"≥ {edges[-1]:.3g}"]
     fig = go.Figure(go.Bar(x=(lo + hi) / 2, y=view.hist, width=hi - lo, customdata=labels, marker_color="#636efa",
                            hovertemplate="h in %{customdata}<br>%{y:,} tokens<extra></extra>"))
+    used = np.flatnonzero(np.asarray(view.hist))                 # the axis spans the bins that hold data
+    left, right = lo[used[0]], hi[used[-1]]
+    margin = HIST_MARGIN * (right - left)
     return Plot(_style(fig, f"Layer {view.layer}, neuron {view.unit}: distribution of h", "activation h",
                        "tokens", sub=f"{view.tokens:,} tokens · max |h| {view.max_abs:.3g} · mean |h| "
-                       f"{view.mean_abs:.3g}", bargap=0))
+                       f"{view.mean_abs:.3g}", bargap=0, xaxis_range=[left - margin, right + margin]))
 
 
 def logit_effects(view: NeuronView) -> Plot:

@@ -47,3 +47,16 @@ def neuron_cost(possible: float, selected: float, policy: str, d_model: int, glu
         "dense_flops": 2 * dense, "sparse_flops": 2 * sparse, "predictor_flops": 2 * predictor,
         "ratio": sparse / dense if dense else 1.0,
     }
+
+
+def cost_sentence(kind: str, policy: str) -> str:
+    """What the per-token cost counts, worded for the model's kind: a decoder reads the rows of one
+    token per step; an encoder runs its tokens in one pass, which reads the union of their rows once."""
+    how = ("Per token, as a batch-1 decoder pays it (fp32 weights): each step reads the rows of one token." if
+           kind == "causal-lm" else
+           "Per token, counted as if each token were computed alone (fp32 weights): this encoder runs all its "
+           "tokens in one pass, which reads the union of the rows they select, at most every weight once.")
+    why = {"topk": " topk must compute every neuron to rank them.",
+           "threshold": " threshold reads every gate (or input) row to score them.",
+           "predictor": " The predictor's own weights are included."}.get(policy, "")
+    return how + why

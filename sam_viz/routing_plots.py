@@ -8,6 +8,7 @@ import math
 
 import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
 from .analysis import Analysis
 from .fig_layout import titled
@@ -16,6 +17,7 @@ from .plots import MAX_CELLS, Plot, _empty
 POLICY_COLORS = {"topk": "#636efa", "threshold": "#ef553b", "predictor": "#00cc96", "static": "#ab63fa",
                  "dense": "#7f7f7f"}
 MAX_POINTS = 4000
+READ_COLOR = "#7f7f7f"      # weights read: a cost, apart from the quality bars
 ENTROPY_SCALE = "Plasma"   # not Magma or Inferno: their first stop, #000004, is a placeholder colour that
                            # Streamlit's chart theme rewrites (to a categorical colour: a colour bar that wraps)
 
@@ -41,18 +43,31 @@ def recall_by_policy(analyses: dict[str, Analysis]) -> Plot:
 
 
 def policy_summary(analyses: dict[str, Analysis]) -> Plot:
-    """Mean recall, mass kept and output quality of each policy at the same density."""
+    """Per policy at the same density, in two panels so that no bar is read the wrong way: left, what
+    is better higher (mean recall, mean mass kept, output agreement with dense); right, what is
+    better lower (the share of dense MLP weights read)."""
     names = list(analyses)
     metric = "cosine" if next(iter(analyses.values())).kind == "encoder" else "top1_agreement"
-    rows = {
+    better_higher = {
         "recall": [_mean([l.recall for l in analyses[n].layers]) for n in names],
         "mass kept": [_mean([l.mass_kept_share for l in analyses[n].layers]) for n in names],
         metric.replace("_", " ") + " vs dense": [analyses[n].compare[metric] for n in names],
-        "MLP weights read (share of dense)": [(analyses[n].cost or {}).get("ratio") for n in names],
     }
-    fig = go.Figure([go.Bar(name=label, x=names, y=values) for label, values in rows.items()])
-    return Plot(_style(fig, "Policies side by side at the same density", "policy", "value (0 to 1)",
-                       sub="recall and mass kept: means over layers", barmode="group"))
+    read = [(analyses[n].cost or {}).get("ratio") for n in names]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], horizontal_spacing=0.12,
+                        subplot_titles=("↑ higher is better", "↓ lower is better"))
+    for label, values in better_higher.items():
+        fig.add_trace(go.Bar(name=label, x=names, y=values, hovertemplate=f"%{{x}}: {label} %{{y:.3f}}<extra></extra>"),
+                      row=1, col=1)
+    fig.add_trace(go.Bar(name="MLP weights read (share of dense)", x=names, y=read, marker_color=READ_COLOR,
+                         hovertemplate="%{x}: reads %{y:.1%} of dense MLP weights<extra></extra>"), row=1, col=2)
+    fig.update_yaxes(range=[0, 1.02], row=1, col=1, title_text="share (0 to 1)")
+    fig.update_yaxes(range=[0, 1.02], row=1, col=2, tickformat=".0%", title_text="weights read vs dense")
+    fig.update_xaxes(title_text="policy")
+    fig.update_layout(template="plotly_white", barmode="group", legend=dict(orientation="h", y=-0.3),
+                      **titled("Policies side by side at the same density", "recall and mass kept: means over layers",
+                               bottom=90, subplot_titles=True))
+    return Plot(fig)
 
 
 def _mean(values) -> float | None:

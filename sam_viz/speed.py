@@ -89,6 +89,13 @@ def time_forward(loaded: LoadedModel, spec: RunSpec, rounds: int = ROUNDS, warmu
     return {**summarize_rounds(pairs), "tokens": int(enc["input_ids"].shape[1]), "warmup": max(0, int(warmup))}
 
 
+def time_change(timing: dict) -> int:
+    """How the sparse forward's measured time moved against dense: +1 slower (the median speedup is
+    below 1.00x at two decimals), -1 faster (above), 0 the same."""
+    speedup = round(timing["speedup"], 2)
+    return 0 if speedup == 1 else (1 if speedup < 1 else -1)
+
+
 def speedup_text(timing: dict) -> str:
     """'0.95x (0.88-1.02 over 7 rounds)': the median per-round speedup and its range."""
     return (f"{timing['speedup']:.2f}x ({timing['speedup_min']:.2f}-{timing['speedup_max']:.2f} "

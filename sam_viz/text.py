@@ -36,10 +36,11 @@ def escape_html(text) -> str:
     return str(text).translate(_HTML)
 
 
-def colored_tokens(tokens: Sequence[str], values: Sequence[float]) -> str:
+def colored_tokens(tokens: Sequence[str], values: Sequence[float], scale: float | None = None) -> str:
     """One row of tokens as HTML spans, red for positive values and blue for negative ones, the
-    colour's strength proportional to |value| / max |value|; the value itself as a tooltip."""
-    top = max((abs(v) for v in values), default=1.0) or 1.0
+    colour's strength proportional to |value| / scale (full at scale and above; scale: the row's own
+    max |value| when None, give one to put several rows on one scale); the value itself as a tooltip."""
+    top = (scale if scale is not None else max((abs(v) for v in values), default=1.0)) or 1.0
     spans = []
     for t, v in zip(tokens, values):
         alpha = min(1.0, abs(v) / top)

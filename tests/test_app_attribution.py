@@ -1,6 +1,11 @@
 """AppTest of the Attribution page: results kept per analysis (a widget that only changes the view
 computes nothing again), the encoders' query bound to the URL, values within rounding noise not
-drawn, and a saved run's attribution shown without the model."""
+drawn, and a saved run's attribution shown without the model; the rows of tokens on one colour scale
+and a convergence delta below float32's resolution shown as such."""
+import dataclasses
+import math
+import re
+
 import pytest
 
 import pages._shared
@@ -92,3 +97,28 @@ def test_a_run_saved_without_an_attribution_says_so(calls):
     assert notes(saved) == [
         "This run was saved without an attribution, and computing one needs the model: "
         "**Analyse live** above runs these settings on the model."]
+
+
+def alphas(row: str) -> list[float]:
+    return [float(a) for a in re.findall(r"rgba\(\d+,\d+,\d+,([\d.]+)\)", row)]
+
+
+def test_the_difference_row_is_on_the_model_rows_scale_and_a_zero_delta_reads_as_below_float32(monkeypatch):
+    """A delta of 0 (the sparse IG of minilm on the default prompt gives one) reads as below float32's
+    spacing at f, 2^(floor(log2 |f|) - 23); the sparse - dense row's colours are |difference| over the
+    largest |attribution| of the dense and sparse rows (not over its own largest, which is always full)."""
+    pages._shared.st.cache_resource.clear()
+    real = sam_viz.attribution.attribute
+    monkeypatch.setattr(sam_viz.attribution, "attribute",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), delta_sparse=0.0))
+    at = open_app("attribution", **LIVE)
+    assert not at.exception and not at.error
+    a = at.session_state["ctx"].analysis.attributions[-1]
+    spacing = 2.0 ** (math.floor(math.log2(max(map(abs, a.f_sparse)))) - 23)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["delta, sparse"] == f"< {spacing:.1e}"
+    rows = {m.value.split("**")[1]: m.value for m in at.markdown if m.value.startswith("**")}
+    top = max(abs(v) for v in a.dense + a.sparse)
+    diff = [abs(s - d) for d, s in zip(a.dense, a.sparse)]
+    assert alphas(rows["Sparse - dense"]) == pytest.approx([min(1.0, v / top) for v in diff], abs=0.006)
+    assert any(f"Largest |sparse - dense|: {max(diff):.3g}" in c.value for c in at.caption)

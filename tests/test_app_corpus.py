@@ -140,3 +140,15 @@ def test_a_damaged_profile_is_one_sentence(profiles):
     assert not at.exception
     assert len(at.error) == 1
     assert "its neurons.parquet is damaged (it is not a readable Parquet table)." in at.error[0].value
+
+
+def test_an_encoder_s_missing_logit_effects_are_said_once(profiles):
+    write_profile(profiles, kind="encoder")
+    at = open_corpus(profile=PID, layer="0", neuron="0")
+    assert not at.exception and not at.error
+    said = "no logit effects"
+    texts = [el.value for kind in ("caption", "markdown", "info") for el in at.get(kind)]
+    drawn = [a.get("text", "") for el in at.get("plotly_chart")
+             for a in json.loads(el.proto.spec)["layout"].get("annotations", [])]
+    assert sum(said in t for t in texts + drawn) == 1
+    assert "Layer 0, neuron 0: distribution of h" in titles(at)

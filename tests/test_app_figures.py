@@ -1,5 +1,6 @@
 """AppTest of what the pages do with the figures and numbers: cost metrics whose arrow points the way
-the cost moved (down and green for less than dense), the modebar shown on hover only, and the density
+the cost moved (down and green for less than dense; grey where the Speed page measured the sparse run
+slower, which is marked up in red), the modebar shown on hover only, and the density
 sweep marking the run's own density."""
 import json
 
@@ -10,14 +11,33 @@ from test_app import PROMPT, charts, open_app, run_db  # noqa: F401  (run_db: au
 
 COSTS = {"MLP weights read per token": ("sparse_bytes", "dense_bytes"),
          "MLP FLOPs per token": ("sparse_flops", "dense_flops")}
+WHAT = {"MLP weights read per token": "bytes", "MLP FLOPs per token": "FLOPs"}      # named in the delta
 
 
 def cost_metrics(at) -> dict[str, MetricProto]:
     return {m.proto.label: m.proto for m in at.metric if m.proto.label in COSTS}
 
 
+def timing(dense_ms: float, sparse_ms: float) -> dict:
+    """A forward timing as sam_viz.speed.time_forward returns it, every round alike."""
+    return {"dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
+            "speedup_min": dense_ms / sparse_ms, "speedup_max": dense_ms / sparse_ms, "rounds": 7, "tokens": 14,
+            "warmup": 2}
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Set the Speed page's measured forward times (no timing in tests: the machine is shared)."""
+    import sam_viz.speed
+
+    def use(dense_ms: float, sparse_ms: float) -> None:
+        monkeypatch.setattr(sam_viz.speed, "time_forward", lambda *a, **k: timing(dense_ms, sparse_ms))
+    return use
+
+
 @pytest.mark.parametrize("page", ["compare", "speed"])
-def test_a_cost_below_dense_points_down_in_green(page):
+def test_a_cost_below_dense_points_down_in_green(page, measured):
+    measured(10.0, 8.0)                                             # the Speed page: sparse measured faster
     at = open_app(page, model="tiny-llama", prompt=PROMPT, policy="threshold", density="0.3")
     assert not at.exception and not at.error
     cost = at.session_state["ctx"].analysis.cost
@@ -28,7 +48,25 @@ def test_a_cost_below_dense_points_down_in_green(page):
         m = shown[label]
         assert m.direction == MetricProto.MetricDirection.DOWN, label
         assert m.color == MetricProto.MetricColor.GREEN, label
-        assert m.delta.startswith(f"{round(100 * (cost[sparse] / cost[dense] - 1))}% vs dense"), m.delta
+        assert m.delta.startswith(f"{round(100 * (cost[sparse] / cost[dense] - 1))}% {WHAT[label]} vs dense"), m.delta
+
+
+def test_a_sparse_run_measured_slower_gets_no_green_arrow(measured):
+    """17.4 ms sparse against 8.0 dense (0.46x): the sparse forward is marked up in red, and the
+    counted costs that fell (bytes, FLOPs, floor) keep their down arrows, grey, named as counts."""
+    measured(8.0, 17.4)
+    at = open_app("speed", model="tiny-llama", prompt=PROMPT, policy="threshold", density="0.3")
+    assert not at.exception and not at.error
+    metrics = {m.proto.label: m.proto for m in at.metric}
+    assert not [label for label, m in metrics.items() if m.color == MetricProto.MetricColor.GREEN]
+    forward = next(m for label, m in metrics.items() if label.startswith("Sparse forward"))
+    assert forward.direction == MetricProto.MetricDirection.UP and forward.color == MetricProto.MetricColor.RED
+    assert forward.delta.startswith("0.46x")
+    for label in (*COSTS, "Floor per token (read once)"):
+        m = metrics[label]
+        assert m.direction == MetricProto.MetricDirection.DOWN and m.color == MetricProto.MetricColor.GRAY, label
+    assert [metrics[label].delta.split(" vs ")[0].split()[-1] for label in COSTS] == ["bytes", "FLOPs"]
+    assert any("measured slower than dense" in c.value for c in at.caption)
 
 
 def test_a_cost_equal_to_dense_has_no_arrow():
@@ -36,7 +74,7 @@ def test_a_cost_equal_to_dense_has_no_arrow():
     assert not at.exception and not at.error
     for label, m in cost_metrics(at).items():
         assert m.direction == MetricProto.MetricDirection.NONE and m.color == MetricProto.MetricColor.GRAY, label
-        assert m.delta.startswith("same as dense"), m.delta
+        assert m.delta.startswith(f"same {WHAT[label]} as dense"), m.delta
 
 
 def test_modebar_shows_on_hover_only():
@@ -54,3 +92,27 @@ def test_sweep_marks_the_runs_density():
     lines = [(s["x0"], s["x1"]) for s in sweep["layout"]["shapes"] if s["type"] == "line"]
     assert lines == [(0.35, 0.35)]
     assert any("0.35" in a["text"] for a in sweep["layout"]["annotations"])
+
+
+def test_dense_vs_sparse_names_its_numbers_and_words_the_cost_for_the_model():
+    """Human names with a tooltip and formats (top-1 agreement as a percentage: 13 of 14 positions is
+    92.9%, not 0.9286); no 'of which the predictor' for a policy without one; the cost sentence of a
+    decoder, and of an encoder (minilm) one that does not describe a decoder."""
+    at = open_app("compare", model="tiny-llama", prompt=PROMPT, policy="topk", density="0.3")
+    assert not at.exception and not at.error
+    compare = at.session_state["ctx"].analysis.compare
+    shown = {m.proto.label: m.proto for m in at.metric}
+    assert {"KL divergence", "Top-1 agreement", "Largest hidden-state difference"} <= set(shown)
+    assert shown["Top-1 agreement"].body == f"{100 * compare['top1_agreement']:.1f}%"
+    assert shown["KL divergence"].body.endswith(" nats")
+    assert all(shown[k].help for k in ("KL divergence", "Top-1 agreement", "Largest hidden-state difference"))
+    assert "of which the predictor" not in shown
+    captions = " ".join(c.value for c in at.caption)
+    assert "batch-1 decoder" in captions and "predictor" not in captions
+
+    at = open_app("compare", model="minilm", prompt=PROMPT, policy="topk", density="0.3")
+    assert not at.exception and not at.error
+    shown = {m.proto.label: m.proto for m in at.metric}
+    assert "Embedding cosine" in shown and "cosine" not in shown
+    captions = " ".join(c.value for c in at.caption)
+    assert "encoder" in captions and "decoder" not in captions

@@ -241,3 +241,18 @@ def test_selection_is_frozen_along_the_integration_path():
     for a, b, c in zip(chosen, on_path.layers(n, m.d_ff), free.layers(n, m.d_ff)):
         assert torch.equal(a.ids, b.ids)
         assert not torch.equal(a.ids, c.ids)
+
+
+def test_a_delta_below_float32_resolution_is_shown_as_below_it():
+    """float32's spacing at |f| = 0.2445 (in [2^-3, 2^-2)) is 2^-3 * 2^-23; a delta of 0 (the sum and the
+    change of f equal in float32: minilm's sparse IG on the app's default prompt) reads as below it."""
+    from types import SimpleNamespace
+
+    from sam_viz.attribution import Attribution, delta_text
+
+    a = SimpleNamespace(f_dense=(0.0759, 0.2058), f_sparse=(0.0546, -0.2445))
+    res = Attribution.delta_resolution.fget(a)
+    assert res == (2.0 ** -26, 2.0 ** -26)
+    assert delta_text(0.0, 2.0 ** -26) == "< 1.5e-08"
+    assert delta_text(-1e-8, 2.0 ** -26) == "< 1.5e-08"
+    assert delta_text(2.98e-06, 2.0 ** -26) == "2.98e-06"

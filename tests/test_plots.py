@@ -442,3 +442,31 @@ def test_expert_load_puts_layer_0_on_top(runs):
         picks = [e for row in lf.experts.tolist() for e in row]
         assert list(heat.z[i]) == pytest.approx([picks.count(e) / len(a.tokens) for e in range(a.n_experts)])
     assert (heat.zmin, heat.zmax) == (0, 1)
+
+
+def test_policy_summary_keeps_better_higher_and_better_lower_apart(runs):
+    """Recall (higher is better) and the MLP weights read (lower is better) are not bars on one axis:
+    the weights read sit in a panel of their own, titled with its direction. Under topk on a GLU model
+    the oracle reads every gate and up row to rank, then the down rows it keeps: (2 + density) / 3."""
+    a = runs["tiny-llama"]
+    fig = R.policy_summary({"topk": a}).fig
+    read = [t for t in fig.data if t.name.startswith("MLP weights read")]
+    quality = [t for t in fig.data if not t.name.startswith("MLP weights read")]
+    assert len(read) == 1 and {t.name for t in quality} == {"recall", "mass kept", "top1 agreement vs dense"}
+    assert read[0].y[0] == pytest.approx((2 + a.density) / 3, rel=1e-6)
+    assert {t.yaxis for t in quality} == {"y"} and read[0].yaxis == "y2"
+    panel = {ann.text for ann in fig.layout.annotations
+             if fig.layout.xaxis2.domain[0] <= ann.x <= fig.layout.xaxis2.domain[1]}
+    rest = {ann.text for ann in fig.layout.annotations if ann.x < fig.layout.xaxis2.domain[0]}
+    assert any("lower is better" in t for t in panel) and any("higher is better" in t for t in rest)
+
+
+def test_compare_numbers_get_names_and_formats():
+    from sam_viz.analysis import describe_compare
+
+    rows = describe_compare({"kl": 0.012345, "top1_agreement": 13 / 14, "cosine": 0.99871, "max_abs_diff": float("nan"),
+                             "other_metric": 2.0})
+    assert [(name, value) for name, value, _ in rows] == [
+        ("KL divergence", "0.0123 nats"), ("Top-1 agreement", "92.9%"), ("Embedding cosine", "0.9987"),
+        ("Largest hidden-state difference", "n/a"), ("other metric", "2")]
+    assert all(meaning for _, _, meaning in rows[:4])

@@ -273,3 +273,49 @@ def test_moe_units_count_their_expert_s_tokens(tmp_path):
     assert (v.expert, v.tokens, v.fire_freq) == (1, 4, 1.0)
     assert p.layer_table()["always_on"].tolist() == [2] and p.layer_table()["dead"].tolist() == [5]
     assert np.allclose(p.frequency()[0, :6], [1, 0.6, 0, 0, 0, 1])
+
+
+def _with_manifest(path, **change):
+    file = path / "manifest.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **change}))
+
+
+def test_histogram_axis_spans_the_bins_that_hold_data_not_the_fixed_range(tmp_path):
+    """The profile's real bins (0 and ±2^j up to ±128); a neuron whose |h| stays at or below 2.25 is
+    drawn on an axis around its data's bins [-4, -2) .. [2, 4), not on ±128 and the open bins."""
+    from sam_viz import corpus_plots
+    from sam_viz.profile.stats import HIST_EDGES
+
+    h = np.array([-2.25, -0.3, 0.1, 0.7, 1.5, 2.25])
+    counts = np.bincount(np.searchsorted(HIST_EDGES, h, side="right"), minlength=len(HIST_EDGES) + 1)
+    rows = _neurons().assign(hist=[counts.tolist()] * 16, max_abs=2.25)
+    _with_manifest(write_profile(tmp_path, neurons=rows), hist_edges=list(HIST_EDGES))
+    fig = corpus_plots.neuron_histogram(open_profile(PID, tmp_path).neuron(0, 0)).fig
+    assert fig.layout.xaxis.range is not None                        # not autoranged over every bin
+    left, right = fig.layout.xaxis.range
+    assert -4 * 1.2 <= left <= -4 and 4 <= right <= 4 * 1.2         # the data's outer bins, and a margin
+    assert sum(fig.data[0].y) == len(h)                              # every count still drawn
+
+
+def test_under_topk_recall_and_precision_are_said_to_be_1_not_drawn(tmp_path):
+    from sam_viz import corpus_plots
+
+    path = write_profile(tmp_path)
+    plot = corpus_plots.layer_quality(open_profile(PID, tmp_path))
+    assert [t.name for t in plot.fig.data] == ["recall", "precision", "mass kept"] and plot.note == ""
+    _with_manifest(path, settings={"policy": "topk", "density": 0.25})
+    plot = corpus_plots.layer_quality(open_profile(PID, tmp_path))
+    assert [t.name for t in plot.fig.data] == ["mass kept"]
+    assert "topk" in plot.note and "1 by construction" in plot.note
+
+
+def test_firing_heatmap_colours_span_the_data_and_say_so(tmp_path):
+    """Every unit fires on 2 to 5 of its 10 tokens: the colour scale is 20% to 50%, not 0 to 100%."""
+    from sam_viz import corpus_plots
+
+    rows = _neurons().assign(fire_count=[2 + j % 4 for j in range(16)])
+    write_profile(tmp_path, neurons=rows)
+    plot = corpus_plots.firing_heatmap(open_profile(PID, tmp_path))
+    heat = plot.fig.data[0]
+    assert (heat.zmin, heat.zmax) == pytest.approx((0.2, 0.5))
+    assert "20.0% to 50.0%" in plot.note and "not 0 to 100%" in plot.note

@@ -203,3 +203,8 @@ def test_the_note_on_passing_one_over_density_names_the_dense_floor_ratios():
     assert "1/density" in note and "bf16" in note
     assert "1.25x its floor (tinyllama fp32)" in note and "2.00x its floor (tinyllama bf16)" in note   # 8/6.4, 8/4
     assert "not known" in speed.beyond_ideal_note(kernel_rows())
+
+
+@pytest.mark.parametrize("speedup,moved", [(0.46, 1), (0.994, 1), (0.996, 0), (1.004, 0), (1.3, -1)])
+def test_time_change_is_the_sign_of_the_measured_change_at_two_decimals(speedup, moved):
+    assert speed.time_change({"speedup": speedup}) == moved          # +1: sparse took longer than dense

@@ -163,3 +163,12 @@ def test_greedy_continuation_reads_as_text():
     head, full = (m.tokenizer.decode(ids) for ids in (prompt, prompt + gen))
     assert full.startswith(head) and "##" not in full
     assert len(out["dense"]) == 12 and "".join(out["dense"]) == full[len(head):]
+
+
+def test_colored_tokens_on_a_given_scale():
+    """Rows drawn on one scale: strength |v| / scale, full at the scale and above; a small row stays pale."""
+    row = colored_tokens(["a", "b", "c", "d"], [0.5, -1.0, 2.0, 8.0], scale=4.0)
+    alphas = [float(a) for a in re.findall(r"rgba\(\d+,\d+,\d+,([\d.]+)\)", row)]
+    assert alphas == [0.12, 0.25, 0.5, 1.0]
+    small = colored_tokens(["a", "b"], [0.04, -0.02], scale=4.0)
+    assert [float(a) for a in re.findall(r"rgba\(\d+,\d+,\d+,([\d.]+)\)", small)] == [0.01, 0.01]
