@@ -166,7 +166,7 @@ STEPS = (
     Step("What is a neuron?",
          "Each of demo-lm's 4 layers has an MLP block of 1024 *neurons*: small units that each compute one "
          "number for every token. Here all of them work (the *dense* model): one row per token, one column per "
-         "neuron, redder where the neuron's value is larger. (␣ in a token marks a space.)", neuron),
+         "neuron, redder where the neuron's value is larger. (· in a token marks a space.)", neuron),
     Step("Which neurons fire for each token?",
          f"demo-lm learned to work with only the strongest {TRAINED:.0%} of its neurons for each token (102 of "
          "1024); the skipped ones are grey-blue. Each token picks its own neurons; below, the chosen token's "

@@ -273,3 +273,8 @@ def test_moe_units_count_their_expert_s_tokens(tmp_path):
     assert (v.expert, v.tokens, v.fire_freq) == (1, 4, 1.0)
     assert p.layer_table()["always_on"].tolist() == [2] and p.layer_table()["dead"].tolist() == [5]
     assert np.allclose(p.frequency()[0, :6], [1, 0.6, 0, 0, 0, 1])
+
+
+def test_context_pieces_read_todays_marks_and_those_of_older_profiles():
+    assert context_prompt(["a", "¶", "·b", "→c"], 2) == ("a\n b\tc", 2)
+    assert context_prompt(["a", "↵", "␣b", "⇥c"], 2) == ("a\n b\tc", 2)

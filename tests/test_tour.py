@@ -113,7 +113,7 @@ def test_hostile_tour_params_fall_back_to_defaults():
 def test_token_picker_shows_text_not_byte_level_pieces():
     at = open_tour(step="2")
     labels = at.selectbox(key="tour_token").options
-    assert labels[0] == "0: <|endoftext|>" and any(label.endswith(": ␣function") for label in labels)
+    assert labels[0] == "0: <|endoftext|>" and any(label.endswith(": ·function") for label in labels)
     assert not any(c in label for label in labels for c in "ĠĊ")
 
 
