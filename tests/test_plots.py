@@ -421,3 +421,18 @@ def test_expert_load_puts_layer_0_on_top(runs):
         picks = [e for row in lf.experts.tolist() for e in row]
         assert list(heat.z[i]) == pytest.approx([picks.count(e) / len(a.tokens) for e in range(a.n_experts)])
     assert (heat.zmin, heat.zmax) == (0, 1)
+
+
+def test_a_dense_runs_heatmap_speaks_of_no_dropped_neuron():
+    """A dense run computes every neuron: its title, subtitle and colour bar name no dropped cell and
+    no sparse model (the colour bar once read "1e-06 dropped"); a sparse run's keep the two sides."""
+    def words(fig) -> str:
+        bar = fig.data[0].colorbar
+        return " ".join([fig.layout.title.text, *map(str, bar.ticktext)]).lower()
+
+    dense = analyze(shared("tiny-llama"), RunSpec(prompt=PROMPT, model="tiny-llama", policy="dense"))
+    fig = P.firing_heatmap(dense, 0).fig
+    assert "dropped" not in words(fig) and "sparse" not in words(fig)
+    assert fig.data[0].zmin == 0 and min(fig.data[0].colorbar.tickvals) == 0
+    sparse = P.firing_heatmap(analyze(shared("tiny-llama"), RunSpec(prompt=PROMPT, model="tiny-llama", density=0.3)), 0).fig
+    assert "dropped" in words(sparse) and sparse.data[0].zmin < 0

@@ -17,7 +17,7 @@ APP = str(ROOT / "app.py")
 N_STEPS = 8
 DOC_PROMPT = "The :func:`open` function returns a file object, which"
 # the figures each step shows before any click (step 7: topk's recall until static is calibrated)
-CHARTS = {1: ["which neurons the sparse model computed"],
+CHARTS = {1: ["every neuron computed"],
           2: ["which neurons the sparse model computed", ", token "],
           3: ["Density and mass kept per layer", "kept vs density"],
           4: ["Next token at the last position"],
