@@ -211,6 +211,10 @@ def test_density_per_layer(runs, spec):
 def test_next_tokens_and_sentences(runs):
     causal = Q.next_token_plot(runs["tiny-llama"]).fig
     assert len(causal.data) == 2 and list(causal.data[0].x) == [r["prob"] for r in runs["tiny-llama"].next_tokens["dense"]]
+    assert [a.text for a in causal.layout.annotations[:2]] == ["dense model", "sparse model"]
+    named = Q.next_token_plot(runs["tiny-llama"], labels=("all neurons", "30% <of> them"), x_max=0.5).fig
+    assert [a.text for a in named.layout.annotations[:2]] == ["all neurons", "30% &lt;of&gt; them"]
+    assert list(named.layout.xaxis.range) == list(named.layout.xaxis2.range) == [0, 0.5]
     encoder = Q.next_token_plot(runs["minilm"]).fig
     assert all(len(label) <= 45 for label in encoder.data[0].x)
     assert list(encoder.data[0].y) == [r["cosine"] for r in runs["minilm"].sentence_cosines]
