@@ -66,7 +66,7 @@ if decode:
     runs = {r["command"]: [x["policy"] for x in claims["decode"] if x["command"] == r["command"]]
             for r in claims["decode"]}
     if len(runs) > 1:
-        st.caption("The rows come from separate runs (" + "; ".join(f"{', '.join(ps)}: `{escape_markdown(c)}`"
+        st.caption("The rows come from separate runs (" + "; ".join(f"{', '.join(ps)}: `{c.replace('`', chr(39))}`"
                    for c, ps in runs.items()) + "), each with its own dense baseline on the machine's load at "
                    "the time: compare each row's speedup, not tokens/s across rows.")
     missing = [p for p in cl.SAVES_WORK if p not in {r["policy"] for r in decode}]
