@@ -165,15 +165,15 @@ def twin() -> tuple[str, RunSpec]:
     st.markdown(f"**Measured on the {len(DOC_PRESETS)} documentation prompts**, each model with "
                 f"{TRAINED:.0%} of its neurons against all of its neurons:")
     runs = {(m, p): cached_analysis(spec(model=m, prompt=p)) for m in (TWIN, DEMO_MODEL) for p in DOC_PRESETS.values()}
-    st.dataframe([{"prompt": p, **{f"{m}: same first choice": tt.pct(runs[(m, p)].compare["top1_agreement"])
-                               for m in (TWIN, DEMO_MODEL)}} for p in DOC_PRESETS.values()],
-                 hide_index=True, key="tour_twin_prompts")
-    pairs = [tuple(tt.pct(runs[(m, p)].compare["top1_agreement"]) for m in (DEMO_MODEL, TWIN)) for p in DOC_PRESETS.values()]
-    mean = {m: tt.pct(sum(runs[(m, p)].compare["top1_agreement"] for p in DOC_PRESETS.values()) / len(DOC_PRESETS))
-            for m in (TWIN, DEMO_MODEL)}
+    agree = {key: a.compare["top1_agreement"] for key, a in runs.items()}
+    st.dataframe([{"prompt": p, **{f"{m}: same first choice": tt.pct(agree[(m, p)]) for m in (TWIN, DEMO_MODEL)}}
+                  for p in DOC_PRESETS.values()], hide_index=True, key="tour_twin_prompts")
+    pairs = [(tt.pct(agree[(DEMO_MODEL, p)]), tt.pct(agree[(TWIN, p)])) for p in DOC_PRESETS.values()]
+    mean = {m: tt.pct(sum(agree[(m, p)] for p in DOC_PRESETS.values()) / len(DOC_PRESETS)) for m in (TWIN, DEMO_MODEL)}
     st.markdown(tt.compare("Averaged over these prompts, demo-lm keeps its first choice at", mean[DEMO_MODEL],
-                           "demo-lm-dense's", mean[TWIN], after=" of the positions") + ". " + tt.prompt_by_prompt(pairs, (DEMO_MODEL, TWIN)) + " This counts how often dropping neurons leaves a model's best guess unchanged, not "
-        "whether the guess is right.")
+                           "demo-lm-dense's", mean[TWIN], after=" of the positions") + ". "
+                + tt.prompt_by_prompt(pairs, (DEMO_MODEL, TWIN)) + " This counts how often dropping neurons leaves "
+                "a model's best guess unchanged, not whether the guess is right.")
     if sentences:
         ppl = tuple(tt.ppl(cl.find(evidence, m, "topk", TRAINED)) for m in (DEMO_MODEL, TWIN))
         split = len({tt.favoured(a, b, False) for a, b in pairs} - {None}) > 1

@@ -259,9 +259,10 @@ def summary(claims: dict) -> list[str]:
         return [v["sentence"]]
     cheap = {k: r for k, r in p.items() if k in SAVES_WORK}
     holds = [k for k, r in cheap.items() if r["ratio"] <= BAR_RATIO and r["flops_ratio"] < 0.5]
-    claim = ("**Claim holds** for the MLPs with " + ", ".join(
-        f"{k}: {_pct(cheap[k]['ratio'])} perplexity at {cheap[k]['flops_ratio']:.0%} of the dense MLP FLOPs" for k in holds)
-        if holds else "**Claim does not hold** for any policy that saves work at inference")
+    each = [f"{k}: {_pct(cheap[k]['ratio'])} perplexity at {cheap[k]['flops_ratio']:.0%} of the dense MLP FLOPs"
+            for k in holds]
+    claim = ("**Claim holds** for the MLPs with " + ", ".join(each) if holds
+             else "**Claim does not hold** for any policy that saves work at inference")
     lines = [claim + f" (bar: within {BAR_RATIO - 1:.0%} of the dense twin, under half the compute)."]
     if "topk" in p:
         t = p["topk"]
