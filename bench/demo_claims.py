@@ -7,14 +7,16 @@
 
 The decode benchmark is sam_viz.benchmarks.decode's on the shipped demo-lm: batch-1 greedy decode
 with the KV cache, dense and sparse runs interleaved, through the `cpu` kernel, with f_mlp, the
-Amdahl ideal and the share of it reached. It uses `predictor` (dynamic: a low-rank predictor chooses the neurons
-from the MLP input before any MLP weight is read) and `static` (the same neurons for every token),
-the policies that read fewer weights. `topk` cannot save work at inference: to rank the neurons it
+Amdahl ideal and the share of it reached. It uses the policies that read fewer weights: `threshold`
+(reads every gate row, then only the chosen rows of up and down), `predictor` (dynamic: a low-rank
+predictor chooses the neurons from the MLP input before any MLP weight is read) and `static` (the
+same neurons for every token). `topk` cannot save work at inference: to rank the neurons it
 must compute every h_j, that is read all of W_gate and W_up, and only the dropped neurons' rows of
 W_down are saved.
 
     python -m bench.demo_claims [--max-tokens N] [--no-decode]   # measure: 16 evals of the held-out split
     python -m bench.demo_claims --render                         # PNG and README from claims.json
+    python -m bench.demo_claims --add-decode threshold           # measure decode rows only, into claims.json
 
 Each row's time is in claims.json (`seconds`), and the whole run's (`seconds`, `threads`).
 """
@@ -41,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PNG = cl.DEMO_DIR / "perplexity_vs_density.png"
 README = ROOT / "README.md"
 START, END = "<!-- claims:start -->", "<!-- claims:end -->"
-DECODE_POLICIES = ("predictor", "static")
+DECODE_POLICIES = ("threshold", "predictor", "static")
 
 
 def say(line: str) -> None:
@@ -54,7 +56,7 @@ def prompt_ids(loaded, n: int) -> torch.Tensor:
 
 
 def decode_rows(loaded, density: float = cl.TRAINED_DENSITY, policies=DECODE_POLICIES, prompt: int = 16,
-                new: int = 64, repeats: int = 5) -> list[dict]:
+                new: int = 64, repeats: int = 5, command: str = "python -m bench.demo_claims") -> list[dict]:
     """Median seconds per greedy step, dense vs each policy through the cpu kernel (interleaved)."""
     install(loaded)
     ids = prompt_ids(loaded, prompt)
@@ -78,7 +80,7 @@ def decode_rows(loaded, density: float = cl.TRAINED_DENSITY, policies=DECODE_POL
                      "dense_tok_s": dense_tok_s, "sparse_tok_s": sparse_tok_s, "speedup": speedup,
                      "ideal_speedup": ideal, "share_of_ideal": speedup / ideal, "f_mlp": f_mlp,
                      "threads": torch.get_num_threads(), "prompt": prompt, "new": new, "repeats": repeats,
-                     "command": "python -m bench.demo_claims"})
+                     "command": command})
     return rows
 
 
@@ -135,15 +137,34 @@ def render(path: Path = cl.CLAIMS) -> None:
     say(cl.verdict(claims)["sentence"])
 
 
+def add_decode(policies: list[str], path: Path = cl.CLAIMS) -> None:
+    """Decode rows of `policies` measured now, replacing theirs in the claims file (the others kept)."""
+    raw = json.loads(path.read_text())
+    rows = decode_rows(load_model(cl.SPARSE), policies=tuple(policies),
+                       command=f"python -m bench.demo_claims --add-decode {' '.join(policies)}")
+    for r in rows:
+        say(f"decode {r['policy']}: dense {r['dense_tok_s']:.1f} tok/s, sparse {r['sparse_tok_s']:.1f} tok/s, "
+            f"speedup {r['speedup']:.2f} (ideal {r['ideal_speedup']:.2f}), f_mlp {r['f_mlp']:.3f}")
+    order = {p: i for i, p in enumerate(DECODE_POLICIES)}
+    kept = [r for r in raw.get("decode", []) if r.get("policy") not in policies]
+    raw["decode"] = sorted(kept + rows, key=lambda r: order.get(r.get("policy"), len(order)))
+    path.write_text(json.dumps(raw, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.demo_claims", description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first whole windows "
                     "up to N held-out tokens in every row (default: all)")
     ap.add_argument("--no-decode", action="store_true", help="skip the decode benchmark")
     ap.add_argument("--render", action="store_true", help="only redraw the PNG and the README from claims.json")
+    ap.add_argument("--add-decode", nargs="+", choices=DECODE_POLICIES, metavar="POLICY",
+                    help="measure only these policies' decode rows (with their own dense runs) and put them in "
+                    "claims.json in place of any earlier ones")
     args = ap.parse_args(argv)
     transformers.logging.set_verbosity_error()
-    if not args.render:
+    if args.add_decode:
+        add_decode(args.add_decode)
+    elif not args.render:
         t0 = time.perf_counter()
         load = functools.lru_cache(maxsize=None)(load_model)
         claims = cl.measure_claims(load, args.max_tokens, progress=say)

@@ -108,7 +108,7 @@ class LoadedModel:
 
     def token_strings(self, input_ids: torch.Tensor) -> list[str]:
         """Tokens as every view shows them: byte-level ones as their text with whitespace visible
-        ("Ġlist" -> "␣list", "Ċ" -> "↵"), WordPiece pieces as they are ("##s"); see models/token_text.py.
+        ("Ġlist" -> "·list", "Ċ" -> "¶"), WordPiece pieces as they are ("##s"); see models/token_text.py.
         `decode` gives the plain text."""
         with self._tok_lock:
             return readable_tokens(self.tokenizer, input_ids.tolist(), self.byte_level)

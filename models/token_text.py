@@ -1,7 +1,10 @@
 """Tokens as readable text. Byte-level BPE vocabularies (GPT-2, Llama 3, Qwen2, the demo LMs) store
 each token's bytes as printable stand-ins (bytes_to_unicode in OpenAI's GPT-2 encoder.py): a space
 is "Ġ", a newline "Ċ", so "Ġlist" is " list". Here a token becomes the text it adds, with its
-whitespace made visible (a token often is a space, or starts with one): "␣list", "↵␣␣␣". A byte
+whitespace made visible (a token often is a space, or starts with one): "·list", "¶···", as a word
+processor shows formatting marks. The marks are Latin-1 or WGL4 characters, present in the app's
+own font (Source Sans) and in Arial / Liberation Sans; "␣" and "↵" are in neither, so a browser drew
+them with whatever fallback font it found (in one, another script's letter). A byte
 that is only part of a UTF-8 character (the first half of "é") shows as "<0xC3>", as SentencePiece
 writes byte tokens. Special tokens ("<|endoftext|>") stay as they are; WordPiece pieces ("##s")
 too, since the "##" says the piece continues a word.
@@ -10,7 +13,8 @@ from __future__ import annotations
 
 import codecs
 
-VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+VISIBLE = {" ": "·", "\n": "¶", "\t": "→", "\r": "←"}
+LEGACY = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}        # the marks before: corpus profiles saved then hold them
 _VISIBLE = str.maketrans(VISIBLE)
 _HEX_BYTES = "sam_viz.hex_bytes"
 codecs.register_error(_HEX_BYTES, lambda e: ("".join(f"<0x{b:02X}>" for b in e.object[e.start:e.end]), e.end))
@@ -37,7 +41,7 @@ def is_byte_level(tokenizer) -> bool:
 
 
 def byte_level_text(piece: str) -> str:
-    """The text of one byte-level token, whitespace visible: "Ġlist" -> "␣list", "Ċ" -> "↵"."""
+    """The text of one byte-level token, whitespace visible: "Ġlist" -> "·list", "Ċ" -> "¶"."""
     if any(c not in BYTE_OF for c in piece):
         return piece                                       # not from the byte alphabet: as it is
     text = bytes(BYTE_OF[c] for c in piece).decode("utf-8", errors=_HEX_BYTES)

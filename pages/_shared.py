@@ -121,12 +121,15 @@ def _leave_saved_run() -> None:
         del st.query_params["run"]
 
 
-def sidebar_only() -> RunSpec | None:
+def sidebar_only(note: str | None = None) -> RunSpec | None:
     """For a page that computes its own analyses (the tour): the shared sidebar, kept as the user
-    set it, without analysing its spec; a bad setting is one sentence in the sidebar."""
+    set it, without analysing its spec, under `note` (what the page uses instead) and without the
+    minilm hint; a bad setting is one sentence in the sidebar."""
     _hand_over()
+    if note:
+        st.sidebar.info(note, icon=":material/pause_circle:")
     try:
-        return sidebar()
+        return sidebar(hint=note is None)
     except InputError as exc:
         st.sidebar.error(escape_markdown(str(exc)))
         return None
@@ -301,8 +304,9 @@ def _url_density(raw: str | None) -> tuple[float, str] | None:
     return value, note
 
 
-def sidebar() -> RunSpec:
-    """The shared sidebar, bound to the URL; raises InputError for a bad combination."""
+def sidebar(hint: bool = True) -> RunSpec:
+    """The shared sidebar, bound to the URL (with the minilm hint unless `hint` is False); raises
+    InputError for a bad combination."""
     raw = {key: st.query_params.get(key) for key in (*URL_CHOICES, "density", "prompt")}   # before the widgets take them
     snapped = st.session_state.pop("_density_snap", None)       # a link's density, put on the slider's grid
     if snapped is not None:
@@ -311,7 +315,7 @@ def sidebar() -> RunSpec:
     sb = st.sidebar
     sb.selectbox("Model", list(BUILTIN_SPECS), key="model", bind="query-params", accept_new_options=True,
                  help="A built-in model, or type a checkpoint directory under an allowed root.")
-    if (st.session_state.get("model") or DEFAULT_MODEL) == DEFAULT_MODEL:
+    if hint and (st.session_state.get("model") or DEFAULT_MODEL) == DEFAULT_MODEL:
         with sb:
             _demo_hint()
     with sb.expander("Checkpoint directory"):

@@ -45,21 +45,34 @@ if claims["dropped"]:
                f"limit of {cl.MAX_ROWS}.")
 
 st.subheader("Verdict")
-st.markdown(escape_markdown(cl.verdict(claims)["sentence"]))
+st.markdown("\n".join(f"- {line}" for line in cl.summary(claims)))
+with st.expander("The verdict in full"):
+    st.markdown(escape_markdown(cl.verdict(claims)["sentence"]))
 
 st.subheader("Held-out perplexity")
 scope = (f"the first {claims['max_tokens']:,} held-out tokens" if claims["max_tokens"]
          else "the whole held-out split")
 st.caption(f"Every row scores {scope} (`models/demo/heldout.txt`); density is the share of MLP neurons "
            f"asked for, trained density {claims['trained_density']:g}.")
-st.dataframe(cl.table_rows(claims), hide_index=True,
-             column_config={"command": st.column_config.TextColumn("command", width="large")})
+st.dataframe(cl.table_rows(claims), hide_index=True, column_order=cl.PAGE_COLUMNS,
+             column_config={"part": st.column_config.TextColumn("part", width="medium"),
+                            "command": st.column_config.TextColumn("command", width="medium")})
 show(perplexity_curve(claims), key="claims_curve")
 
 st.subheader("Decode speed")
 decode = cl.decode_table(claims)
 if decode:
     st.dataframe(decode, hide_index=True)
+    runs = {r["command"]: [x["policy"] for x in claims["decode"] if x["command"] == r["command"]]
+            for r in claims["decode"]}
+    if len(runs) > 1:
+        st.caption("The rows come from separate runs (" + "; ".join(f"{', '.join(ps)}: `{c.replace('`', chr(39))}`"
+                   for c, ps in runs.items()) + "), each with its own dense baseline on the machine's load at "
+                   "the time: compare each row's speedup, not tokens/s across rows.")
+    missing = [p for p in cl.SAVES_WORK if p not in {r["policy"] for r in decode}]
+    if missing:
+        st.caption(f"Not measured: {', '.join(missing)} (no decode row in the claims file); run "
+                   f"`python -m bench.demo_claims --add-decode {' '.join(missing)}`.")
     st.caption("Batch 1, greedy, KV cache, dense and sparse runs interleaved; f_mlp is the MLPs' measured share "
                "of a dense decode step. Reproduce: `python -m bench.demo_claims`.")
 else:

@@ -1,16 +1,20 @@
 """Classroom tour: eight steps on demo-lm (models/demo) for a teacher in front of a class, from what
 a neuron is to dynamic vs static sparsity. Each step shows the app's own figure with its settings
 applied, computed from RunSpecs the tour builds (the user's sidebar stays as it was until "Open
-this in the app"). The step lives in the URL (?step=4); a bad value shows step 1, past the end the
-last step."""
+this in the app", and says it is not in use). The step lives in the URL (?step=4); a bad value
+shows step 1, past the end the last step. Every comparative sentence is computed from the numbers
+it states (sam_viz.tour_text): the step's own runs, or the held-out measurements of the claim page
+(models/demo/claims.json)."""
 from dataclasses import dataclass
 from typing import Callable
 
 import streamlit as st
 
-from pages._shared import (DEMO_MODEL, DEMO_PRESET, PRESETS, cached_analysis, cached_model, show, sidebar_only,
-                           use_settings)
+from pages._shared import (DEMO_MODEL, DEMO_PRESET, DOC_PRESETS, PRESETS, cached_analysis, cached_model, show,
+                           sidebar_only, use_settings)
 from sam_viz import SWEEP_DENSITIES, RunSpec, greedy_continuation, mass_curve, plots, quality_plots, routing_plots
+from sam_viz import claims as cl
+from sam_viz import tour_text as tt
 from sam_viz.text import continuation_html, escape_html, escape_markdown
 from sparse_ops import get_calibration
 
@@ -18,7 +22,10 @@ TWIN = "demo-lm-dense"
 TRAINED = 0.1                         # demo-lm's density in training: 102 of 1024 neurons per token
 DROP = (0.5, 0.25, 0.1, 0.05)         # the densities the class can try in steps 4 and 5
 N_NEW = 20                            # tokens each continuation writes
-CALIBRATION_S = 40                    # first use of `static` on demo-lm here (2-core CPU), then stored
+SIDEBAR_NOTE = ("Not in use during the tour: each step runs demo-lm on its own prompt. The settings below are "
+                "yours, kept for the other pages; \"Open this in the app\" puts a step's settings here.")
+ENDOFTEXT = ("The first token, `<|endoftext|>`, is a marker the model reads before every text (it stands for "
+             "\"a new text starts here\"); it is not part of the prompt.")
 
 
 @dataclass(frozen=True)
@@ -28,8 +35,9 @@ class Step:
     draw: Callable[[], tuple[str, RunSpec] | None]     # renders; returns (page, spec) for "open in the app"
 
 
-def spec(policy: str = "topk", density: float = TRAINED, model: str = DEMO_MODEL) -> RunSpec:
-    return RunSpec(prompt=PRESETS[DEMO_PRESET], model=model, policy=policy, density=density)
+def spec(policy: str = "topk", density: float = TRAINED, model: str = DEMO_MODEL,
+         prompt: str = PRESETS[DEMO_PRESET]) -> RunSpec:
+    return RunSpec(prompt=prompt, model=model, policy=policy, density=density)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -37,13 +45,32 @@ def continuation(run: RunSpec) -> dict:
     return greedy_continuation(cached_model(run.model), run, N_NEW)
 
 
-def show_continuation(run: RunSpec, names=("dense", "sparse")) -> None:
+def labels(density: float) -> tuple[str, str]:
+    """What differs between a step's two passes: the neurons used, not the model."""
+    return "all neurons", f"{density:.0%} of the neurons"
+
+
+def x_max(*analyses) -> float:
+    """One probability axis for every next-token panel shown together."""
+    return 1.05 * max(it["prob"] for a in analyses for side in a.next_tokens.values() for it in side)
+
+
+@st.cache_data(show_spinner=False)
+def claims() -> dict | None:
+    """The claim page's measurements (models/demo/claims.json); None when missing or unreadable."""
+    try:
+        return cl.read_claims()
+    except ValueError:
+        return None
+
+
+def show_continuation(run: RunSpec, names=("dense", "sparse"), label: str | None = None) -> None:
     with st.spinner(f"Writing {N_NEW} tokens with {escape_markdown(run.model)}..."):
         c = continuation(run)
-    labels = {"dense": "All neurons", "sparse": f"{run.density:.0%} of the neurons"}
+    label_of = dict(zip(("dense", "sparse"), (x.capitalize() for x in labels(run.density))))
     prompt = f'<span style="color: grey">{escape_html(run.prompt)}</span>'
     for name in names:
-        st.markdown(f"**{labels[name]}:** {prompt}{continuation_html(c[name], c['first_divergence'])}",
+        st.markdown(f"**{label or label_of[name]}:** {prompt}{continuation_html(c[name], c['first_divergence'])}",
                     unsafe_allow_html=True)
     if "dense" in names and "sparse" in names:
         first = c["first_divergence"]
@@ -55,15 +82,18 @@ def agreement(a) -> None:
     c1, c2 = st.columns(2)
     c1.metric("Same first choice as all neurons", f"{a.compare['top1_agreement']:.0%}",
               help="Over every position of the prompt: how often the most likely next token is the same.")
-    c2.metric("Difference in the guesses (KL)", f"{a.compare['kl']:.3f}",
-              help="KL divergence of the next-token probabilities from the dense ones: 0 = identical.")
+    c2.metric("How far the guesses moved (KL)", f"{a.compare['kl']:.3f}",
+              help="KL divergence, in plain words: how far the probabilities the model gives every possible next "
+              "token moved from those with all neurons, averaged over the prompt. 0 = not at all; the larger, "
+              "the further.")
 
 
 def layer_and_token(a) -> tuple[int, int]:
     c1, c2 = st.columns([1, 3])
     layer = c1.number_input("Layer", 0, a.n_layers - 1, a.n_layers // 2, key="tour_layer", bind="query-params")
     token = c2.selectbox("Token", range(len(a.tokens)), index=len(a.tokens) - 1, key="tour_token",
-                         bind="query-params", format_func=lambda i: f"{i}: {a.tokens[i]}")
+                         bind="query-params", format_func=lambda i: f"{i}: {a.tokens[i]}",
+                         help="· marks a space, ¶ a new line. " + ENDOFTEXT)
     return int(layer), int(token)
 
 
@@ -85,11 +115,19 @@ def firing() -> tuple[str, RunSpec]:
     layer, token = layer_and_token(a)
     show(plots.firing_heatmap(a, layer), key="tour_heatmap")
     show(plots.token_neurons(a, layer, token), key="tour_token_neurons")
+    st.caption("In layer 0 a kept neuron's orange bar equals its blue one: both runs read the same input. "
+               if layer == 0 else
+               f"An orange bar need not match its blue one: layers 0 to {layer - 1} before this one "
+               "also dropped neurons, so this layer reads a slightly different input and its neurons compute "
+               "slightly different values. (In layer 0 they are equal.)")
     return "pages/firing.py", a.spec
 
 
 def density() -> tuple[str, RunSpec]:
     a = cached_analysis(spec())
+    st.markdown(tt.cost(claims(), TRAINED))
+    kept = sum(lf.mass_kept_share for lf in a.layers) / a.n_layers
+    st.markdown(tt.mass(kept, TRAINED))
     c1, c2 = st.columns(2)
     with c1:
         show(quality_plots.density_per_layer(a), key="tour_density_layers")
@@ -100,46 +138,94 @@ def density() -> tuple[str, RunSpec]:
 
 def next_token() -> tuple[str, RunSpec]:
     a = cached_analysis(spec(density=density_choice()))
-    show(quality_plots.next_token_plot(a), key="tour_next_tokens")
+    show(quality_plots.next_token_plot(a, labels(a.spec.density), x_max(a)), key="tour_next_tokens")
     agreement(a)
+    st.caption(tt.baseline(claims(), TRAINED))
     return "pages/compare.py", a.spec
 
 
 def writing() -> tuple[str, RunSpec]:
     run = spec(density=density_choice())
+    st.markdown(tt.baseline(claims(), TRAINED))
     show_continuation(run)
     return "pages/compare.py", run
 
 
 def twin() -> tuple[str, RunSpec]:
+    evidence = claims()
+    sentences = tt.twin(evidence, TRAINED)
+    if not sentences:
+        st.info("The claims file with the held-out perplexities is missing, so this step can only show the prompts.")
+    else:
+        tokens = cl.find(evidence, DEMO_MODEL, "topk", TRAINED)["tokens"]
+        st.markdown(f"**Measured on held-out text** (the claim page: {tokens:,} tokens of the Python documentation "
+                    "that no training step saw), perplexity:")
+        st.dataframe(twin_table(evidence), hide_index=True, key="tour_twin_perplexity")
+        st.markdown(" ".join(sentences))
+    st.markdown(f"**Measured on the {len(DOC_PRESETS)} documentation prompts**, each model with "
+                f"{TRAINED:.0%} of its neurons against all of its neurons:")
+    runs = {(m, p): cached_analysis(spec(model=m, prompt=p)) for m in (TWIN, DEMO_MODEL) for p in DOC_PRESETS.values()}
+    agree = {key: a.compare["top1_agreement"] for key, a in runs.items()}
+    st.dataframe([{"prompt": p, **{f"{m}: same first choice": tt.pct(agree[(m, p)]) for m in (TWIN, DEMO_MODEL)}}
+                  for p in DOC_PRESETS.values()], hide_index=True, key="tour_twin_prompts")
+    pairs = [(tt.pct(agree[(DEMO_MODEL, p)]), tt.pct(agree[(TWIN, p)])) for p in DOC_PRESETS.values()]
+    mean = {m: tt.pct(sum(agree[(m, p)] for p in DOC_PRESETS.values()) / len(DOC_PRESETS)) for m in (TWIN, DEMO_MODEL)}
+    st.markdown(tt.compare("Averaged over these prompts, demo-lm keeps its first choice at", mean[DEMO_MODEL],
+                           "demo-lm-dense's", mean[TWIN], after=" of the positions") + ". "
+                + tt.prompt_by_prompt(pairs, (DEMO_MODEL, TWIN)) + " This counts how often dropping neurons leaves "
+                "a model's best guess unchanged, not whether the guess is right.")
+    if sentences:
+        ppl = tuple(tt.ppl(cl.find(evidence, m, "topk", TRAINED)) for m in (DEMO_MODEL, TWIN))
+        split = len({tt.favoured(a, b, False) for a, b in pairs} - {None}) > 1
+        st.markdown("**" + tt.verdict(ppl, (mean[DEMO_MODEL], mean[TWIN]), (DEMO_MODEL, TWIN), split) + "**")
+    st.markdown(f"**The texts they write**, {N_NEW} tokens each with {TRAINED:.0%} of the neurons. One greedy text is "
+                "one sample, not a measurement: on some prompts either model loops or drifts, so read several.")
+    for p in DOC_PRESETS.values():
+        cols = st.columns(2)
+        for col, model in zip(cols, (TWIN, DEMO_MODEL)):
+            with col:
+                show_continuation(spec(model=model, prompt=p), names=("sparse",), label=model)
+    st.markdown(f"**The next word for the tour's prompt**, each model with all neurons and with {TRAINED:.0%}:")
+    analyses = [runs[(m, PRESETS[DEMO_PRESET])] for m in (TWIN, DEMO_MODEL)]
     cols = st.columns(2)
-    for col, model, title in ((cols[0], TWIN, "demo-lm-dense: trained with all neurons"),
-                              (cols[1], DEMO_MODEL, f"demo-lm: trained with {TRAINED:.0%} of them")):
+    for col, a in zip(cols, analyses):
         with col:
-            st.markdown(f"**{title}**")
-            a = cached_analysis(spec(model=model))
-            show(quality_plots.next_token_plot(a), key=f"tour_twin_{model}")
-            agreement(a)
-            show_continuation(a.spec, names=("sparse",))
+            st.markdown(f"**{a.spec.model}**")
+            show(quality_plots.next_token_plot(a, labels(TRAINED), x_max(*analyses)), key=f"tour_twin_{a.spec.model}")
     return "pages/compare.py", spec(model=TWIN)
+
+
+def twin_table(claims: dict) -> list[dict]:
+    """Held-out perplexity of both models with all neurons and at the trained density (claims.json)."""
+    rows = []
+    for model, how in ((TWIN, "all neurons"), (DEMO_MODEL, f"{TRAINED:.0%} of them")):
+        full, part = cl.find(claims, model, "dense"), cl.find(claims, model, "topk", TRAINED)
+        rows.append({"model": f"{model} (trained with {how})", "all neurons": tt.ppl(full),
+                     f"{TRAINED:.0%} of the neurons": tt.ppl(part), "change": tt.change(part, full)})
+    return rows
 
 
 def static() -> tuple[str, RunSpec]:
     run = spec()
     policies = ["topk", "static"]
+    st.markdown(tt.static(claims(), TRAINED))
     if get_calibration(cached_model(DEMO_MODEL), train=False) is None:
-        st.info(f"The static policy first needs its neuron set, counted once on sample text: about "
-                f"{CALIBRATION_S} s here, then stored on disk for every later visit.")
+        st.info("The static policy first needs its neuron set, counted once on sample text and then stored on disk "
+                "for every later visit. How long that takes depends on the machine: minutes on a small, busy "
+                "server, so prepare it before class.")
         if not st.button("Prepare the static policy", key="tour_calibrate"):
             policies = ["topk"]
     analyses = {p: cached_analysis(spec(policy=p)) for p in policies}
     c1, c2 = st.columns(2)
     with c1:
         show(routing_plots.recall_by_policy(analyses), key="tour_recall")
-        st.caption("topk's recall is 1 by definition: it keeps exactly each token's strongest neurons.")
+        st.caption("*Oracle top-k* is, for each token, the set of its strongest neurons, found by computing every "
+                   "one of them: what a perfect chooser would keep. topk's recall is 1 by definition: it is that set.")
     with c2:
         if "static" in analyses:
-            show(quality_plots.next_token_plot(analyses["static"]), key="tour_static_next")
+            a = analyses["static"]
+            show(quality_plots.next_token_plot(a, ("all neurons", f"static: the same {TRAINED:.0%} for every token"),
+                                               x_max(a)), key="tour_static_next")
     return "pages/routing.py", run
 
 
@@ -165,26 +251,26 @@ def next_steps() -> None:
 STEPS = (
     Step("What is a neuron?",
          "Each of demo-lm's 4 layers has an MLP block of 1024 *neurons*: small units that each compute one "
-         "number for every token. Here all of them work (the *dense* model): one row per token, one column per "
-         "neuron, redder where the neuron's value is larger. (␣ in a token marks a space.)", neuron),
+         "number *h* for every token. Here all of them work (a *dense* run, nothing dropped): one row per token, one "
+         "column per neuron, redder where the neuron's |h| (its value, sign ignored) is larger. (· in a token marks a "
+         "space.) " + ENDOFTEXT, neuron),
     Step("Which neurons fire for each token?",
          f"demo-lm learned to work with only the strongest {TRAINED:.0%} of its neurons for each token (102 of "
          "1024); the skipped ones are grey-blue. Each token picks its own neurons; below, the chosen token's "
          "strongest neurons with all of them on (blue) and what the sparse run kept (orange).", firing),
     Step("What does density mean?",
-         f"*Density* is the share of neurons computed for each token: {TRAINED:g} means one in ten, so a tenth "
-         "of the MLP's work. The kept neurons are the strongest, so they keep far more than a tenth of the "
-         "total activity (*mass kept*, the sum of their absolute values).", density),
+         f"*Density* is the share of neurons used for each token: {TRAINED:g} means one in ten.", density),
     Step("The next word, with fewer neurons",
-         "The model's ten best guesses for the next token, with all neurons (left) and with fewer (right). "
-         "Move the slider to drop more neurons; a grey bar is a guess the other side does not have.", next_token),
+         "The model's ten best guesses for the next token, with all neurons (left) and with fewer (right), on one "
+         "probability scale. Move the slider to drop more neurons; a grey bar is a guess the other side does not "
+         "have.", next_token),
     Step("Writing on, with fewer neurons",
          f"Both versions continue the prompt for {N_NEW} tokens, always taking their most likely next token. "
          "Move the slider and see from where the text with fewer neurons goes its own way.", writing),
     Step("Trained sparse vs pruned afterwards",
          f"demo-lm-dense learned from the same text with all its neurons; demo-lm learned while using only "
-         f"{TRAINED:.0%} of them. Here both keep only {TRAINED:.0%}: which one keeps its guesses and its text?",
-         twin),
+         f"{TRAINED:.0%} of them. Both now keep only {TRAINED:.0%}: which one copes better? The answer rests on "
+         "measurements, not on one text.", twin),
     Step("Dynamic vs static",
          "*Dynamic* sparsity picks new neurons for every token (topk: the strongest ones). *Static* keeps the "
          "same neurons for all tokens, those most often useful on sample text: plain pruning. *Recall* is the "
@@ -220,7 +306,7 @@ def open_in_app(page: str, run: RunSpec) -> None:
         st.switch_page(page, query_params={})
 
 
-sidebar_only()
+sidebar_only(SIDEBAR_NOTE)
 n = current_step()
 step = STEPS[n - 1]
 st.header("Classroom tour")

@@ -46,6 +46,8 @@ GROUPS = {"baseline": "dense twin", "all-neurons": "demo-lm, every neuron",
 ROW_NUMBERS = ("density", "perplexity", "loss", "mlp_density", "mlp_flops", "mlp_bytes",
                "dense_mlp_flops", "dense_mlp_bytes", "model_ratio")
 FACTS = ("d_model", "d_ff", "layers", "bytes_per_param", "other_params")
+PAGE_COLUMNS = ("part", "model", "policy", "density", "perplexity", "vs dense twin", "MLP FLOPs vs dense",
+                "MLP neurons computed", "MLP MFLOPs/token", "MLP weight MB/token", "command")   # the page's order
 DECODE_NUMBERS = ("density", "dense_tok_s", "sparse_tok_s", "speedup", "ideal_speedup", "share_of_ideal", "f_mlp")
 Progress = Callable[[str], None]
 
@@ -246,6 +248,31 @@ def verdict(claims: dict) -> dict:
                   "loss_vs_own_dense": r["perplexity"] / own[SPARSE]["perplexity"] if own[SPARSE] else None,
                   "twin_loss_vs_dense": twin["perplexity"] / base["perplexity"] if twin else None}
     return {"dense_perplexity": base["perplexity"], "policies": out, "sentence": _sentence(base, d, out)}
+
+
+def summary(claims: dict) -> list[str]:
+    """The verdict in three lines (markdown), each computed from verdict()'s numbers: whether the
+    claim holds and with which policy, what the oracle topk costs, and dynamic vs static."""
+    v, d = verdict(claims), claims["trained_density"]
+    p = v["policies"]
+    if not p:
+        return [v["sentence"]]
+    cheap = {k: r for k, r in p.items() if k in SAVES_WORK}
+    holds = [k for k, r in cheap.items() if r["ratio"] <= BAR_RATIO and r["flops_ratio"] < 0.5]
+    each = [f"{k}: {_pct(cheap[k]['ratio'])} perplexity at {cheap[k]['flops_ratio']:.0%} of the dense MLP FLOPs"
+            for k in holds]
+    claim = ("**Claim holds** for the MLPs with " + ", ".join(each) if holds
+             else "**Claim does not hold** for any policy that saves work at inference")
+    lines = [claim + f" (bar: within {BAR_RATIO - 1:.0%} of the dense twin, under half the compute)."]
+    if "topk" in p:
+        t = p["topk"]
+        lines.append(f"**Oracle topk** at {d:g}: {_pct(t['ratio'])} perplexity, but {t['flops_ratio']:.0%} of the "
+                     "dense MLP FLOPs: it computes every neuron to choose.")
+    if "predictor" in p and "static" in p:
+        dyn, sta = p["predictor"]["perplexity"], p["static"]["perplexity"]
+        lines.append(f"**Dynamic vs static** at {d:g}: predictor {dyn:.2f}, static {sta:.2f} perplexity: dynamic "
+                     f"{'beats' if dyn < sta else 'does not beat'} static.")
+    return lines
 
 
 def _pct(ratio: float) -> str:

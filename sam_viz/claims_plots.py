@@ -5,6 +5,8 @@ function of parsed claims (sam_viz.claims.parse_claims, at most MAX_ROWS rows): 
 """
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 
 from .claims import BAR_RATIO, DENSE, SPARSE, find
@@ -24,6 +26,23 @@ def topk_curve(claims: dict, model: str) -> list[tuple[float, float]]:
     if full is not None:
         points[1.0] = full["perplexity"]
     return sorted(points.items())
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """1-2-3-5 ticks for a log axis over [low, high], with the decade step below when fewer than three
+    fit (28 to 31: 28, 29, 30, 31), each labelled with its whole value: plotly's own log ticks label
+    only the decades ("100") and write 30 and 50 as "3" and "5"."""
+    for steps in ((1, 2, 3, 5), (1, 1.5, 2, 3, 5, 7)):
+        decades = range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+        ticks = [m * 10 ** e for e in decades for m in steps if low <= m * 10 ** e <= high]
+        if len(ticks) >= 3:
+            return ticks
+    step = 10 ** math.floor(math.log10(max(high - low, 1e-9)))
+    return [step * i for i in range(math.ceil(low / step), math.floor(high / step) + 1)]
+
+
+def _label(v: float) -> str:
+    return f"{v:,.0f}" if v >= 10 else f"{v:g}"
 
 
 def perplexity_curve(claims: dict) -> Plot:
@@ -52,10 +71,13 @@ def perplexity_curve(claims: dict) -> Plot:
             fig.add_trace(go.Scatter(x=[densities[0], densities[-1]], y=[y, y], mode="lines", name=name,
                                      line=dict(color=BAR_COLOUR, dash=dash, width=1),
                                      hovertemplate=f"{name}: %{{y:.3f}}<extra></extra>"))
+    ys = [y for t in fig.data for y in t.y]
+    yticks = log_ticks(min(ys), max(ys))
     fig.update_layout(template="plotly_white", height=440, legend=dict(orientation="h", y=-0.25),
                       xaxis=dict(title="MLP density (share of neurons computed per token)", type="log",
                                  tickmode="array", tickvals=densities, ticktext=[f"{d:g}" for d in densities]),
-                      yaxis=dict(title="held-out perplexity", type="log"),
+                      yaxis=dict(title="held-out perplexity", type="log", tickmode="array", tickvals=yticks,
+                                 ticktext=[_label(v) for v in yticks]),
                       **titled("Held-out perplexity vs MLP density", "demo-lm and its dense twin; lower is better",
                                bottom=60))
     return Plot(fig)

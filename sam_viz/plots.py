@@ -193,8 +193,11 @@ def firing_heatmap(analysis, layer: int, order: str = "index", max_cells: int = 
     by = {"index": "neuron index", "frequency": "tokens that selected it, most first",
           "clustered": "similar firing patterns side by side"}[order]
     ids = f" = expert × {analysis.d_ff} + index" if analysis.n_experts else ""
-    _style(fig, f"Layer {layer}: which neurons the sparse model computed", f"neuron{ids} (ordered by {by})",
-           "token", sub=f"{_run_label(analysis)} · warm = computed, blue-grey = dropped",
+    if bool(sel.all()):                                                  # a dense run: nothing was dropped
+        title, key = f"Layer {layer}: each neuron's |h|, every neuron computed", "redder = larger |h|"
+    else:
+        title, key = f"Layer {layer}: which neurons the sparse model computed", "warm = computed, blue-grey = dropped"
+    _style(fig, title, f"neuron{ids} (ordered by {by})", "token", sub=f"{_run_label(analysis)} · {key}",
            **_grid_layout(len(t_idx)))
     fig.update_layout(hoverdistance=-1)                                  # any point of a cell picks it
     note = _reduced([f"the {cols:,} most active of {n_neu:,} neurons" if cols < n_neu else "",
@@ -236,10 +239,16 @@ def clicked_cell(selection) -> tuple[int, int] | None:
 
 def _firing_colors(z: torch.Tensor) -> dict:
     """A colour scale that steps at 0: dropped cells (z < 0) grey-blue, computed cells (z > 0) orange to
-    red, each side scaled to its own 99th percentile of |h| so that small computed values read as computed."""
+    red, each side scaled to its own 99th percentile of |h| so that small computed values read as computed;
+    with no dropped cell (a dense run), the computed side alone."""
     def top(x):
         return max(float(torch.quantile(x, 0.99)) if x.numel() else 0.0, 1e-6)
-    lo, hi = top(-z[z < 0]), top(z[z > 0])
+    hi = top(z[z > 0])
+    if not bool((z < 0).any()):                                          # nothing dropped: the warm side only
+        ticks = dict(tickvals=[0, hi], ticktext=["0", f"{hi:.2g}"])
+        return dict(colorscale=[[0.0, COMPUTED_SCALE[0]], [1.0, COMPUTED_SCALE[1]]], zmin=0, zmax=hi,
+                    colorbar=dict(title="|h|", **ticks))
+    lo = top(-z[z < 0])
     p = lo / (lo + hi)
     scale = [[0.0, DROPPED_SCALE[0]], [p, DROPPED_SCALE[1]], [p, COMPUTED_SCALE[0]], [1.0, COMPUTED_SCALE[1]]]
     ticks = dict(tickvals=[-lo, 0, hi], ticktext=[f"{lo:.2g} dropped", "0", f"{hi:.2g} computed"])

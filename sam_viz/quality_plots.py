@@ -112,25 +112,28 @@ def divergence_plot(analysis) -> Plot:
                        yaxis=percent_axis(analysis.layer_divergence), xaxis_dtick=1))
 
 
-def next_token_plot(analysis) -> Plot:
-    """Causal LMs: dense vs sparse top-10 next tokens; encoders: embedding cosine per sentence."""
+def next_token_plot(analysis, labels: tuple[str, str] = ("dense model", "sparse model"),
+                    x_max: float | None = None) -> Plot:
+    """Causal LMs: dense vs sparse top-10 next tokens, the panels titled `labels` (what differs between
+    the two passes) and, with `x_max`, both on the probability axis 0..x_max (else each fits its own);
+    encoders: embedding cosine per sentence."""
     if analysis.next_tokens:
-        return Plot(_next_tokens(analysis.next_tokens))
+        return Plot(_next_tokens(analysis.next_tokens, labels, x_max))
     if analysis.sentence_cosines:
         return Plot(_sentence_cosines(analysis.sentence_cosines))
     return _empty("This run recorded no output comparison to draw.")
 
 
-def _next_tokens(nt: dict[str, list[dict]]) -> go.Figure:
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("dense model", "sparse model"), horizontal_spacing=0.25)
+def _next_tokens(nt: dict[str, list[dict]], labels: tuple[str, str], x_max: float | None) -> go.Figure:
+    fig = make_subplots(rows=1, cols=2, subplot_titles=tuple(_text(t) for t in labels), horizontal_spacing=0.25)
     for col, (name, other, color) in ((1, ("dense", "sparse", DENSE)), (2, ("sparse", "dense", SPARSE))):
         theirs = {it["token"] for it in nt[other]}
-        labels = [f"{i + 1}. {_text(it['token'])}" for i, it in enumerate(nt[name])]
-        fig.add_trace(go.Bar(x=[it["prob"] for it in nt[name]], y=labels, orientation="h", name=name,
+        ranked = [f"{i + 1}. {_text(it['token'])}" for i, it in enumerate(nt[name])]
+        fig.add_trace(go.Bar(x=[it["prob"] for it in nt[name]], y=ranked, orientation="h", name=name,
                              marker_color=[color if it["token"] in theirs else DROPPED for it in nt[name]],
                              hovertemplate="%{y}: %{x:.4g}"), row=1, col=col)
         fig.update_yaxes(type="category", autorange="reversed", row=1, col=col)
-        fig.update_xaxes(title_text="probability", row=1, col=col)
+        fig.update_xaxes(title_text="probability", row=1, col=col, **({} if x_max is None else {"range": [0, x_max]}))
     return _style(fig, "Next token at the last position: top 10", "probability", "",
                   sub="grey = not in the other model's top 10", subplot_titles=True, showlegend=False, height=420)
 

@@ -295,3 +295,62 @@ def test_page_without_a_good_claims_file_says_so_in_one_sentence(content, shown,
     assert not at.exception
     (message,) = getattr(at, shown)
     assert "bench.demo_claims" in message.value or "cannot be read" in message.value
+
+
+# ------------------------------------------------------------------------------ the verdict's summary, axis, decode
+
+def test_summary_leads_with_three_short_lines_from_the_verdicts_numbers():
+    lines = cl.summary(cl.parse_claims(json.dumps(made_up())))
+    assert len(lines) == 3 and all(len(line.split()) <= 30 for line in lines)
+    assert lines[0].startswith("**Claim holds** for the MLPs with static: +14.0% perplexity at 10% of the dense MLP")
+    assert "+10.0% perplexity, but 70% of the dense MLP FLOPs" in lines[1]
+    assert lines[2].endswith("predictor 12.00, static 11.40 perplexity: dynamic does not beat static.")
+    raw = made_up()
+    raw["rows"] = [r if r["policy"] != "static" else _row("demo-lm", "static", 0.1, 20.0) for r in raw["rows"]]
+    assert cl.summary(cl.parse_claims(json.dumps(raw)))[0].startswith("**Claim does not hold**")
+
+
+def test_perplexity_axis_labels_every_tick_with_its_whole_value():
+    """Plotly's own log ticks wrote 30 and 50 as "3" and "5" beside "100"; every tick now reads as the
+    number it marks, and the shipped claims' range (28 to 689) gets ticks inside it."""
+    from sam_viz.claims_plots import log_ticks
+
+    for claims in (cl.parse_claims(json.dumps(made_up())), cl.read_claims()):
+        y = perplexity_curve(claims).fig.layout.yaxis
+        ppl = [r["perplexity"] for r in claims["rows"]]
+        assert len(y.tickvals) >= 3 and all(float(t.replace(",", "")) == v for t, v in zip(y.ticktext, y.tickvals))
+        assert min(ppl) * 0.5 <= min(y.tickvals) and max(y.tickvals) <= max(ppl) * cl.BAR_RATIO
+    assert log_ticks(28.3, 689) == [30, 50, 100, 200, 300, 500]
+
+
+def _decode(policy: str) -> dict:
+    return {"model": "demo-lm", "policy": policy, "density": 0.1, "kernel": "cpu", "dense_tok_s": 100.0,
+            "sparse_tok_s": 120.0, "speedup": 1.2, "ideal_speedup": 1.4, "share_of_ideal": 0.86, "f_mlp": 0.34,
+            "threads": 2}
+
+
+@pytest.mark.parametrize("policies,missing", [(("predictor", "static"), "threshold"),
+                                              (("threshold", "predictor", "static"), None)])
+def test_decode_table_says_which_policy_that_saves_work_it_lacks(policies, missing, tmp_path, monkeypatch):
+    path = tmp_path / "claims.json"
+    path.write_text(json.dumps(made_up(decode=[_decode(p) for p in policies])))
+    monkeypatch.setattr(cl, "CLAIMS", path)
+    at = open_page()
+    assert not at.exception and list(at.dataframe[1].value["policy"]) == list(policies)
+    notes = [c.value for c in at.caption if c.value.startswith("Not measured")]
+    assert notes == ([] if missing is None else [notes[0]]) and (missing is None or missing in notes[0])
+
+
+def test_shipped_decode_benchmark_covers_the_policy_the_verdict_names():
+    claims = cl.read_claims()
+    holds = [p for p, r in cl.verdict(claims)["policies"].items()
+             if p in cl.SAVES_WORK and r["ratio"] <= cl.BAR_RATIO and r["flops_ratio"] < 0.5]
+    assert holds and set(holds) <= {r["policy"] for r in claims["decode"]}
+
+
+def test_page_leads_with_the_summary_and_puts_the_flops_column_beside_perplexity():
+    at = open_page()
+    verdict = next(m.value for m in at.markdown if m.value.startswith("- **Claim"))
+    assert verdict.count("\n- ") == 2
+    order = list(at.dataframe[0].proto.column_order)
+    assert order.index("MLP FLOPs vs dense") == order.index("vs dense twin") + 1 and order[-1] == "command"

@@ -232,6 +232,10 @@ def test_density_per_layer(runs, spec):
 def test_next_tokens_and_sentences(runs):
     causal = Q.next_token_plot(runs["tiny-llama"]).fig
     assert len(causal.data) == 2 and list(causal.data[0].x) == [r["prob"] for r in runs["tiny-llama"].next_tokens["dense"]]
+    assert [a.text for a in causal.layout.annotations[:2]] == ["dense model", "sparse model"]
+    named = Q.next_token_plot(runs["tiny-llama"], labels=("all neurons", "30% <of> them"), x_max=0.5).fig
+    assert [a.text for a in named.layout.annotations[:2]] == ["all neurons", "30% &lt;of&gt; them"]
+    assert list(named.layout.xaxis.range) == list(named.layout.xaxis2.range) == [0, 0.5]
     encoder = Q.next_token_plot(runs["minilm"]).fig
     assert all(len(label) <= 45 for label in encoder.data[0].x)
     assert list(encoder.data[0].y) == [r["cosine"] for r in runs["minilm"].sentence_cosines]
@@ -470,3 +474,18 @@ def test_compare_numbers_get_names_and_formats():
         ("KL divergence", "0.0123 nats"), ("Top-1 agreement", "92.9%"), ("Embedding cosine", "0.9987"),
         ("Largest hidden-state difference", "n/a"), ("other metric", "2")]
     assert all(meaning for _, _, meaning in rows[:4])
+
+
+def test_a_dense_runs_heatmap_speaks_of_no_dropped_neuron():
+    """A dense run computes every neuron: its title, subtitle and colour bar name no dropped cell and
+    no sparse model (the colour bar once read "1e-06 dropped"); a sparse run's keep the two sides."""
+    def words(fig) -> str:
+        bar = fig.data[0].colorbar
+        return " ".join([fig.layout.title.text, *map(str, bar.ticktext)]).lower()
+
+    dense = analyze(shared("tiny-llama"), RunSpec(prompt=PROMPT, model="tiny-llama", policy="dense"))
+    fig = P.firing_heatmap(dense, 0).fig
+    assert "dropped" not in words(fig) and "sparse" not in words(fig)
+    assert fig.data[0].zmin == 0 and min(fig.data[0].colorbar.tickvals) == 0
+    sparse = P.firing_heatmap(analyze(shared("tiny-llama"), RunSpec(prompt=PROMPT, model="tiny-llama", density=0.3)), 0).fig
+    assert "dropped" in words(sparse) and sparse.data[0].zmin < 0

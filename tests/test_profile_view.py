@@ -319,3 +319,8 @@ def test_firing_heatmap_colours_span_the_data_and_say_so(tmp_path):
     heat = plot.fig.data[0]
     assert (heat.zmin, heat.zmax) == pytest.approx((0.2, 0.5))
     assert "20.0% to 50.0%" in plot.note and "not 0 to 100%" in plot.note
+
+
+def test_context_pieces_read_todays_marks_and_those_of_older_profiles():
+    assert context_prompt(["a", "¶", "·b", "→c"], 2) == ("a\n b\tc", 2)
+    assert context_prompt(["a", "↵", "␣b", "⇥c"], 2) == ("a\n b\tc", 2)

@@ -9,7 +9,7 @@ import torch
 from conftest import shared
 from sam_viz import RunSpec, analyze
 
-SHOWN_AS = {"␣": " ", "↵": "\n", "⇥": "\t", "␍": "\r"}          # visible mark -> the whitespace it stands for
+SHOWN_AS = {"·": " ", "¶": "\n", "→": "\t", "←": "\r"}          # visible mark -> the whitespace it stands for
 BYTE = re.compile(r"<0x([0-9A-F]{2})>")
 
 
@@ -48,8 +48,8 @@ def test_examples_by_hand():
     ids = m.encode(text)["input_ids"][0]
     shown = m.token_strings(ids)
     assert shown[0] == "<|endoftext|>"                             # special tokens as they are
-    assert shown[1:4] == ["The", "␣list", "␣type"]
-    assert "↵␣␣␣␣" in "".join(shown) and "⇥" in shown
+    assert shown[1:4] == ["The", "·list", "·type"]
+    assert "¶····" in "".join(shown) and "→" in shown
     assert as_bytes("".join(shown[1:])) == text.encode()          # nothing lost, "é" (two bytes) included
 
 
@@ -64,5 +64,22 @@ def test_wordpiece_pieces_stay_as_they_are(spec):
 def test_analysis_lists_text_not_byte_level_pieces():
     a = analyze(shared("demo-lm"), RunSpec(prompt="The list type\nappend", model="demo-lm", density=0.1))
     shown = a.tokens + [t["token"] for name in ("dense", "sparse") for t in a.next_tokens[name]]
-    assert "␣list" in a.tokens and "↵" in "".join(a.tokens)
+    assert "·list" in a.tokens and "¶" in "".join(a.tokens)
     assert not any(c in t for t in shown for c in "ĠĊ")
+
+
+def test_whitespace_marks_are_in_common_fonts():
+    """Arial's metric twin (Liberation Sans) has every mark, so no browser needs a fallback font for
+    them ("␣" and "↵" are in neither it nor the app's Source Sans: one browser drew another script's letter)."""
+    from pathlib import Path
+
+    from fontTools.ttLib import TTFont
+
+    from models.token_text import VISIBLE
+
+    font = next(Path("/usr/share/fonts").rglob("LiberationSans-Regular.ttf"), None)
+    if font is None:
+        pytest.skip("Liberation Sans is not installed here")
+    cmap = TTFont(font).getBestCmap()
+    assert all(ord(mark) in cmap for mark in VISIBLE.values()), VISIBLE
+    assert len(set(VISIBLE.values())) == len(VISIBLE) and not set(VISIBLE.values()) & set(VISIBLE)

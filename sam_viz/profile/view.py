@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from models.errors import InputError
-from models.token_text import VISIBLE
+from models.token_text import LEGACY, VISIBLE
 
 ID_PATTERN = re.compile(r"[0-9a-f]{12}")
 DEFAULT_ROOT = "profiles"
@@ -37,7 +37,7 @@ TABLES = {
 }
 OPTIONAL = ("cofire", "logits", "experts")       # a profile may lack these (encoders, dense models)
 _SPECIAL = re.compile(r"\[[A-Z]+\]|<\|[^|]*\|>|</?s>")
-_STAND_INS = {v: k for k, v in VISIBLE.items()} | {"▁": " "}
+_STAND_INS = {v: k for marks in (VISIBLE, LEGACY) for k, v in marks.items()} | {"▁": " "}
 
 
 def profile_root(root: str | os.PathLike | None = None) -> Path:
@@ -297,7 +297,7 @@ class Profile:
 
 
 def context_pieces(tokens: list[str]) -> list[str]:
-    """The text each readable token of a context adds: whitespace stand-ins (␣ ↵, SentencePiece's ▁)
+    """The text each readable token of a context adds: whitespace stand-ins (· ¶, ␣ ↵ in older profiles, SentencePiece's ▁)
     turned back into whitespace; WordPiece pieces joined with a space unless they continue a word (##)."""
     if any(c in _STAND_INS for t in tokens for c in t):
         return ["".join(_STAND_INS.get(c, c) for c in t) for t in tokens]
