@@ -45,6 +45,7 @@ from .mlp import install
 from .policy import Policy
 
 DATA = Path(__file__).with_name("data") / "calibration.json"
+SHIPPED = Path(__file__).with_name("data") / "calibrations"   # made by `calibrate` for the built-in models
 GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))     # densities the app offers: 0.05 ... 1.0
 TRAIN_DENSITIES = (0.1, 0.25, 0.5)                          # the predictor's soft targets
 FORMAT = "sam-viz-calibration/1"
@@ -406,7 +407,8 @@ def load(path: Path) -> Calibration:
 
 def get_calibration(loaded: LoadedModel, progress: Progress | None = None, train: bool = True,
                     settings: Settings = Settings()) -> Calibration | None:
-    """The model's calibration: from memory, else from disk, else trained (when `train`) and stored.
+    """The model's calibration: from memory, else from disk (the cache, then the calibrations shipped
+    for the built-in models), else trained (when `train`) and stored.
     Trained here (first use of `predictor` / `static`), thresholds are left to on-demand calibration
     per density; `python -m sam_viz calibrate` also stores them for the density grid."""
     with _LOCK:
@@ -414,8 +416,9 @@ def get_calibration(loaded: LoadedModel, progress: Progress | None = None, train
     if cal is not None:
         return cal
     path = path_for(loaded, settings)
-    if path.is_file():
-        cal = load(path)
+    shipped = SHIPPED / path.name                  # the same fingerprint: the same weights, settings and texts
+    if path.is_file() or shipped.is_file():
+        cal = load(path if path.is_file() else shipped)
     elif not train:
         return None
     else:
