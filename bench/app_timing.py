@@ -4,7 +4,10 @@
 one step by keyboard) to all figures redrawn, with where that time goes; and the size of the HTML
 export.
 
-    python -m bench.app_timing [--repeats 3] [--only density]
+    python -m bench.app_timing [--repeats 3] [--only density|start]
+
+It also times a server start (`streamlit run app.py`, as `make run` starts it) to the firing map drawn,
+and prints each density change's websocket timeline, which tells the server's part from the browser's.
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ FIGURES_DRAWN = ("document.querySelectorAll('.js-plotly-plot .main-svg').length 
 
 def _serve(port: int, db: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-                             "--server.port", str(port), "--server.address", "127.0.0.1"],
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "SAM_VIZ_RUN_DB": db},
+                             "--server.port", str(port), "--server.address", "127.0.0.1",
+                             "--browser.gatherUsageStats", "false"],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "SAM_VIZ_RUN_DB": db, "MALLOC_ARENA_MAX": "2"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(240):
         try:
@@ -85,15 +89,77 @@ def _time_density_change(page, density: float) -> float:
     return time.perf_counter() - t0
 
 
+class Frames:
+    """The websocket frames the server sends, with their arrival times (perf_counter) and sizes: the
+    last frame of a rerun is when the server finished; what comes after it is the browser's time."""
+
+    def __init__(self, page):
+        self.rows: list[tuple[float, int]] = []
+        page.on("websocket", lambda ws: ws.on("framereceived", self._add))
+
+    def _add(self, payload) -> None:
+        self.rows.append((time.perf_counter(), len(payload)))
+
+    def since(self, t0: float) -> list[tuple[float, int]]:
+        return [(t - t0, n) for t, n in self.rows if t >= t0]
+
+
 def density_change(browser, base: str, m, repeats: int) -> list[float]:
-    """Warm: the model is loaded and the page drawn; each step asks for a density not analysed yet."""
+    """Warm: the model is loaded and the page drawn; each step asks for a density not analysed yet.
+    Prints each change's websocket timeline: first frame, largest frame, last frame (the server's
+    part) and all figures drawn (the rest is the browser's)."""
     page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    frames = Frames(page)
     page.goto(base + urlencode({"prompt": prompt_of(m, 64), "model": "minilm", "density": "0.5"}))
     page.wait_for_selector(".js-plotly-plot .main-svg", timeout=300_000)
     page.wait_for_function(FIGURES_DRAWN, timeout=300_000)
-    times = [_time_density_change(page, round(0.5 + 0.05 * (r + 1), 2)) for r in range(repeats)]
+    times, server = [], []
+    for r in range(repeats):
+        start = len(frames.rows)
+        elapsed = _time_density_change(page, round(0.5 + 0.05 * (r + 1), 2))
+        done = time.perf_counter()
+        rows = [(t, n) for t, n in frames.rows[start:] if t <= done]
+        t0 = done - elapsed
+        rel = [(t - t0, n) for t, n in rows if t >= t0]
+        if rel:
+            big = max(rel, key=lambda x: x[1])
+            server.append(rel[-1][0])
+            print(f"    change {r + 1}: {len(rel)} frames, {sum(n for _, n in rel) / 1e6:.2f} MB; first at "
+                  f"{rel[0][0]:.2f} s, largest ({big[1] / 1e6:.2f} MB) at {big[0]:.2f} s, last at {rel[-1][0]:.2f} s;"
+                  f" drawn at {elapsed:.2f} s")
+        times.append(elapsed)
+    if server:
+        print(f"  server's part (key press to its last frame): median {statistics.median(server):.2f} s; "
+              f"browser's part after it: median {statistics.median(times) - statistics.median(server):.2f} s")
     page.close()
     return times
+
+
+def server_start(port: int, db: str, m) -> float:
+    """Seconds from starting `streamlit run` (as make run does) to the firing map's figures drawn in a
+    browser that asks for the page as soon as the server answers."""
+    from playwright.sync_api import sync_playwright
+
+    t0 = time.perf_counter()
+    proc = _serve(port, db)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"),
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.goto(f"http://127.0.0.1:{port}/")
+            for _ in range(3):               # Streamlit's first load after a start can come back blank
+                try:
+                    page.wait_for_function(FIGURES_DRAWN, timeout=60_000)
+                    break
+                except Exception:  # noqa: BLE001 - blank first load: load again
+                    page.reload()
+            elapsed = time.perf_counter() - t0
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait()
+    return elapsed
 
 
 def server_side(m, repeats: int) -> None:
@@ -121,7 +187,8 @@ def server_side(m, repeats: int) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.app_timing")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["density"], help="only the density-change timing")
+    parser.add_argument("--only", choices=["density", "start"], help="only the density-change timing, or only "
+                        "the server start")
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -129,6 +196,11 @@ def main(argv=None) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    if args.only != "density":
+        _report("server start (streamlit run) -> firing map drawn on minilm",
+                [server_start(port, os.path.join(tempfile.mkdtemp(), "runs.sqlite"), m) for _ in range(args.repeats)])
+        if args.only == "start":
+            return
     proc = _serve(port, os.path.join(tempfile.mkdtemp(), "runs.sqlite"))
     try:
         with sync_playwright() as p:
