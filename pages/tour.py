@@ -12,7 +12,7 @@ from pages._shared import (DEMO_MODEL, DEMO_PRESET, PRESETS, cached_analysis, ca
                            use_settings)
 from sam_viz import SWEEP_DENSITIES, RunSpec, greedy_continuation, mass_curve, plots, quality_plots, routing_plots
 from sam_viz.text import continuation_html, escape_html, escape_markdown
-from sparse_ops import get_calibration
+from sam_viz.sparse_ops import get_calibration
 
 TWIN = "demo-lm-dense"
 TRAINED = 0.1                         # demo-lm's density in training: 102 of 1024 neurons per token

@@ -78,7 +78,7 @@ def test_the_wheel_installs_the_packages_their_data_and_the_command(tmp_path):
     elsewhere = tmp_path / "notebook"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
-    code = ("import json, sam_viz, models, sparse_ops; from sparse_ops import cpu, calibration; "
+    code = ("import json, sam_viz, sam_viz.models as models, sam_viz.sparse_ops as sparse_ops; from sam_viz.sparse_ops import cpu, calibration; "
             "from sam_viz import speed; print(json.dumps([sam_viz.__file__, cpu.SOURCE.is_file(), "
             "calibration.DATA.is_file(), len(speed.saved_gpu_rows()[1])]))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
@@ -86,7 +86,7 @@ def test_the_wheel_installs_the_packages_their_data_and_the_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     where, has_source, has_texts, gpu_rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(where).is_relative_to(target) and has_source and has_texts and gpu_rows > 0
-    from sparse_ops import cpu
+    from sam_viz.sparse_ops import cpu
 
     cpu.extension()                                                   # `make` builds it before the tests
     built = cpu.built_library().stat().st_mtime_ns
