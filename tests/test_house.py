@@ -14,14 +14,21 @@ ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ("sam_viz", "models", "sparse_ops")
 
 
+def part(module: str) -> str:
+    """The part a module belongs to: its top-level name, but `models` and `sparse_ops` for
+    sam_viz.models and sam_viz.sparse_ops (the folders beside sam_viz/, installed inside it)."""
+    names = module.split(".")
+    return names[1] if names[0] == "sam_viz" and len(names) > 1 and names[1] in LIBRARY else names[0]
+
+
 def imported(path: Path) -> set[str]:
-    """Top-level names of every module that the file imports, anywhere in it (also inside functions)."""
+    """The parts of every module that the file imports, anywhere in it (also inside functions)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {part(a.name) for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            names |= {part(f"{node.module}.{a.name}") for a in node.names}
     return names
 
 
