@@ -85,7 +85,7 @@ def test_bad_input_in_a_real_process_has_no_traceback():
 
 
 def test_library_imports_without_streamlit():
-    code = "import sys, sam_viz, sam_viz.models as models, sam_viz.sparse_ops as sparse_ops, sam_viz.cli; assert 'streamlit' not in sys.modules"
+    code = "import sys, sam_viz, sam_viz.models, sam_viz.sparse_ops, sam_viz.cli; assert 'streamlit' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
