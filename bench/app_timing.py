@@ -24,7 +24,7 @@ import urllib.request
 from urllib.parse import urlencode
 
 from bench.foundation import prompt_of
-from models import load_model
+from sam_viz.models import load_model
 
 FIGURES_DRAWN = ("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 3"
                  " && !document.querySelector('[data-testid=\"stStatusWidget\"]')")

@@ -12,7 +12,7 @@ import time
 import transformers
 
 from bench.foundation import prompt_of
-from models import load_model
+from sam_viz.models import load_model
 from sam_viz import RunSpec
 from sam_viz.attribution import attribute
 

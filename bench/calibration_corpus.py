@@ -4,10 +4,10 @@ of the oracle top-k at densities 0.1 / 0.25 / 0.5, and the cost the predictor ad
     python -m bench.calibration_corpus [--model minilm] [--corpus models/demo/heldout.txt]
         [--train-tokens 131072] [--eval-tokens 8192]
 
-Both calibrations are trained here with the same Settings (sparse_ops.calibration.calibrate: the
+Both calibrations are trained here with the same Settings (sam_viz.sparse_ops.calibration.calibrate: the
 built-in train split, then the corpus' first --train-tokens tokens in windows of 128, as
 `python -m sam_viz calibrate --corpus` does). Recall is the predictor policy's: per token the k
-neurons with the highest predicted score (stable sort, as sparse_ops.mlp) against the k largest
+neurons with the highest predicted score (stable sort, as sam_viz.sparse_ops.mlp) against the k largest
 |h| of the dense model, micro-averaged over every token and layer, on two held-out sets: the
 built-in held-out split (what bench/routing measures) and windows of the corpus' documents that
 training never saw. Cost: the predictor's FLOPs per token against the dense MLP's, and its wall
@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 import transformers
 
-from models import load_model
+from sam_viz.models import load_model
 from sam_viz.profile.corpus import read_corpus, tokenize
-from sparse_ops import Policy, calibration_texts, install
-from sparse_ops.calibration import Collector, _forward_with, calibrate, collect
-from sparse_ops.context import Run
-from sparse_ops.kernels import reference
-from sparse_ops.mlp import activations
+from sam_viz.sparse_ops import Policy, calibration_texts, install
+from sam_viz.sparse_ops.calibration import Collector, _forward_with, calibrate, collect
+from sam_viz.sparse_ops.context import Run
+from sam_viz.sparse_ops.kernels import reference
+from sam_viz.sparse_ops.mlp import activations
 
 DENSITIES = (0.1, 0.25, 0.5)
 CONTEXT = 128

@@ -34,10 +34,10 @@ import torch
 import transformers
 
 from sam_viz.benchmarks.decode import greedy, ideal_speedup, mlp_share
-from models import load_model
+from sam_viz.models import load_model
 from sam_viz import claims as cl
 from sam_viz import evaluate as ev
-from sparse_ops import Policy, install, sparsified
+from sam_viz.sparse_ops import Policy, install, sparsified
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = cl.DEMO_DIR / "perplexity_vs_density.png"

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from models import load_model
+from sam_viz.models import load_model
 from sam_viz import RunSpec, analyze
 
 SENTENCES = (

@@ -23,9 +23,9 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from models import MLPWeights
-from sparse_ops.kernels import reference
-from sparse_ops.triton_kernel import triton_kernel
+from sam_viz.models import MLPWeights
+from sam_viz.sparse_ops.kernels import reference
+from sam_viz.sparse_ops.triton_kernel import triton_kernel
 
 SHAPES = {"llama-7b": (4096, 11008), "tinyllama": (2048, 5632)}
 DENSITIES = (0.05, 0.1, 0.25, 0.5)

@@ -43,8 +43,8 @@ def longest_prompt(d_ff: int = 4096) -> dict:
     """Trace bytes per token per layer and the analysis time at MAX_TOKENS on a d_ff-wide tiny Llama."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from models import load_model
-    from models.loading import MAX_TOKENS, minilm_path
+    from sam_viz.models import load_model
+    from sam_viz.models.loading import MAX_TOKENS, minilm_path
     from sam_viz import RunSpec, analyze
     from sam_viz.analysis import truncate_to_tokens
 

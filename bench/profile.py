@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from models import load_model
+from sam_viz.models import load_model
 from sam_viz.profile.corpus import read_corpus, tokenize
 
 CONTEXT = 128

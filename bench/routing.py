@@ -15,9 +15,9 @@ import time
 
 import transformers
 
-from models import load_model
+from sam_viz.models import load_model
 from sam_viz import RunSpec, analyze
-from sparse_ops import calibration_texts, get_calibration
+from sam_viz.sparse_ops import calibration_texts, get_calibration
 
 POLICIES = ("topk", "threshold", "predictor", "static")
 DENSITIES = (0.1, 0.25, 0.5)

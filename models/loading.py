@@ -3,8 +3,9 @@ random model, a local checkpoint directory under an allowed root, or `hf:org/nam
 Hugging Face cache.
 
 The demo LMs (`demo-lm`, `demo-lm-dense`; see models/demo/README.md) are plain checkpoint folders
-inside the repo, loaded by `_load_dir` like any user's checkpoint: the name only picks the folder,
-and the shipped folder is always an allowed root.
+inside the package (models/demo in a clone, sam_viz/models/demo installed from the wheel), loaded by
+`_load_dir` like any user's checkpoint: the name only picks the folder, and the shipped folder is
+always an allowed root.
 
 Weights are only ever read from safetensors; `trust_remote_code` stays off.
 """
@@ -219,8 +220,16 @@ def _demo_dir(name: str) -> Path:
     path = DEMO_DIR / name
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise InputError(f"the shipped model '{name}' is missing its files in {path} (config.json and "
-                         "model.safetensors); restore them with git checkout -- models/demo")
+                         f"model.safetensors); {_restore_hint()}")
     return path
+
+
+def _restore_hint() -> str:
+    """How to get the shipped folder back: from git in a clone; installed, by reinstalling the package."""
+    if (Path(__file__).resolve().parent.parent / ".git").exists():
+        return "restore them with git checkout -- models/demo"
+    return ("reinstall sam-viz to restore them (pip install --force-reinstall --no-deps, with the wheel or folder "
+            "it came from)")
 
 
 def _checked_dir(spec: str) -> Path:

@@ -23,7 +23,7 @@ from sam_viz.analysis import TooManyTokens, truncate_to_tokens
 from sam_viz.spec import MAX_PROMPT_CHARS
 from sam_viz.store import RunStore
 from sam_viz.text import escape_markdown
-from sparse_ops import CALIBRATED, POLICIES, available_kernels, default_kernel, get_calibration, unavailable_kernels
+from sam_viz.sparse_ops import CALIBRATED, POLICIES, available_kernels, default_kernel, get_calibration, unavailable_kernels
 
 PRESETS = {
     "Fox": "The quick brown fox jumps over the lazy dog.",

@@ -5,7 +5,7 @@ import streamlit as st
 from pages._shared import explain, page_context, progress_bar, show
 from sam_viz import SWEEP_DENSITIES, SWEEP_POLICIES, InputError, density_sweep, mass_curve, plots, quality_plots
 from sam_viz.text import escape_markdown
-from sparse_ops import get_calibration
+from sam_viz.sparse_ops import get_calibration
 
 ctx = page_context()
 a = ctx.analysis

@@ -7,7 +7,7 @@ import streamlit as st
 from pages._shared import cached_analysis, explain, layer_picker, page_context, show
 from sam_viz import calibration_counts, firing_counts, plots, routing_plots
 from sam_viz.text import escape_markdown
-from sparse_ops import get_calibration
+from sam_viz.sparse_ops import get_calibration
 
 ctx = page_context()
 a = ctx.analysis

@@ -16,7 +16,7 @@ from sam_viz import SWEEP_DENSITIES, RunSpec, greedy_continuation, mass_curve, p
 from sam_viz import claims as cl
 from sam_viz import tour_text as tt
 from sam_viz.text import continuation_html, escape_html, escape_markdown
-from sparse_ops import get_calibration
+from sam_viz.sparse_ops import get_calibration
 
 TWIN = "demo-lm-dense"
 TRAINED = 0.1                         # demo-lm's density in training: 102 of 1024 neurons per token

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from models import InputError, LoadedModel
-from sparse_ops import LayerFiring, Policy, Recorder, sparsified
+from sam_viz.models import InputError, LoadedModel
+from sam_viz.sparse_ops import LayerFiring, Policy, Recorder, sparsified
 
 from .cost import mlp_cost
 from .spec import RunSpec

@@ -44,9 +44,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import InputError, LoadedModel
-from sparse_ops import LayerFiring, Policy, Recorder, install, sparsified
-from sparse_ops.policy import selection_mask
+from sam_viz.models import InputError, LoadedModel
+from sam_viz.sparse_ops import LayerFiring, Policy, Recorder, install, sparsified
+from sam_viz.sparse_ops.policy import selection_mask
 
 from .analysis import Analysis, Outputs, Progress, encode_prompt, forward, sentence_embedding, split_sentences
 from .spec import RunSpec

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from models import LoadedModel
-from models.loading import DEMO_DIR
-from sparse_ops import POLICIES, get_calibration
-from sparse_ops.mlp import install
+from sam_viz.models import LoadedModel
+from sam_viz.models.loading import DEMO_DIR
+from sam_viz.sparse_ops import POLICIES, get_calibration
+from sam_viz.sparse_ops.mlp import install
 
 from .cost import neuron_cost
 from .evaluate import EvalSpec, Evaluation, evaluate

@@ -15,7 +15,7 @@ import sys
 import unicodedata
 from dataclasses import replace
 
-from models import DEFAULT_MODEL, InputError
+from sam_viz.models import DEFAULT_MODEL, InputError
 
 EXIT_USAGE = 2
 CALIBRATION_CONTEXT = 128      # tokens per window of calibrate --corpus
@@ -114,7 +114,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_analyze(args) -> int:
-    from models import load_model
+    from sam_viz.models import load_model
 
     from .analysis import TooManyTokens, analyze, truncate_to_tokens
     from .spec import RunSpec
@@ -152,7 +152,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_attribute(args) -> int:
-    from models import load_model
+    from sam_viz.models import load_model
 
     from .attribution import attribute
     from .spec import RunSpec
@@ -203,7 +203,7 @@ def _target_id(loaded, token: str) -> int:
 def cmd_eval(args) -> int:
     import time
 
-    from models import load_model
+    from sam_viz.models import load_model
 
     from .evaluate import EvalSpec, evaluate, read_text
 
@@ -269,7 +269,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from sparse_ops import unavailable_kernels
+    from sam_viz.sparse_ops import unavailable_kernels
 
     from .benchmarks import decode, kernels
 
@@ -294,7 +294,7 @@ def cmd_build_kernels(args) -> int:
     and the app offers the reference kernel)."""
     import time
 
-    from sparse_ops import cpu
+    from sam_viz.sparse_ops import cpu
 
     t0 = time.perf_counter()
     try:
@@ -316,8 +316,8 @@ def _fmt(x) -> str:
 def cmd_calibrate(args) -> int:
     import time
 
-    from models import load_model
-    from sparse_ops import calibration
+    from sam_viz.models import load_model
+    from sam_viz.sparse_ops import calibration
 
     if args.corpus is None and (args.text_column is not None or args.max_tokens is not None):
         raise InputError("--text-column and --max-tokens are for --corpus")
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "kernel", "") is None:
-            from sparse_ops import default_kernel
+            from sam_viz.sparse_ops import default_kernel
 
             args.kernel = default_kernel()
         return {"analyze": cmd_analyze, "attribute": cmd_attribute, "bench": cmd_bench,

@@ -11,7 +11,7 @@ and FLOPs, summed over layers, including what the policy itself needs to choose 
 """
 from __future__ import annotations
 
-from sparse_ops import LayerFiring
+from sam_viz.sparse_ops import LayerFiring
 
 
 def mlp_cost(layers: list[LayerFiring], policy: str, d_model: int, glu: bool, n_tokens: int,

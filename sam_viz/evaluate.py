@@ -20,10 +20,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from models import InputError, LoadedModel
-from models.loading import DEMO_DIR
-from sparse_ops import POLICIES, Policy, available_kernels, parse_density, sparsified
-from sparse_ops.recorder import DensityCounter
+from sam_viz.models import InputError, LoadedModel
+from sam_viz.models.loading import DEMO_DIR
+from sam_viz.sparse_ops import POLICIES, Policy, available_kernels, parse_density, sparsified
+from sam_viz.sparse_ops.recorder import DensityCounter
 
 from .files import decode_text, read_bytes
 from .spec import positive_int

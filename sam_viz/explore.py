@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from models import LoadedModel
-from sparse_ops import Policy, Recorder, sparsified
+from sam_viz.models import LoadedModel
+from sam_viz.sparse_ops import Policy, Recorder, sparsified
 
 from .analysis import Analysis, Progress, compare_outputs, encode_prompt, forward
 from .spec import RunSpec
@@ -104,7 +104,7 @@ def firing_counts(analysis: Analysis, layer: int) -> torch.Tensor:
 def calibration_counts(loaded: LoadedModel, layer: int, density: float) -> tuple[torch.Tensor, int] | None:
     """([n_neurons] oracle top-k counts over the calibration text, tokens), or None when the model
     has no stored calibration (nothing is trained here)."""
-    from sparse_ops import GRID, get_calibration
+    from sam_viz.sparse_ops import GRID, get_calibration
 
     cal = get_calibration(loaded, train=False)
     if cal is None:

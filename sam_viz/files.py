@@ -6,7 +6,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from models import InputError
+from sam_viz.models import InputError
 
 
 def read_bytes(path: Path, label: str, name: str, max_bytes: int) -> bytes:

@@ -134,7 +134,7 @@ def _dense_note(a: Analysis, moe: list[int]) -> str:
 def router_entropy(a: Analysis) -> Plot:
     """MoE: entropy of the router's distribution per token and layer, on the whole scale from 0
     (certain) to ln(experts) (uniform); one column per routing layer. Sigmoid routers' scores are
-    normalised to a distribution first (models.adapters.route)."""
+    normalised to a distribution first (sam_viz.models.adapters.route)."""
     if not a.n_experts:
         return _empty("Not a mixture-of-experts model: there is no router.")
     moe = _moe_layers(a)

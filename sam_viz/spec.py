@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models import DEFAULT_MODEL, InputError
-from sparse_ops import (KERNELS, POLICIES, Policy, available_kernels, default_kernel, parse_density,
+from sam_viz.models import DEFAULT_MODEL, InputError
+from sam_viz.sparse_ops import (KERNELS, POLICIES, Policy, available_kernels, default_kernel, parse_density,
                         unavailable_kernels)
 
 MAX_PROMPT_CHARS = 20_000

@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-from models import InputError, LoadedModel
-from sparse_ops import sparsified, unavailable_kernels
+from sam_viz.models import InputError, LoadedModel
+from sam_viz.sparse_ops import sparsified, unavailable_kernels
 
 from .analysis import Analysis, encode_prompt
 from .spec import RunSpec

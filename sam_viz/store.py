@@ -36,8 +36,8 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from models import InputError
-from sparse_ops import LayerFiring
+from sam_viz.models import InputError
+from sam_viz.sparse_ops import LayerFiring
 
 from .analysis import Analysis
 from .attribution import KEEP, MAX_STEPS, METHODS, Attribution

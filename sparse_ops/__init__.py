@@ -1,5 +1,9 @@
 """Sparse activation: policies (which neurons), kernels (compute only those), and the reversible
 `sparsified` context that runs a loaded model sparsely. Knows no architecture names."""
+if __name__ != "sam_viz.sparse_ops":        # one name per file (sam_viz/_folders.py)
+    raise ImportError("sparse_ops/ is the package sam_viz.sparse_ops: import it by that name "
+                      "(python -m tools.rewrite_imports rewrites the old imports)")
+
 from .calibration import (GRID, Calibration, Settings, calibrate, calibrate_thresholds, calibration_texts,
                           get_calibration)
 from .context import Run, current_run

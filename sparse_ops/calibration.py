@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from models import LoadedModel
+from sam_viz.models import LoadedModel
 
 from .context import _RUN, Run
 from .kernels import Kernel, reference

@@ -24,8 +24,8 @@ class Run:
     thresholds: dict[int, float] = field(default_factory=dict)
     calibrating: bool = False              # fill `thresholds` layer by layer from this pass
     token_mask: torch.Tensor | None = None  # [N] bool: tokens that count when calibrating (not padding)
-    calibration: object | None = None       # sparse_ops.calibration.Calibration (predictor, static)
-    collector: object | None = None         # sparse_ops.calibration.Collector: gathers (x, h) per unit
+    calibration: object | None = None       # sam_viz.sparse_ops.calibration.Calibration (predictor, static)
+    collector: object | None = None         # sam_viz.sparse_ops.calibration.Collector: gathers (x, h) per unit
     frozen: dict[int, torch.Tensor] | None = None  # layer -> [T, k] ids (-1 pad) per token position: a
                                                    # fixed selection, e.g. along an attribution path
     seq_len: int = 0                        # > 0: pass h [B, T, d_ff] through SparseMLP.neurons (captum)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models import InputError, KernelCannotCompute, MLPWeights
+from sam_viz.models import InputError, KernelCannotCompute, MLPWeights
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "sparse_mlp.cpp"

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from models import InputError, KernelCannotCompute, MLPWeights
+from sam_viz.models import InputError, KernelCannotCompute, MLPWeights
 
 from . import cpu
 from .policy import selection_mask

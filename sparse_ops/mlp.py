@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import LoadedModel, MLPAdapter, MLPWeights, get_path, mlp_weights
-from models.adapters import n_routed, route, set_path
+from sam_viz.models import LoadedModel, MLPAdapter, MLPWeights, get_path, mlp_weights
+from sam_viz.models.adapters import n_routed, route, set_path
 
 from .context import Run, current_run
 from .kernels import activations

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from models import InputError
+from sam_viz.models import InputError
 
 POLICIES = ("dense", "topk", "threshold", "predictor", "static")
-CALIBRATED = ("predictor", "static")       # need sparse_ops.calibration data for the model
+CALIBRATED = ("predictor", "static")       # need sam_viz.sparse_ops.calibration data for the model
 
 
 @dataclass(frozen=True)

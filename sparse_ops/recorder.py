@@ -132,7 +132,7 @@ class Recorder:
             self._parts.setdefault(layer, []).append(part)
 
     def add_routing(self, layer: int, experts: torch.Tensor, weights: torch.Tensor, probs: torch.Tensor) -> None:
-        """experts, weights [T, top_k]; probs [T, E] the router's distribution (models.adapters.route)."""
+        """experts, weights [T, top_k]; probs [T, E] the router's distribution (sam_viz.models.adapters.route)."""
         p = probs.detach().float()
         entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)                  # 0 log 0 = 0
         with self._lock:

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from models import LoadedModel
+from sam_viz.models import LoadedModel
 
 from .calibration import Calibration, Progress, calibrate_thresholds, get_calibration
 from .context import _RUN, Run

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from models import InputError, KernelCannotCompute, MLPWeights
+from sam_viz.models import InputError, KernelCannotCompute, MLPWeights
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOCK = threading.Lock()
@@ -32,7 +32,7 @@ _ACT_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 @triton.jit
 def _act(v, ACT: tl.constexpr):
-    """The activation codes of sparse_ops.cpu.activation_code: 0 silu, 1 gelu (erf), 2 gelu tanh, 3 relu."""
+    """The activation codes of sam_viz.sparse_ops.cpu.activation_code: 0 silu, 1 gelu (erf), 2 gelu tanh, 3 relu."""
     if ACT == 0:
         v = v * tl.sigmoid(v)
     elif ACT == 1:

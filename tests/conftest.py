@@ -15,7 +15,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from models import BUILTIN_SPECS, load_model  # noqa: E402
+from sam_viz.models import BUILTIN_SPECS, load_model  # noqa: E402
 
 TINY = [s for s in BUILTIN_SPECS if s.startswith("tiny-")]
 ALL_SPECS = list(BUILTIN_SPECS)

@@ -170,10 +170,10 @@ def test_saved_run_reopens_after_restart_without_a_forward_pass(run_db):
 
     script = textwrap.dedent(f"""
         import json, sys
-        import models.loading, pages._shared, sam_viz.analysis
+        import sam_viz.models.loading, pages._shared, sam_viz.analysis
         def forbidden(*a, **k):
             raise AssertionError("a model was loaded or run")
-        models.loading.load_model = pages._shared.load_model = forbidden
+        sam_viz.models.loading.load_model = pages._shared.load_model = forbidden
         sam_viz.analysis.forward = forbidden
         from streamlit.testing.v1 import AppTest
         at = AppTest.from_file({APP!r}, default_timeout=120)
@@ -192,7 +192,7 @@ def test_saved_run_reopens_after_restart_without_a_forward_pass(run_db):
 def test_library_still_imports_no_streamlit():
     code = ("import sys, sam_viz, sam_viz.plots, sam_viz.quality_plots, sam_viz.store, sam_viz.export, sam_viz.speed, "
             "sam_viz.speed_plots, "
-            "models, sparse_ops; "
+            "sam_viz.models, sam_viz.sparse_ops; "
             "assert 'streamlit' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -48,13 +48,13 @@ def test_overview_of_a_hand_built_profile(profiles):
 
 
 def test_neuron_share_link_opens_the_view_without_a_model(profiles, monkeypatch):
-    import models.loading
+    import sam_viz.models.loading
     import pages._shared
     import sam_viz
 
     write_profile(profiles)
     refuse = lambda *a, **k: pytest.fail("the page loaded a model")  # noqa: E731
-    for module, name in ((models.loading, "load_model"), (sam_viz, "load_model"), (pages._shared, "load_model"),
+    for module, name in ((sam_viz.models.loading, "load_model"), (sam_viz, "load_model"), (pages._shared, "load_model"),
                          (pages._shared, "cached_model"), (pages._shared, "cached_analysis")):
         monkeypatch.setattr(module, name, refuse)
     at = open_corpus(profile=PID, layer="0", neuron="0")

@@ -5,7 +5,7 @@ buttons wait for a cpu kernel that runs."""
 import pytest
 import torch
 
-from sparse_ops import cpu
+from sam_viz.sparse_ops import cpu
 from test_app import PROMPT, open_app, run_db  # noqa: F401 - run_db: the autouse fixture
 
 NO_GPU = "it needs a CUDA GPU and torch finds none here (TRITON_INTERPRET=1 runs it slowly on the CPU)"

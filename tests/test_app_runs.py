@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 from conftest import shared
 from sam_viz import RunSpec, analyze
 from sam_viz.store import RunStore
-from sparse_ops import calibration
+from sam_viz.sparse_ops import calibration
 from test_app import APP, PAGES, PROMPT, open_app, run_db  # noqa: F401 - run_db: a fresh run store per test
 
 

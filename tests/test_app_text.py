@@ -3,7 +3,7 @@ text on every page: no markdown element would turn on Streamlit's LaTeX, and whe
 shown, a CommonMark renderer shows it literally (tests/test_text.py holds the references)."""
 import pytest
 
-from models.tiny import tiny_config
+from sam_viz.models.tiny import tiny_config
 from test_app import PAGES, open_app
 from test_text import PROMPT, markdown, shown_literally
 
@@ -66,7 +66,7 @@ def odd_checkpoint(tmp_path, monkeypatch):
     """tiny-llama saved as a checkpoint under a directory name full of markdown signs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.loading import minilm_path
+    from sam_viz.models.loading import minilm_path
 
     path = tmp_path / "ck $a *x* _y_ $b [l](u)"
     tok = AutoTokenizer.from_pretrained(minilm_path())

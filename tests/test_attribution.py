@@ -11,7 +11,7 @@ from conftest import HELD_OUT, shared
 from sam_viz import RunSpec, analyze
 from sam_viz.attribution import FALLBACK_QUERY, attribute, default_query
 from sam_viz.cli import main
-from sparse_ops import KERNELS, current_run, install, sparsified
+from sam_viz.sparse_ops import KERNELS, current_run, install, sparsified
 from test_isolation import GLOBAL_HOOKS, hook_snapshot
 
 PROMPT = "The old sailor told stories about storms and distant harbours."
@@ -221,7 +221,7 @@ def test_selection_is_frozen_along_the_integration_path():
     """The documented choice: at any point of the path (here the baseline itself), each token keeps
     the neurons the sparse model chose on the real input; without freezing, the choice would move."""
     from sam_viz.attribution import _baseline
-    from sparse_ops import Policy, Recorder
+    from sam_viz.sparse_ops import Policy, Recorder
 
     m = shared("tiny-llama")
     enc = m.encode(PROMPT)

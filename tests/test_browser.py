@@ -147,7 +147,7 @@ def test_markdown_signs_in_the_prompt_are_shown_as_text(server, browser, tmp_pat
     markdown: tokens are text (no KaTeX formula, no emphasis, code or link made of them)."""
     from transformers import AutoTokenizer
 
-    from models.loading import minilm_path
+    from sam_viz.models.loading import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())              # tiny-llama's tokenizer
     tokens = tok.convert_ids_to_tokens(tok(MARKDOWN_PROMPT, add_special_tokens=False)["input_ids"])

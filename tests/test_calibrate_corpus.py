@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from models import load_model
+from sam_viz.models import load_model
 from sam_viz import cli
-from sparse_ops import calibration
-from sparse_ops.calibration import GRID, Settings, calibrate
+from sam_viz.sparse_ops import calibration
+from sam_viz.sparse_ops.calibration import GRID, Settings, calibrate
 
 TEXT = "\n\n".join(f"Note {i}: the {w} train left the {w} station at {i} past nine, and the driver waved to "
                    f"the {i * 7} people on the platform before the long tunnel."

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from sparse_ops import calibration
+from sam_viz.sparse_ops import calibration
 
 TEXTS = 40                                  # calibration texts used here: 3 batches of 16
 

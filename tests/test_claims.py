@@ -18,12 +18,12 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-import sparse_ops.mlp
+import sam_viz.sparse_ops.mlp
 from conftest import HELD_OUT, shared
 from sam_viz import claims as cl
 from sam_viz.claims_plots import perplexity_curve
-from sparse_ops import Policy, Recorder, sparsified
-from sparse_ops.recorder import DensityCounter
+from sam_viz.sparse_ops import Policy, Recorder, sparsified
+from sam_viz.sparse_ops.recorder import DensityCounter
 from test_eval import demo_ids, hand_perplexity, plain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,8 +63,8 @@ def test_density_counter_spares_the_mlp_computing_every_h(monkeypatch):
     """With the counter the sparse MLP no longer computes every neuron's h for the record; the full
     recorder still does (analyze's mass kept and recall need it)."""
     loaded, calls = shared("tiny-llama"), []
-    real = sparse_ops.mlp.activations
-    monkeypatch.setattr(sparse_ops.mlp, "activations", lambda x, w: calls.append(1) or real(x, w))
+    real = sam_viz.sparse_ops.mlp.activations
+    monkeypatch.setattr(sam_viz.sparse_ops.mlp, "activations", lambda x, w: calls.append(1) or real(x, w))
     for policy in (Policy("dense"), Policy("threshold", 0.3)):
         calls.clear()
         _count(loaded, policy, DensityCounter(loaded.d_ff), HELD_OUT[1])

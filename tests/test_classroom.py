@@ -95,7 +95,7 @@ BUILDS = textwrap.dedent("""
     import threading
     import torch
     from concurrent.futures import ThreadPoolExecutor
-    from models import BUILTIN_SPECS, load_model
+    from sam_viz.models import BUILTIN_SPECS, load_model
     start = threading.Barrier(2 * len(BUILTIN_SPECS))
 
     def build(name):

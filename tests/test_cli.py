@@ -85,7 +85,7 @@ def test_bad_input_in_a_real_process_has_no_traceback():
 
 
 def test_library_imports_without_streamlit():
-    code = "import sys, sam_viz, models, sparse_ops, sam_viz.cli; assert 'streamlit' not in sys.modules"
+    code = "import sys, sam_viz, sam_viz.models, sam_viz.sparse_ops, sam_viz.cli; assert 'streamlit' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
@@ -114,7 +114,7 @@ def test_test_command_sets_up_a_fresh_clone(tmp_path):
 
 
 def test_the_default_kernel_is_cpu_where_it_is_built(capsys):
-    from sparse_ops import cpu
+    from sam_viz.sparse_ops import cpu
 
     cpu.extension()                                                   # `make` builds it before the tests
     assert main(["analyze", "--model", "tiny-llama", "--prompt", "one two three", "--json"]) == 0
@@ -138,7 +138,7 @@ def test_triton_without_a_gpu_is_one_sentence_naming_why():
 def test_build_kernels_says_where_or_warns_and_never_fails(tmp_path):
     proc = run_cli("build-kernels")
     assert proc.returncode == 0 and proc.stdout.startswith("cpu kernel: ready (") and proc.stdout.count("\n") == 1
-    from sparse_ops import cpu
+    from sam_viz.sparse_ops import cpu
 
     assert str(cpu.built_library().parent) in proc.stdout
     proc = run_cli("build-kernels", env={"TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "no-such-compiler"})
@@ -148,7 +148,7 @@ def test_build_kernels_says_where_or_warns_and_never_fails(tmp_path):
 
 
 def test_bench_without_the_cpu_kernel_is_one_sentence(monkeypatch, capsys):
-    from sparse_ops import cpu
+    from sam_viz.sparse_ops import cpu
 
     monkeypatch.setattr(cpu, "readiness", lambda: ("unavailable", "it needs a C++ compiler to build"))
     assert main(["bench", "kernels", "--quick"]) == 2

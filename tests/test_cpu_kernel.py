@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import HELD_OUT, shared
-from models import MLPWeights
+from sam_viz.models import MLPWeights
 from sam_viz import RunSpec, analyze
-from sparse_ops import reference
-from sparse_ops.cpu import ACTIVATIONS, VARIANTS, activation_code, cpu_kernel, extension, prepare, sparse_mlp_shared
+from sam_viz.sparse_ops import reference
+from sam_viz.sparse_ops.cpu import ACTIVATIONS, VARIANTS, activation_code, cpu_kernel, extension, prepare, sparse_mlp_shared
 
 ACT_MODULES = {0: torch.nn.SiLU(), 1: torch.nn.GELU(), 2: torch.nn.GELU(approximate="tanh"), 3: torch.nn.ReLU()}
 
@@ -135,7 +135,7 @@ def test_layout_cache_follows_the_weights_not_their_addresses():
     freed model's layout must be dropped, not kept forever."""
     import gc
 
-    from sparse_ops import cpu
+    from sam_viz.sparse_ops import cpu
 
     before = len(cpu._PREPARED)
     for seed in range(6):

@@ -12,8 +12,8 @@ from transformers import GenerationConfig
 
 from sam_viz import cli
 from sam_viz.benchmarks import decode
-from sparse_ops import GRID, Policy, SparseMLP, sparsified
-from sparse_ops.calibration import static_calibration
+from sam_viz.sparse_ops import GRID, Policy, SparseMLP, sparsified
+from sam_viz.sparse_ops.calibration import static_calibration
 
 CFG = decode.TEST
 N_NEW = 10

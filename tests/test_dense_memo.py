@@ -3,7 +3,7 @@ slider: the dense side is the same), and never a stale one: weights changed in p
 the dense model again, checked against the model's own forward computed here."""
 import torch
 
-from models import load_model
+from sam_viz.models import load_model
 from sam_viz import RunSpec, analyze
 from sam_viz.analysis import forward, encode_prompt
 

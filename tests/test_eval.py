@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import HELD_OUT, shared
-from models import BUILTIN_SPECS, InputError, load_model
-from models.loading import DEMO_DIR, DEMO_SPECS
+from sam_viz.models import BUILTIN_SPECS, InputError, load_model
+from sam_viz.models.loading import DEMO_DIR, DEMO_SPECS
 from sam_viz import evaluate as ev
 from sam_viz.cli import main
-from sparse_ops import default_kernel
+from sam_viz.sparse_ops import default_kernel
 from tools import demo_data, topk_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,7 +199,7 @@ def test_shipped_folder_is_an_allowed_root_without_traversal(tmp_path, monkeypat
 def test_missing_demo_weights_give_one_sentence(tmp_path, monkeypatch, capsys):
     (tmp_path / "demo-lm").mkdir()
     shutil.copy(DEMO_DIR / "demo-lm" / "config.json", tmp_path / "demo-lm")
-    monkeypatch.setattr("models.loading.DEMO_DIR", tmp_path)
+    monkeypatch.setattr("sam_viz.models.loading.DEMO_DIR", tmp_path)
     with pytest.raises(InputError, match="shipped model 'demo-lm' is missing its files"):
         load_model("demo-lm")
     assert main(["eval", "--model", "demo-lm-dense"]) == 2

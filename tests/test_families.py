@@ -17,12 +17,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.activations import ACT2FN
 
 from conftest import HELD_OUT
-from models import InputError, load_model
-from models.loading import minilm_path
+from sam_viz.models import InputError, load_model
+from sam_viz.models.loading import minilm_path
 from sam_viz import RunSpec, analyze
-from sparse_ops import Policy, Recorder, sparsified
-from sparse_ops.cpu import activation_code, readiness
-from sparse_ops.mlp import install
+from sam_viz.sparse_ops import Policy, Recorder, sparsified
+from sam_viz.sparse_ops.cpu import activation_code, readiness
+from sam_viz.sparse_ops.mlp import install
 from test_app import open_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # tiny models: threads only wait on each other
@@ -256,7 +256,7 @@ def test_unsupported_family_is_one_sentence_listing_the_supported(tmp_path, monk
 def test_cpu_kernel_knows_each_family_activation_by_its_equation(name):
     """The activation transformers builds for each family's hidden_act is the one the kernel's code
     computes, over the curve and far out."""
-    from sparse_ops.cpu import ACTIVATIONS
+    from sam_viz.sparse_ops.cpu import ACTIVATIONS
 
     v = torch.cat([torch.linspace(-8, 8, 401), torch.tensor([-50.0, 50.0, 300.0])])
     torch.testing.assert_close(ACTIVATIONS[activation_code(ACT2FN[name])](v), ACT[name](v), rtol=1e-5, atol=1e-6)
@@ -284,7 +284,7 @@ def test_a_clipped_activation_is_refused_by_the_cpu_kernel_and_runs_on_reference
 
 def test_readme_lists_every_supported_family():
     """The README's families table has a row for every model_type an adapter covers, and no other."""
-    from models.adapters import ADAPTERS
+    from sam_viz.models.adapters import ADAPTERS
 
     lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
     start = lines.index("| family | `model_type` | MLP | tiny-config test |")

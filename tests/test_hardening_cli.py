@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import models
+from sam_viz import models
 from conftest import TINY, shared
-from models import BUILTIN_SPECS
+from sam_viz.models import BUILTIN_SPECS
 from sam_viz.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from torch.nn.modules import module as nn_module
 
 from conftest import HELD_OUT, model_output, shared
 from sam_viz import RunSpec, analyze
-from sparse_ops import KERNELS, Policy, Recorder, current_run, sparsified
+from sam_viz.sparse_ops import KERNELS, Policy, Recorder, current_run, sparsified
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
               "_state_dict_hooks", "_load_state_dict_pre_hooks")

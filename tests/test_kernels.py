@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import InputError, MLPWeights
-from sparse_ops import KERNELS, topk_indices
+from sam_viz.models import InputError, MLPWeights
+from sam_viz.sparse_ops import KERNELS, topk_indices
 
 
 def _weights(d, d_ff, glu, bias, gen):
@@ -76,8 +76,8 @@ def test_compiled_kernels_pass_gradients_as_the_equation_does(backend):
 
 def test_kernels_offered_are_those_that_run_here(monkeypatch):
     from sam_viz import RunSpec
-    from sparse_ops import cpu, default_kernel, get_kernel, unavailable_kernels
-    from sparse_ops.kernels import available_kernels
+    from sam_viz.sparse_ops import cpu, default_kernel, get_kernel, unavailable_kernels
+    from sam_viz.sparse_ops.kernels import available_kernels
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -110,10 +110,10 @@ def test_cpu_probe_loads_what_is_built_and_never_builds(tmp_path):
     import subprocess
     import sys
 
-    from sparse_ops import cpu
+    from sam_viz.sparse_ops import cpu
 
     cpu.extension()                                                  # built here (once) if it is not yet
-    code = ("import json, sparse_ops.cpu as c, sparse_ops as s; "
+    code = ("import json, sam_viz.sparse_ops.cpu as c, sam_viz.sparse_ops as s; "
             "print(json.dumps([c.readiness(), s.default_kernel(), c.built_library().is_file()]))")
 
     def probe(**env):

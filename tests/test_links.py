@@ -12,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import shared
-from models import InputError, load_model
+from sam_viz.models import InputError, load_model
 from sam_viz import RunSpec, analyze
 from sam_viz.export import csv_text, to_csv, to_html, to_json
 from sam_viz.report import report_plots

@@ -1,4 +1,4 @@
-"""Long prompts (issue 15): the longest prompt (models.loading.MAX_TOKENS) on a model with a wide MLP
+"""Long prompts (issue 15): the longest prompt (sam_viz.models.loading.MAX_TOKENS) on a model with a wide MLP
 (d_ff 4096): the firing trace stays within TRACE_BYTES_PER_SELECTED per computed neuron (stated in
 README's Limits), every figure within the plots' cell budget, and the page answers; a prompt over
 the limit is one sentence saying the limit, in the CLI and the app, also when a link carries more
@@ -9,8 +9,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import sam_viz.plots as P
-from models import load_model
-from models.loading import MAX_TOKENS, minilm_path
+from sam_viz.models import load_model
+from sam_viz.models.loading import MAX_TOKENS, minilm_path
 from sam_viz import RunSpec, analyze
 from sam_viz.analysis import truncate_to_tokens
 from sam_viz.report import report_plots
@@ -100,7 +100,7 @@ def test_a_link_longer_than_the_prompt_box_says_so(tmp_path, monkeypatch):
 def test_the_work_a_link_can_ask_for_is_bounded():
     """README's Limits: continuation length, attribution steps and query, timing rounds, prompt size."""
     from conftest import shared
-    from models import InputError
+    from sam_viz.models import InputError
     from sam_viz import greedy_continuation
     from sam_viz.attribution import MAX_QUERY_CHARS, MAX_STEPS, attribute
     from sam_viz.explore import MAX_CONTINUATION

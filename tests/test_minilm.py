@@ -4,7 +4,7 @@ import torch
 
 from conftest import HELD_OUT, shared
 from sam_viz import forward, sentence_embedding
-from sparse_ops import Policy, sparsified
+from sam_viz.sparse_ops import Policy, sparsified
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import shutil
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from models import InputError, load_model
-from models.loading import MAX_PARAMS, estimate_params, minilm_path
+from sam_viz.models import InputError, load_model
+from sam_viz.models.loading import MAX_PARAMS, estimate_params, minilm_path
 from test_app import ROOT
 from test_hardening_cli import run_cli
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import ALL_SPECS, model_output, shared
-from models import InputError, load_model
+from sam_viz.models import InputError, load_model
 
 EXPECTED = {  # (kind, n_layers, d_ff, n_experts)
     "minilm": ("encoder", 6, 1536, 0), "demo-lm": ("causal-lm", 4, 1024, 0),

@@ -17,15 +17,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import HELD_OUT
-from models import InputError, load_model
+from sam_viz.models import InputError, load_model
 from sam_viz import RunSpec, analyze
-from sparse_ops import Policy, Recorder, calibration_texts, sparsified
+from sam_viz.sparse_ops import Policy, Recorder, calibration_texts, sparsified
 from sam_viz.store import analysis_from_bytes, analysis_to_bytes
-from sparse_ops import calibration as calibration_module
-from sparse_ops.calibration import Calibration, Settings, collect, topk_counts, train_predictor
-from sparse_ops.recorder import DensityCounter
-from sparse_ops.kernels import KERNELS, available_kernels
-from sparse_ops.mlp import install
+from sam_viz.sparse_ops import calibration as calibration_module
+from sam_viz.sparse_ops.calibration import Calibration, Settings, collect, topk_counts, train_predictor
+from sam_viz.sparse_ops.recorder import DensityCounter
+from sam_viz.sparse_ops.kernels import KERNELS, available_kernels
+from sam_viz.sparse_ops.mlp import install
 
 FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama4_text", "granitemoe"]
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

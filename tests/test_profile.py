@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from models import InputError, load_model
+from sam_viz.models import InputError, load_model
 from sam_viz import cli
 from sam_viz.profile import build_profile, corpus as corpus_mod, writer
 from sam_viz.profile.accumulate import oracle_mask
@@ -17,8 +17,8 @@ from sam_viz.profile.corpus import read_corpus, tokenize
 from sam_viz.profile.engine import run_local
 from sam_viz.profile.mapper import ProfileSettings, ShardMapper
 from sam_viz.profile.stats import Partial, sum_partials
-from sparse_ops import calibrate_thresholds, install
-from sparse_ops.policy import selection_mask, topk_indices
+from sam_viz.sparse_ops import calibrate_thresholds, install
+from sam_viz.sparse_ops.policy import selection_mask, topk_indices
 
 TEXT = "\n\n".join(
     f"Paragraph {i}: the {w} of the river crossed {i * 3} old bridges before the town woke up, and "

@@ -12,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from sam_viz.profile import build_profile, list_profiles, open_profile
-from sparse_ops.policy import Policy
+from sam_viz.sparse_ops.policy import Policy
 from test_app import run_db  # noqa: F401 - autouse: a fresh run store per test
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.errors import InputError
+from sam_viz.models.errors import InputError
 from sam_viz.profile import list_profiles, open_profile
 from sam_viz.profile.view import context_pieces, context_prompt, marked_pieces
 

@@ -8,7 +8,7 @@ import torch
 from conftest import HELD_OUT, model_output, shared
 from sam_viz import RunSpec, analyze
 from sam_viz.cli import main
-from sparse_ops import Policy, Recorder, calibration, calibration_texts, get_calibration, sparsified
+from sam_viz.sparse_ops import Policy, Recorder, calibration, calibration_texts, get_calibration, sparsified
 
 
 def test_calibration_texts_are_split_and_sized():

@@ -5,9 +5,9 @@ their density on held-out text, the predictor ranks the oracle's neurons better 
 import pytest
 import torch
 
-from models import load_model
-from sparse_ops import Policy, Recorder, sparsified
-from sparse_ops import calibration as C
+from sam_viz.models import load_model
+from sam_viz.sparse_ops import Policy, Recorder, sparsified
+from sam_viz.sparse_ops import calibration as C
 
 SHIPPED_FOR = ("demo-lm", "demo-lm-dense", "minilm")
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import ALL_SPECS, HELD_OUT, TINY, model_output, shared
 from sam_viz import RunSpec, analyze
-from sparse_ops import Policy, Recorder, sparsified
+from sam_viz.sparse_ops import Policy, Recorder, sparsified
 
 PROMPT = "Sparse models compute only a few neurons for each token they read."
 

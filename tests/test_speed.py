@@ -7,7 +7,7 @@ import math
 import pytest
 
 from conftest import shared
-from models import InputError
+from sam_viz.models import InputError
 from sam_viz import RunSpec, analyze, speed, speed_plots
 from sam_viz.benchmarks import kernels
 from sam_viz.speed_plots import MAX_ROWS

@@ -75,7 +75,7 @@ def test_whitespace_marks_are_in_common_fonts():
 
     from fontTools.ttLib import TTFont
 
-    from models.token_text import VISIBLE
+    from sam_viz.models.token_text import VISIBLE
 
     font = next(Path("/usr/share/fonts").rglob("LiberationSans-Regular.ttf"), None)
     if font is None:

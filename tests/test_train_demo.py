@@ -164,8 +164,8 @@ def test_tiny_training_exports_a_plain_llama_that_the_app_runs_as_trained(tmp_pa
     assert json.loads((export / "config.json").read_text())["dtype"] == "float16"
 
     monkeypatch.setenv("SAM_VIZ_MODEL_ROOTS", str(tmp_path))
-    from models import load_model
-    from sparse_ops import Policy, sparsified
+    from sam_viz.models import load_model
+    from sam_viz.sparse_ops import Policy, sparsified
     loaded = load_model(str(export))
     enc = loaded.encode("The for statement iterates over a list.")
     with torch.no_grad(), sparsified(loaded, Policy("topk", cfg.density)):

@@ -11,10 +11,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import sparse_ops.triton_kernel as tk  # noqa: E402
+import sam_viz.sparse_ops.triton_kernel as tk  # noqa: E402
 from conftest import HELD_OUT, model_output, shared  # noqa: E402
-from models import InputError, MLPWeights  # noqa: E402
-from sparse_ops import Policy, get_kernel, reference, sparsified  # noqa: E402
+from sam_viz.models import InputError, MLPWeights  # noqa: E402
+from sam_viz.sparse_ops import Policy, get_kernel, reference, sparsified  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTS = {"silu": torch.nn.SiLU(), "gelu": torch.nn.GELU(), "gelu_tanh": torch.nn.GELU(approximate="tanh"),
@@ -143,7 +143,7 @@ def test_clear_errors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match=r"^the triton kernel needs a CUDA GPU \(or TRITON_INTERPRET=1"):
         get_kernel("triton")(x, idx, w)
-    monkeypatch.setitem(__import__("sys").modules, "sparse_ops.triton_kernel", None)   # triton missing
+    monkeypatch.setitem(__import__("sys").modules, "sam_viz.sparse_ops.triton_kernel", None)   # triton missing
     with pytest.raises(InputError, match="needs the triton package"):
         get_kernel("triton")(x, idx, w)
 

@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from models.loading import DEMO_DIR
+from sam_viz.models.loading import DEMO_DIR
 from sam_viz import claims as cl
 
 TRAINING = DEMO_DIR / "training"

@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from models import LoadedModel, adapter_for
-from models.loading import seeded
-from sparse_ops import Policy, SparseMLP, install, sparsified
-from sparse_ops.calibration import Calibration, static_calibration
+from sam_viz.models import LoadedModel, adapter_for
+from sam_viz.models.loading import seeded
+from sam_viz.sparse_ops import Policy, SparseMLP, install, sparsified
+from sam_viz.sparse_ops.calibration import Calibration, static_calibration
 
 DENSITIES = (0.05, 0.1, 0.25, 0.5)
 

@@ -16,8 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from models import MLPWeights
-from sparse_ops.cpu import extension, prepare, sparse_mlp_shared
+from sam_viz.models import MLPWeights
+from sam_viz.sparse_ops.cpu import extension, prepare, sparse_mlp_shared
 
 SHAPES = {"llama-7b": (4096, 11008), "tinyllama": (2048, 5632)}
 DENSITIES = (0.05, 0.1, 0.25, 0.5)

@@ -2,7 +2,7 @@
 
 `ShardStats.observe` takes the dense pass's h of one layer (of one expert for MoE) on some rows of
 the shard: oracle firing (the k = round(density * d_ff) largest |h| per token, ties to the lower
-index, as sparse_ops.policy.topk_indices; and h > 0 for ReLU), sums, maxima, the histogram, top
+index, as sam_viz.sparse_ops.policy.topk_indices; and h > 0 for ReLU), sums, maxima, the histogram, top
 examples, quantile-sample candidates and co-firing bits. `observe_policy` takes the policy's
 selection on the same kind of call: selection counts, mass kept, recall and precision against the
 oracle of the h it was given. Nothing here keeps h past the call.

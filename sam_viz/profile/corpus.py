@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models import InputError
+from sam_viz.models import InputError
 
 from ..files import decode_text, read_bytes
 
@@ -100,7 +100,7 @@ def read_corpus(source: str, text_column: str | None = None) -> Corpus:
     if not isinstance(source, str) or not source.strip():
         raise InputError("corpus is empty; name a file (.txt, .jsonl, .csv, .parquet) or builtin:calibration")
     if source == BUILTIN:
-        from sparse_ops import calibration_texts
+        from sam_viz.sparse_ops import calibration_texts
 
         texts = calibration_texts()
         return Corpus(source, tuple(t for t in (*texts["train"], *texts["held_out"]) if t.strip()), None)

@@ -6,7 +6,7 @@ recorder tap hands every MLP's h to accumulate.ShardStats (oracle firing, histog
 for `dense` and `topk` the policy's selection is read off that same pass (topk's selection IS the
 oracle), any other policy runs a second pass under sparse_ops.sparsified and its tap counts what
 the policy selected, against the oracle of the h of that pass (as the app's firing maps measure
-recall). The taps take the sparse MLPs' recorder calls (sparse_ops.recorder.Recorder's `add`).
+recall). The taps take the sparse MLPs' recorder calls (sam_viz.sparse_ops.recorder.Recorder's `add`).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import InputError, load_model
-from sparse_ops import POLICIES, Policy, available_kernels, default_kernel, install, parse_density, sparsified
-from sparse_ops.policy import selection_mask
+from sam_viz.models import InputError, load_model
+from sam_viz.sparse_ops import POLICIES, Policy, available_kernels, default_kernel, install, parse_density, sparsified
+from sam_viz.sparse_ops.policy import selection_mask
 
 from ..spec import positive_int
 from .accumulate import ShardStats

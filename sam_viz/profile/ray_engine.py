@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from models import InputError
+from sam_viz.models import InputError
 
 from .corpus import Shard
 from .stats import Partial
@@ -53,7 +53,7 @@ class _Worker:
     def __init__(self, spec: str, settings, threads: int, gpu: bool):
         import torch
 
-        from models import load_model
+        from sam_viz.models import load_model
 
         from .mapper import ShardMapper
 

@@ -161,7 +161,7 @@ def _final_norm(base):
 
 def logits_table(loaded, token_strings) -> pa.Table:
     """Per neuron, the LOGIT_TOP tokens its output direction boosts and suppresses most."""
-    from sparse_ops import install
+    from sam_viz.sparse_ops import install
 
     unembed = loaded.model.get_output_embeddings().weight.detach().float()          # [V, d]
     scale = _final_norm_scale(loaded)

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.errors import InputError
-from models.token_text import LEGACY, VISIBLE
+from sam_viz.models.errors import InputError
+from sam_viz.models.token_text import LEGACY, VISIBLE
 
 ID_PATTERN = re.compile(r"[0-9a-f]{12}")
 DEFAULT_ROOT = "profiles"

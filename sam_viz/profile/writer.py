@@ -23,7 +23,7 @@ from typing import Callable
 import pyarrow.parquet as pq
 import torch
 
-from models import InputError
+from sam_viz.models import InputError
 
 from . import engine as engines
 from . import tables
@@ -71,7 +71,7 @@ def build_profile(spec: str, source: str, *, policy="topk", density=0.1, context
     mapper = ShardMapper(spec, settings)
     loaded = mapper.loaded
     stream = tokenize(loaded, corpus, settings.context, settings.max_tokens)
-    from sparse_ops.calibration import weights_digest
+    from sam_viz.sparse_ops.calibration import weights_digest
 
     fingerprint = weights_digest(loaded)
     pid = profile_id(fingerprint, corpus.hash, corpus.text_column, settings)
