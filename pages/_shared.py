@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 import pandas  # noqa: F401
 import streamlit as st
 from streamlit.errors import StreamlitAPIException, StreamlitPageNotFoundError
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from sam_viz import (BUILTIN_SPECS, DEFAULT_MODEL, Analysis, InputError, KernelCannotCompute, LoadedModel, RunSpec,
                      allowed_roots, analyze, load_model)
@@ -91,12 +92,31 @@ def _hand_over() -> None:
     if _legacy_router():                   # hand over to the app's own navigation, then stop here
         navigation().run()
         st.stop()
+    ctx, s = get_script_run_ctx(), st.session_state
+    page = ctx.page_script_hash if ctx else ""
+    s["_switched"], s["_page"] = s.get("_page", page) != page, page
+
+
+def _carry_page_keys() -> None:
+    """On a page switch, the page selections (layer, ...) the last page held go to this one's widgets
+    and its URL, unless the URL brings its own. Streamlit keeps a bound widget's value for a later page
+    under its key, but only after the next page has drawn its own widget of that key at the default (a
+    menu click from the firing map's layer to the routing page's)."""
+    s = st.session_state
+    if not s.get("_switched"):
+        return
+    for key in PAGE_KEYS:
+        if s.get(key) is not None and key not in st.query_params:
+            s[key] = s[key]
+            if s[key] not in (0, ""):
+                st.query_params[key] = str(s[key])
 
 
 def page_context() -> Context:
     """Every page starts here: the shared sidebar (bound to the URL) and the analysis it asks for.
     Shows the one-sentence error and stops the page when the input is bad."""
     _hand_over()
+    _carry_page_keys()
     ctx = resolve_context()
     if ctx is None:
         st.stop()
@@ -301,8 +321,26 @@ def _url_density(raw: str | None) -> tuple[float, str] | None:
     return value, note
 
 
+@contextmanager
+def app_wide():
+    """Widgets made inside belong to the app, as if app.py drew them: one widget, and one URL binding,
+    on every page. A widget a page draws is that page's: on a menu click Streamlit drops the URL
+    params bound to it before the next page runs, and the next page draws its own at the default."""
+    ctx = get_script_run_ctx()
+    if ctx is None:
+        yield
+        return
+    with ctx.run_with_active_hash(ctx.pages_manager.main_script_hash):
+        yield
+
+
 def sidebar() -> RunSpec:
     """The shared sidebar, bound to the URL; raises InputError for a bad combination."""
+    with app_wide():
+        return _sidebar()
+
+
+def _sidebar() -> RunSpec:
     raw = {key: st.query_params.get(key) for key in (*URL_CHOICES, "density", "prompt")}   # before the widgets take them
     snapped = st.session_state.pop("_density_snap", None)       # a link's density, put on the slider's grid
     if snapped is not None:
@@ -442,6 +480,30 @@ def layer_picker(analysis: Analysis) -> int:
 
 
 def token_picker(analysis: Analysis) -> int:
-    labels = [f"{i}: {t}" for i, t in enumerate(analysis.tokens)]
+    """The token box over this analysis' tokens. A link gives the token's index, the box reads and writes
+    its label: the index is put in the URL as the label, for the rerun to open. A token chosen on another
+    analysis is kept where it still fits."""
+    s, labels = st.session_state, [f"{i}: {t}" for i, t in enumerate(analysis.tokens)]
+    link = st.query_params.get("token")
+    if link is not None and link.isdigit():
+        index = _token_in_range(int(link), len(labels))
+        try:
+            del st.query_params["token"]
+            if index:
+                st.query_params["token"] = labels[index]
+                st.rerun()
+        except StreamlitAPIException:          # bound: this page drew the box already
+            s["token"] = index
+    elif s.get("_token_labels", labels) != labels and s.get("token") is not None:
+        s["token"] = s["token"] if s["token"] < len(labels) else 0      # redrawn with this analysis' label
+    s["_token_labels"] = labels
     return st.selectbox("Token", range(len(labels)), format_func=lambda i: labels[i], key="token",
                         bind="query-params")
+
+
+def _token_in_range(index: int, n: int) -> int:
+    if index < n:
+        return index
+    st.warning(f"The link's token {index} is out of range: this prompt has {n} tokens (0 to {n - 1}); "
+               "showing token 0.")
+    return 0
