@@ -274,6 +274,20 @@ URL_CHOICES = ("policy", "kernel")     # bound selectboxes that drop a URL value
 DENSITY_MIN, DENSITY_MAX, DENSITY_STEP, DENSITY_DEFAULT = 0.05, 1.0, 0.05, 0.5     # the sidebar's slider
 
 
+def _follow_link(raw: dict[str, str | None]) -> None:
+    """A link followed from another page (st.page_link with settings) brings values the sidebar's
+    widgets do not hold. Streamlit keeps the widgets' values then (they are the app's, not a page's):
+    the link's usable ones go to them."""
+    s = st.session_state
+    link = {"model": raw["model"], "prompt": raw["prompt"] and raw["prompt"][:MAX_PROMPT_CHARS],
+            "policy": raw["policy"] if raw["policy"] in POLICIES else None,
+            "kernel": raw["kernel"] if raw["kernel"] in available_kernels() else None,
+            "density": None if raw["density"] is None else link_density(raw["density"])[0]}
+    for key, value in link.items():
+        if value is not None and key in s and s[key] != value:
+            s[key] = value
+
+
 def _url_not_taken(raw: dict[str, str | None]) -> list[str]:
     """One line per choice the link asked for that a bound selectbox did not take: Streamlit drops an
     unknown policy or kernel without a word."""
@@ -341,7 +355,9 @@ def sidebar() -> RunSpec:
 
 
 def _sidebar() -> RunSpec:
-    raw = {key: st.query_params.get(key) for key in (*URL_CHOICES, "density", "prompt")}   # before the widgets take them
+    raw = {key: st.query_params.get(key) for key in (*URL_CHOICES, "density", "prompt", "model")}   # before the widgets take them
+    if st.session_state.get("_switched"):
+        _follow_link(raw)
     snapped = st.session_state.pop("_density_snap", None)       # a link's density, put on the slider's grid
     if snapped is not None:
         st.session_state["density"] = snapped[0]

@@ -74,3 +74,30 @@ def test_a_link_survives_every_menu_entry(server, browser):  # noqa: F811
             assert page.get_by_role("radio", name="frequency").is_checked()
         assert page.locator("[data-testid='stException']").count() == 0, name
     page.close()
+
+
+def test_open_in_firing_map_opens_the_context_with_the_profiles_settings(server, browser, tmp_path_factory):  # noqa: F811
+    """A profile of tiny-llama (threshold at 0.25) with a top context in layer 1: its "Open in firing
+    map" opens that text, layer 1, the firing token (3, " $"), the model, policy and density; before the
+    fix only the layer came along (the Fox prompt, density 0.5, token 0)."""
+    import pandas as pd
+
+    from test_profile_view import TRICKY, write_profile
+
+    pid, root = "fedcba987654", profile_dir(tmp_path_factory)
+    if not (root / pid).exists():
+        write_profile(root, pid, created="2020-01-01T00:00:00+00:00")
+        rows = [dict(layer=1, neuron=0, band="top", rank=0, value=3.0, doc=0, pos=3, tokens=TRICKY, focus=3)]
+        pd.DataFrame(rows).astype({"rank": "int32", "focus": "int32"}).to_parquet(root / pid / "examples.parquet")
+    page = _open(browser, f"{server}/corpus?profile={pid}&layer=1&neuron=0")
+    page.get_by_role("link", name="Open in firing map").first.click(timeout=120_000)
+    page.wait_for_selector("h2:has-text('Firing map')", timeout=180_000)
+    want = dict(model="tiny-llama", prompt="The shirt costs $20 *bold* <b> and", policy="threshold", density="0.25")
+    wait_for_url(page, {**want, "layer": "1"})
+    page.wait_for_selector(".js-plotly-plot", timeout=120_000)
+    assert re.fullmatch(r"3: .*\$", url_params(page).get("token", "")), page.url
+    values = sidebar_values(page)
+    assert {k: values[k] for k in want} == want
+    assert main_value(page, "Layer") == "1" and re.fullmatch(r"3: .*\$", main_value(page, "Token"))
+    assert page.locator("[data-testid='stException']").count() == 0
+    page.close()
