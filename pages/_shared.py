@@ -465,8 +465,21 @@ def share_url(ctx: Context, page: str = "", run_id: str | None = None) -> str:
         s = ctx.spec
         params = {"model": s.model, "prompt": s.prompt, "policy": s.policy, "density": f"{s.density:g}",
                   "kernel": s.kernel}
-    params.update({k: st.session_state[k] for k in PAGE_KEYS if st.session_state.get(k) is not None})
+    params.update({k: v for k in PAGE_KEYS if (v := page_selection(k)) is not None})
     return f"{base}/{page}?{urlencode(params)}"
+
+
+def page_selection(key: str):
+    """A page selection (layer, token...): its widget's value, or on a page that does not draw the
+    widget and was opened by a link, the link's."""
+    value = st.session_state.get(key)
+    return st.query_params.get(key) if value is None else value
+
+
+def shown_layer(analysis: Analysis) -> int:
+    """The layer of the view, within the analysis' layers (0 for what is not a layer number)."""
+    value = str(page_selection("layer") or 0)
+    return min(int(value), analysis.n_layers - 1) if value.isdigit() else 0
 
 
 def explain(markdown: str) -> None:

@@ -1,6 +1,6 @@
 """AppTest of what users meet around the analysis: a link's density put on the slider's steps, a
 saved run that stays the saved run from page to page, feedback while a first calibration trains
-(and nothing of it left afterwards), and a prompt over the token limit."""
+(and nothing of it left afterwards), a prompt over the token limit, and the Runs page of a link with a layer."""
 import re
 import sqlite3
 import weakref
@@ -121,6 +121,23 @@ def test_saving_the_same_view_twice_gives_one_run():
         ids.append(at.success[0].value.split("`")[1])
     assert ids[0] == ids[1]
     assert [r["id"] for r in RunStore().list()] == [ids[0]]
+
+
+def test_the_runs_page_of_a_link_exports_and_links_the_links_layer(monkeypatch):
+    """/runs?layer=2 (no layer box on that page): the HTML report's firing map and the link to this
+    view are of layer 2, as the firing map of the same link shows it."""
+    data = {}
+    button = DeltaGenerator.download_button
+
+    def record(self, label, payload, *args, **kwargs):
+        data[label] = payload
+        return button(self, label, payload, *args, **kwargs)
+    monkeypatch.setattr(DeltaGenerator, "download_button", record)
+    at = open_app("runs", model="minilm", prompt=PROMPT, layer="2")
+    assert not at.exception and not at.error
+    html = data["HTML report"]()
+    assert "Firing map, layer 2" in html and "Firing map, layer 0" not in html
+    assert "layer=2" in at.code[0].value
 
 
 def test_a_first_calibration_says_what_it_trains_and_leaves_nothing_behind(tmp_path, monkeypatch):
