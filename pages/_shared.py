@@ -482,6 +482,19 @@ def shown_layer(analysis: Analysis) -> int:
     return min(int(value), analysis.n_layers - 1) if value.isdigit() else 0
 
 
+def work_button(label: str, note: str | None = None, **kwargs) -> bool:
+    """A button (with a note above it) that starts one-off work in this run: True on the click, and then
+    gone, so that it is not there when the work is done."""
+    slot = st.empty()
+    with slot.container():
+        if note:
+            st.info(note)
+        clicked = st.button(label, **kwargs)
+    if clicked:
+        slot.empty()
+    return clicked
+
+
 def explain(markdown: str) -> None:
     with st.expander("What am I looking at?"):
         st.markdown(markdown)
@@ -510,8 +523,7 @@ def layer_picker(analysis: Analysis) -> int:
 
 def token_picker(analysis: Analysis) -> int:
     """The token box over this analysis' tokens. A link gives the token's index, the box reads and writes
-    its label: the index is put in the URL as the label, for the rerun to open. A token chosen on another
-    analysis is kept where it still fits."""
+    its label: the index is put in the URL as the label, for the rerun to open."""
     s, labels = st.session_state, [f"{i}: {t}" for i, t in enumerate(analysis.tokens)]
     link = st.query_params.get("token")
     if link is not None and link.isdigit():
@@ -523,9 +535,6 @@ def token_picker(analysis: Analysis) -> int:
                 st.rerun()
         except StreamlitAPIException:          # bound: this page drew the box already
             s["token"] = index
-    elif s.get("_token_labels", labels) != labels and s.get("token") is not None:
-        s["token"] = s["token"] if s["token"] < len(labels) else 0      # redrawn with this analysis' label
-    s["_token_labels"] = labels
     return st.selectbox("Token", range(len(labels)), format_func=lambda i: labels[i], key="token",
                         bind="query-params")
 

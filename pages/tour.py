@@ -9,7 +9,7 @@ from typing import Callable
 import streamlit as st
 
 from pages._shared import (DEMO_MODEL, DEMO_PRESET, PRESETS, cached_analysis, cached_model, show, sidebar_only,
-                           use_settings)
+                           use_settings, work_button)
 from sam_viz import SWEEP_DENSITIES, RunSpec, greedy_continuation, mass_curve, plots, quality_plots, routing_plots
 from sam_viz.text import continuation_html, escape_html, escape_markdown
 from sparse_ops import get_calibration
@@ -128,9 +128,9 @@ def static() -> tuple[str, RunSpec]:
     run = spec()
     policies = ["topk", "static"]
     if get_calibration(cached_model(DEMO_MODEL), train=False) is None:
-        st.info(f"The static policy first needs its neuron set, counted once on sample text: about "
-                f"{CALIBRATION_S} s here, then stored on disk for every later visit.")
-        if not st.button("Prepare the static policy", key="tour_calibrate"):
+        if not work_button("Prepare the static policy", key="tour_calibrate", note="The static policy first needs "
+                           f"its neuron set, counted once on sample text: about {CALIBRATION_S} s here, then stored "
+                           "on disk for every later visit."):
             policies = ["topk"]
     analyses = {p: cached_analysis(spec(policy=p)) for p in policies}
     c1, c2 = st.columns(2)
