@@ -288,6 +288,21 @@ def _follow_link(raw: dict[str, str | None]) -> None:
             s[key] = value
 
 
+def _cut_prompt(link: str | None) -> int | None:
+    """A prompt longer than the box takes, a paste or a link's, cut to it before the box is drawn (a box
+    with max_chars refuses such a paste without a word); its length then."""
+    if link is not None and len(link) > MAX_PROMPT_CHARS:
+        try:
+            st.query_params["prompt"] = link[:MAX_PROMPT_CHARS]
+        except StreamlitAPIException:          # bound: the box holds the link's prompt, cut by _follow_link
+            pass
+    text = st.session_state.get("prompt")
+    if text is None or len(text) <= MAX_PROMPT_CHARS:
+        return len(link) if link is not None and len(link) > MAX_PROMPT_CHARS else None
+    st.session_state["prompt"] = text[:MAX_PROMPT_CHARS]
+    return len(text)
+
+
 def _url_not_taken(raw: dict[str, str | None]) -> list[str]:
     """One line per choice the link asked for that a bound selectbox did not take: Streamlit drops an
     unknown policy or kernel without a word."""
@@ -374,7 +389,8 @@ def _sidebar() -> RunSpec:
         st.caption("Allowed roots: " + ", ".join(f"`{r}`" for r in allowed_roots()))
     sb.selectbox("Preset prompt", list(PRESETS), index=None, key="preset", on_change=_use_preset,
                  placeholder="Pick a preset...")
-    sb.text_area("Prompt", DEFAULT_PROMPT, key="prompt", bind="query-params", max_chars=MAX_PROMPT_CHARS, height=120)
+    over = _cut_prompt(raw["prompt"])
+    sb.text_area("Prompt", DEFAULT_PROMPT, key="prompt", bind="query-params", height=120)
     sb.selectbox("Policy", list(POLICIES), index=list(POLICIES).index("topk"), key="policy",
                  bind="query-params", help="topk: the k largest |h| per token (oracle). threshold: "
                  "|act(gate)| above a per-layer value calibrated on sample prompts. dense: every neuron.")
@@ -386,9 +402,11 @@ def _sidebar() -> RunSpec:
                  "computes every neuron and masks (the oracle in tests). triton: the same on a GPU.")
     if missing:
         sb.caption("Not offered here: " + "; ".join(f"`{k}` ({why})" for k, why in missing.items()) + ".")
-    if raw["prompt"] is not None and len(raw["prompt"]) > MAX_PROMPT_CHARS:       # the box cuts it without a word
-        st.warning(f"The link's prompt is {len(raw['prompt']):,} characters; the prompt box takes "
-                   f"{MAX_PROMPT_CHARS:,}, so its first {MAX_PROMPT_CHARS:,} are analysed.")
+    if len(st.session_state["prompt"]) > MAX_PROMPT_CHARS:      # a link's, taken by the box as it is: cut next run
+        st.rerun()
+    if over:
+        st.warning(f"The prompt is {over:,} characters; the prompt box takes {MAX_PROMPT_CHARS:,}, so its first "
+                   f"{MAX_PROMPT_CHARS:,} are analysed.")
     for line in _url_not_taken(raw):
         st.warning(line)
     if fix and abs(st.session_state["density"] - fix[0]) > 1e-9:

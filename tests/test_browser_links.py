@@ -101,3 +101,22 @@ def test_open_in_firing_map_opens_the_context_with_the_profiles_settings(server,
     assert main_value(page, "Layer") == "1" and re.fullmatch(r"3: .*\$", main_value(page, "Token"))
     assert page.locator("[data-testid='stException']").count() == 0
     page.close()
+
+
+def test_a_paste_longer_than_the_prompt_box_is_cut_to_it_with_a_warning(server, browser):  # noqa: F811
+    """26,457 characters into the prompt box: it holds the first MAX_PROMPT_CHARS and says so (before,
+    the box refused the paste without a word and kept its old text)."""
+    from sam_viz.spec import MAX_PROMPT_CHARS
+
+    text = "".join(f"word{i} " for i in range(4000))[:26_457]
+    page = _open(browser, f"{server}/?{urlencode(dict(model='tiny-llama', kernel='reference'))}")
+    page.wait_for_selector(".js-plotly-plot", timeout=180_000)
+    box = page.locator("[data-testid='stSidebar'] textarea").first
+    box.fill(text)
+    box.press("Control+Enter")
+    warning = page.locator("[data-testid='stAlert']", has_text="26,457 characters")
+    warning.wait_for(timeout=60_000)
+    assert f"takes {MAX_PROMPT_CHARS:,}" in warning.inner_text()
+    assert box.input_value() == text[:MAX_PROMPT_CHARS]
+    assert page.locator("[data-testid='stException']").count() == 0
+    page.close()
