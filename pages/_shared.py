@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlencode
 
 # pandas whole before any figure: plotly's validators read it from sys.modules, where it is half-made
@@ -274,6 +275,17 @@ URL_CHOICES = ("policy", "kernel")     # bound selectboxes that drop a URL value
 DENSITY_MIN, DENSITY_MAX, DENSITY_STEP, DENSITY_DEFAULT = 0.05, 1.0, 0.05, 0.5     # the sidebar's slider
 
 
+def root_names(roots) -> list[str]:
+    """The allowed roots as a visitor may see them, without the server's folders: a folder under the
+    app's working directory by its relative path, the Hugging Face cache by name, another by its last
+    part."""
+    from huggingface_hub import constants
+
+    cwd, hub = Path.cwd().resolve(), Path(constants.HF_HUB_CACHE).expanduser().resolve()
+    return ["the Hugging Face cache" if r == hub else f"`{r.relative_to(cwd) if r.is_relative_to(cwd) else r.name}`"
+            for r in roots]
+
+
 def _follow_link(raw: dict[str, str | None]) -> None:
     """A link followed from another page (st.page_link with settings) brings values the sidebar's
     widgets do not hold. Streamlit keeps the widgets' values then (they are the app's, not a page's):
@@ -386,7 +398,7 @@ def _sidebar() -> RunSpec:
     with sb.expander("Checkpoint directory"):
         st.text_input("Path", key="ckpt_path", placeholder="./checkpoints/my-model")
         st.button("Use this checkpoint", on_click=_use_checkpoint)
-        st.caption("Allowed roots: " + ", ".join(f"`{r}`" for r in allowed_roots()))
+        st.caption("Allowed roots: " + ", ".join(root_names(allowed_roots())))
     sb.selectbox("Preset prompt", list(PRESETS), index=None, key="preset", on_change=_use_preset,
                  placeholder="Pick a preset...")
     over = _cut_prompt(raw["prompt"])
