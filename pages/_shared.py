@@ -110,7 +110,10 @@ def _carry_page_keys() -> None:
         if s.get(key) is not None and key not in st.query_params:
             s[key] = s[key]
             if s[key] not in (0, ""):
-                st.query_params[key] = str(s[key])
+                try:
+                    st.query_params[key] = str(s[key])
+                except StreamlitAPIException:      # still bound to the last page's widget, which keeps it
+                    pass
 
 
 def page_context() -> Context:
