@@ -6,7 +6,13 @@ and the app shows it with `st.error`, never as a traceback.
 
 
 class InputError(ValueError):
-    """A problem with what the user asked for, stated in one sentence."""
+    """A problem with what the user asked for, stated in one sentence. `detail` is the sentence for the
+    operator (the CLI prints it): it may name what a visitor of the app must not see, such as the
+    server's folders and settings; by default the same sentence."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 class KernelCannotCompute(InputError):

@@ -219,7 +219,9 @@ def seeded(seed: int):
 def _demo_dir(name: str) -> Path:
     path = DEMO_DIR / name
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise InputError(f"the shipped model '{name}' is missing its files in {path} (config.json and "
+        raise InputError(f"the shipped model '{name}' is missing its files (config.json and model.safetensors); "
+                         f"{_restore_hint()}",
+                         detail=f"the shipped model '{name}' is missing its files in {path} (config.json and "
                          f"model.safetensors); {_restore_hint()}")
     return path
 
@@ -236,7 +238,9 @@ def _checked_dir(spec: str) -> Path:
     path = Path(spec).expanduser().resolve()
     roots = allowed_roots()
     if not any(path == r or r in path.parents for r in roots):
-        raise InputError(f"model path '{spec}' is outside the allowed roots "
+        raise InputError(f"model path '{spec}' is outside the allowed roots: only a checkpoint folder under them, "
+                         "a built-in model or hf:org/name can be loaded",
+                         detail=f"model path '{spec}' is outside the allowed roots "
                          f"({os.pathsep.join(map(str, roots))}); set SAM_VIZ_MODEL_ROOTS to allow it")
     if not (path / "config.json").is_file():
         raise InputError(f"model path '{spec}' is not a checkpoint directory (no config.json)")

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlencode
 
 # pandas whole before any figure: plotly's validators read it from sys.modules, where it is half-made
@@ -16,6 +17,7 @@ from urllib.parse import urlencode
 import pandas  # noqa: F401
 import streamlit as st
 from streamlit.errors import StreamlitAPIException, StreamlitPageNotFoundError
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from sam_viz import (BUILTIN_SPECS, DEFAULT_MODEL, Analysis, InputError, KernelCannotCompute, LoadedModel, RunSpec,
                      allowed_roots, analyze, load_model)
@@ -91,12 +93,34 @@ def _hand_over() -> None:
     if _legacy_router():                   # hand over to the app's own navigation, then stop here
         navigation().run()
         st.stop()
+    ctx, s = get_script_run_ctx(), st.session_state
+    page = ctx.page_script_hash if ctx else ""
+    s["_switched"], s["_page"] = s.get("_page", page) != page, page
+
+
+def _carry_page_keys() -> None:
+    """On a page switch, the page selections (layer, ...) the last page held go to this one's widgets
+    and its URL, unless the URL brings its own. Streamlit keeps a bound widget's value for a later page
+    under its key, but only after the next page has drawn its own widget of that key at the default (a
+    menu click from the firing map's layer to the routing page's)."""
+    s = st.session_state
+    if not s.get("_switched"):
+        return
+    for key in PAGE_KEYS:
+        if s.get(key) is not None and key not in st.query_params:
+            s[key] = s[key]
+            if s[key] not in (0, ""):
+                try:
+                    st.query_params[key] = str(s[key])
+                except StreamlitAPIException:      # still bound to the last page's widget, which keeps it
+                    pass
 
 
 def page_context() -> Context:
     """Every page starts here: the shared sidebar (bound to the URL) and the analysis it asks for.
     Shows the one-sentence error and stops the page when the input is bad."""
     _hand_over()
+    _carry_page_keys()
     ctx = resolve_context()
     if ctx is None:
         st.stop()
@@ -257,6 +281,46 @@ URL_CHOICES = ("policy", "kernel")     # bound selectboxes that drop a URL value
 DENSITY_MIN, DENSITY_MAX, DENSITY_STEP, DENSITY_DEFAULT = 0.05, 1.0, 0.05, 0.5     # the sidebar's slider
 
 
+def root_names(roots) -> list[str]:
+    """The allowed roots as a visitor may see them, without the server's folders: a folder under the
+    app's working directory by its relative path, the Hugging Face cache by name, another by its last
+    part."""
+    from huggingface_hub import constants
+
+    cwd, hub = Path.cwd().resolve(), Path(constants.HF_HUB_CACHE).expanduser().resolve()
+    return ["the Hugging Face cache" if r == hub else f"`{r.relative_to(cwd) if r.is_relative_to(cwd) else r.name}`"
+            for r in roots]
+
+
+def _follow_link(raw: dict[str, str | None]) -> None:
+    """A link followed from another page (st.page_link with settings) brings values the sidebar's
+    widgets do not hold. Streamlit keeps the widgets' values then (they are the app's, not a page's):
+    the link's usable ones go to them."""
+    s = st.session_state
+    link = {"model": raw["model"], "prompt": raw["prompt"] and raw["prompt"][:MAX_PROMPT_CHARS],
+            "policy": raw["policy"] if raw["policy"] in POLICIES else None,
+            "kernel": raw["kernel"] if raw["kernel"] in available_kernels() else None,
+            "density": None if raw["density"] is None else link_density(raw["density"])[0]}
+    for key, value in link.items():
+        if value is not None and key in s and s[key] != value:
+            s[key] = value
+
+
+def _cut_prompt(link: str | None) -> int | None:
+    """A prompt longer than the box takes, a paste or a link's, cut to it before the box is drawn (a box
+    with max_chars refuses such a paste without a word); its length then."""
+    if link is not None and len(link) > MAX_PROMPT_CHARS:
+        try:
+            st.query_params["prompt"] = link[:MAX_PROMPT_CHARS]
+        except StreamlitAPIException:          # bound: the box holds the link's prompt, cut by _follow_link
+            pass
+    text = st.session_state.get("prompt")
+    if text is None or len(text) <= MAX_PROMPT_CHARS:
+        return len(link) if link is not None and len(link) > MAX_PROMPT_CHARS else None
+    st.session_state["prompt"] = text[:MAX_PROMPT_CHARS]
+    return len(text)
+
+
 def _url_not_taken(raw: dict[str, str | None]) -> list[str]:
     """One line per choice the link asked for that a bound selectbox did not take: Streamlit drops an
     unknown policy or kernel without a word."""
@@ -304,10 +368,30 @@ def _url_density(raw: str | None) -> tuple[float, str] | None:
     return value, note
 
 
+@contextmanager
+def app_wide():
+    """Widgets made inside belong to the app, as if app.py drew them: one widget, and one URL binding,
+    on every page. A widget a page draws is that page's: on a menu click Streamlit drops the URL
+    params bound to it before the next page runs, and the next page draws its own at the default."""
+    ctx = get_script_run_ctx()
+    if ctx is None:
+        yield
+        return
+    with ctx.run_with_active_hash(ctx.pages_manager.main_script_hash):
+        yield
+
+
 def sidebar(hint: bool = True) -> RunSpec:
     """The shared sidebar, bound to the URL (with the minilm hint unless `hint` is False); raises
     InputError for a bad combination."""
-    raw = {key: st.query_params.get(key) for key in (*URL_CHOICES, "density", "prompt")}   # before the widgets take them
+    with app_wide():
+        return _sidebar(hint)
+
+
+def _sidebar(hint: bool) -> RunSpec:
+    raw = {key: st.query_params.get(key) for key in (*URL_CHOICES, "density", "prompt", "model")}   # before the widgets take them
+    if st.session_state.get("_switched"):
+        _follow_link(raw)
     snapped = st.session_state.pop("_density_snap", None)       # a link's density, put on the slider's grid
     if snapped is not None:
         st.session_state["density"] = snapped[0]
@@ -321,10 +405,11 @@ def sidebar(hint: bool = True) -> RunSpec:
     with sb.expander("Checkpoint directory"):
         st.text_input("Path", key="ckpt_path", placeholder="./checkpoints/my-model")
         st.button("Use this checkpoint", on_click=_use_checkpoint)
-        st.caption("Allowed roots: " + ", ".join(f"`{r}`" for r in allowed_roots()))
+        st.caption("Allowed roots: " + ", ".join(root_names(allowed_roots())))
     sb.selectbox("Preset prompt", list(PRESETS), index=None, key="preset", on_change=_use_preset,
                  placeholder="Pick a preset...")
-    sb.text_area("Prompt", DEFAULT_PROMPT, key="prompt", bind="query-params", max_chars=MAX_PROMPT_CHARS, height=120)
+    over = _cut_prompt(raw["prompt"])
+    sb.text_area("Prompt", DEFAULT_PROMPT, key="prompt", bind="query-params", height=120)
     sb.selectbox("Policy", list(POLICIES), index=list(POLICIES).index("topk"), key="policy",
                  bind="query-params", help="topk: the k largest |h| per token (oracle). threshold: "
                  "|act(gate)| above a per-layer value calibrated on sample prompts. dense: every neuron.")
@@ -336,9 +421,11 @@ def sidebar(hint: bool = True) -> RunSpec:
                  "computes every neuron and masks (the oracle in tests). triton: the same on a GPU.")
     if missing:
         sb.caption("Not offered here: " + "; ".join(f"`{k}` ({why})" for k, why in missing.items()) + ".")
-    if raw["prompt"] is not None and len(raw["prompt"]) > MAX_PROMPT_CHARS:       # the box cuts it without a word
-        st.warning(f"The link's prompt is {len(raw['prompt']):,} characters; the prompt box takes "
-                   f"{MAX_PROMPT_CHARS:,}, so its first {MAX_PROMPT_CHARS:,} are analysed.")
+    if len(st.session_state["prompt"]) > MAX_PROMPT_CHARS:      # a link's, taken by the box as it is: cut next run
+        st.rerun()
+    if over:
+        st.warning(f"The prompt is {over:,} characters; the prompt box takes {MAX_PROMPT_CHARS:,}, so its first "
+                   f"{MAX_PROMPT_CHARS:,} are analysed.")
     for line in _url_not_taken(raw):
         st.warning(line)
     if fix and abs(st.session_state["density"] - fix[0]) > 1e-9:
@@ -415,8 +502,34 @@ def share_url(ctx: Context, page: str = "", run_id: str | None = None) -> str:
         s = ctx.spec
         params = {"model": s.model, "prompt": s.prompt, "policy": s.policy, "density": f"{s.density:g}",
                   "kernel": s.kernel}
-    params.update({k: st.session_state[k] for k in PAGE_KEYS if st.session_state.get(k) is not None})
+    params.update({k: v for k in PAGE_KEYS if (v := page_selection(k)) is not None})
     return f"{base}/{page}?{urlencode(params)}"
+
+
+def page_selection(key: str):
+    """A page selection (layer, token...): its widget's value, or on a page that does not draw the
+    widget and was opened by a link, the link's."""
+    value = st.session_state.get(key)
+    return st.query_params.get(key) if value is None else value
+
+
+def shown_layer(analysis: Analysis) -> int:
+    """The layer of the view, within the analysis' layers (0 for what is not a layer number)."""
+    value = str(page_selection("layer") or 0)
+    return min(int(value), analysis.n_layers - 1) if value.isdigit() else 0
+
+
+def work_button(label: str, note: str | None = None, **kwargs) -> bool:
+    """A button (with a note above it) that starts one-off work in this run: True on the click, and then
+    gone, so that it is not there when the work is done."""
+    slot = st.empty()
+    with slot.container():
+        if note:
+            st.info(note)
+        clicked = st.button(label, **kwargs)
+    if clicked:
+        slot.empty()
+    return clicked
 
 
 def explain(markdown: str) -> None:
@@ -452,6 +565,26 @@ def layer_picker(analysis: Analysis) -> int:
 
 
 def token_picker(analysis: Analysis) -> int:
-    labels = [f"{i}: {t}" for i, t in enumerate(analysis.tokens)]
+    """The token box over this analysis' tokens. A link gives the token's index, the box reads and writes
+    its label: the index is put in the URL as the label, for the rerun to open."""
+    s, labels = st.session_state, [f"{i}: {t}" for i, t in enumerate(analysis.tokens)]
+    link = st.query_params.get("token")
+    if link is not None and link.isdigit():
+        index = _token_in_range(int(link), len(labels))
+        try:
+            del st.query_params["token"]
+            if index:
+                st.query_params["token"] = labels[index]
+                st.rerun()
+        except StreamlitAPIException:          # bound: this page drew the box already
+            s["token"] = index
     return st.selectbox("Token", range(len(labels)), format_func=lambda i: labels[i], key="token",
                         bind="query-params")
+
+
+def _token_in_range(index: int, n: int) -> int:
+    if index < n:
+        return index
+    st.warning(f"The link's token {index} is out of range: this prompt has {n} tokens (0 to {n - 1}); "
+               "showing token 0.")
+    return 0

@@ -79,7 +79,8 @@ def context_row(tokens, focus: int, value: float, where: str, prof, layer: int) 
     token += prof.manifest["kind"] == "encoder"           # the [CLS] an encoder's prompt starts with
     with right:
         page_link("pages/firing.py", "Open in firing map", icon=":material/grid_on:",
-                  query_params={"model": prof.manifest["model"], "prompt": prompt, "layer": layer, "token": token})
+                  query_params={"model": prof.manifest["model"], "prompt": prompt, "policy": prof.settings["policy"],
+                                "density": f"{prof.settings['density']:g}", "layer": layer, "token": token})
 
 
 def show_or_say(plot, key: str) -> bool:

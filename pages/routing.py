@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from pages._shared import cached_analysis, explain, layer_picker, page_context, show
+from pages._shared import cached_analysis, explain, layer_picker, page_context, show, work_button
 from sam_viz import calibration_counts, firing_counts, plots, routing_plots
 from sam_viz.text import escape_markdown
 from sam_viz.sparse_ops import get_calibration
@@ -36,8 +36,8 @@ if ctx.run_id:
     show(routing_plots.recall_by_policy({a.spec.policy: a}), key="recall")
 else:
     trained = get_calibration(ctx.model(), train=False) is not None
-    if not trained and not st.button(f"Train the predictor and static sets for {escape_markdown(ctx.spec.model)}",
-                                     help="Once per model; stored on disk and reused."):
+    if not trained and not work_button(f"Train the predictor and static sets for {escape_markdown(ctx.spec.model)}",
+                                       help="Once per model; stored on disk and reused."):
         st.caption("The predictor and static policies need a one-time calibration on the built-in text.")
         policies = ["topk", "threshold"]
     else:

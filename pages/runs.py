@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from pages._shared import page_context, explain, run_store, share_url
+from pages._shared import page_context, explain, run_store, share_url, shown_layer
 from sam_viz import InputError, export
 from sam_viz.report import report_plots
 from sam_viz.text import escape_markdown
@@ -51,7 +51,8 @@ elif runs is not None:
 st.subheader("Export")
 stem = f"sam-viz-{a.spec.model.replace('/', '_')}-{a.spec.policy}-{a.spec.density:g}"
 c1, c2, c3 = st.columns(3)
-c1.download_button("HTML report", lambda: export.to_html(a, report_plots(a, st.session_state.get("layer") or 0)), f"{stem}.html",
-                   "text/html", on_click="ignore")
+layer = shown_layer(a)
+c1.download_button("HTML report", lambda: export.to_html(a, report_plots(a, layer)), f"{stem}.html", "text/html",
+                   on_click="ignore")
 c2.download_button("CSV", lambda: export.to_csv(a), f"{stem}.csv", "text/csv", on_click="ignore")
 c3.download_button("JSON", lambda: export.to_json(a), f"{stem}.json", "application/json", on_click="ignore")

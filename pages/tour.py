@@ -11,7 +11,7 @@ from typing import Callable
 import streamlit as st
 
 from pages._shared import (DEMO_MODEL, DEMO_PRESET, DOC_PRESETS, PRESETS, cached_analysis, cached_model, show,
-                           sidebar_only, use_settings)
+                           sidebar_only, use_settings, work_button)
 from sam_viz import SWEEP_DENSITIES, RunSpec, greedy_continuation, mass_curve, plots, quality_plots, routing_plots
 from sam_viz import claims as cl
 from sam_viz import tour_text as tt
@@ -210,10 +210,11 @@ def static() -> tuple[str, RunSpec]:
     policies = ["topk", "static"]
     st.markdown(tt.static(claims(), TRAINED))
     if get_calibration(cached_model(DEMO_MODEL), train=False) is None:
-        st.info("The static policy first needs its neuron set, counted once on sample text and then stored on disk "
-                "for every later visit. How long that takes depends on the machine: minutes on a small, busy "
-                "server, so prepare it before class.")
-        if not st.button("Prepare the static policy", key="tour_calibrate"):
+        if not work_button("Prepare the static policy", key="tour_calibrate", note="The static policy first needs "
+                           "its neuron set, counted once on sample text and then stored on disk for every later "
+                           "visit. The built-in models' sets ship with the app; this one no longer matches them, "
+                           "and how long counting it takes depends on the machine: minutes on a small, busy server, "
+                           "so prepare it before class."):
             policies = ["topk"]
     analyses = {p: cached_analysis(spec(policy=p)) for p in policies}
     c1, c2 = st.columns(2)

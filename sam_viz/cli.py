@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                 "build-kernels": cmd_build_kernels, "calibrate": cmd_calibrate, "eval": cmd_eval,
                 "profile": cmd_profile}[args.command](args)
     except InputError as exc:
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"error: {one_line(exc.detail)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -80,6 +80,7 @@ def test_contexts_with_markdown_signs_are_shown_as_text(profiles):
     assert " <mark>&#36;</mark>" in row                 # the firing token, " $" (its space left unmarked)
     opened = [m.value for m in at.markdown if m.value.startswith("[Open in firing map]")]
     assert opened and "prompt=The+shirt+costs+%2420" in opened[0] and "token=3" in opened[0]
+    assert "model=tiny-llama" in opened[0] and "policy=threshold&density=0.25" in opened[0]   # the profile's
 
 
 @pytest.mark.parametrize("params, message", [

@@ -1,6 +1,6 @@
 """AppTest of what users meet around the analysis: a link's density put on the slider's steps, a
 saved run that stays the saved run from page to page, feedback while a first calibration trains
-(and nothing of it left afterwards), and a prompt over the token limit."""
+(and nothing of it left afterwards), a prompt over the token limit, and the Runs page of a link with a layer."""
 import re
 import sqlite3
 import weakref
@@ -123,6 +123,23 @@ def test_saving_the_same_view_twice_gives_one_run():
     assert [r["id"] for r in RunStore().list()] == [ids[0]]
 
 
+def test_the_runs_page_of_a_link_exports_and_links_the_links_layer(monkeypatch):
+    """/runs?layer=2 (no layer box on that page): the HTML report's firing map and the link to this
+    view are of layer 2, as the firing map of the same link shows it."""
+    data = {}
+    button = DeltaGenerator.download_button
+
+    def record(self, label, payload, *args, **kwargs):
+        data[label] = payload
+        return button(self, label, payload, *args, **kwargs)
+    monkeypatch.setattr(DeltaGenerator, "download_button", record)
+    at = open_app("runs", model="minilm", prompt=PROMPT, layer="2")
+    assert not at.exception and not at.error
+    html = data["HTML report"]()
+    assert "Firing map, layer 2" in html and "Firing map, layer 0" not in html
+    assert "layer=2" in at.code[0].value
+
+
 def test_a_first_calibration_says_what_it_trains_and_leaves_nothing_behind(tmp_path, monkeypatch):
     """predictor on a model with no stored calibration: the progress names the step and the layer;
     after the run no progress bar or status box is left. (Fewer calibration texts and training
@@ -183,3 +200,35 @@ def test_a_failed_sweep_leaves_its_error_and_no_progress_bar(monkeypatch):
     assert not at.exception
     assert [e.value for e in at.error] == ["the sweep failed on purpose"]
     assert not at.get("progress")
+
+
+def test_train_the_predictor_goes_once_it_has_trained(tmp_path, monkeypatch):
+    """Routing on a model with no stored calibration: the button, then its click trains (in this run) and
+    the page shows all four policies without the button."""
+    monkeypatch.setenv("SAM_VIZ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibration, "_CALIBRATIONS", weakref.WeakKeyDictionary())
+    at = open_app("routing", model="tiny-llama", prompt=PROMPT, kernel="reference")
+    train = [b for b in at.button if b.label.startswith("Train the predictor")]
+    assert len(train) == 1
+    train[0].click().run()
+    assert not at.exception and not at.error
+    assert not [b for b in at.button if b.label.startswith("Train the predictor")]
+    assert calibration.get_calibration(shared("tiny-llama"), train=False) is not None
+
+
+def test_prepare_the_static_policy_goes_when_clicked(monkeypatch):
+    """The tour's step 7 on a demo LM with no static set: its note and button, gone in the run its click
+    starts (the calibration stands in: every analysis is one small run, the set never stored)."""
+    import pages._shared
+    from sam_viz import sparse_ops
+
+    small = analyze(shared("tiny-llama"), RunSpec(prompt="One two three.", model="tiny-llama", kernel="reference"))
+    monkeypatch.setattr(pages._shared, "cached_analysis", lambda spec: small)
+    monkeypatch.setattr(sparse_ops, "get_calibration", lambda loaded, train=True, **kwargs: None)
+    at = open_app("tour", step="7")
+    assert [b.label for b in at.button].count("Prepare the static policy") == 1
+    assert any("first needs its neuron set" in i.value for i in at.info)
+    at.button(key="tour_calibrate").click().run()
+    assert not at.exception and not at.error
+    assert "Prepare the static policy" not in [b.label for b in at.button]
+    assert not any("first needs its neuron set" in i.value for i in at.info)

@@ -3,6 +3,7 @@ roots, turns on remote code or unpickles; text from a prompt or a token is escap
 (CSV cells that a spreadsheet would read as a formula get a leading apostrophe; HTML shows markup as
 text; JSON round-trips)."""
 import csv
+import html
 import io
 import json
 import shutil
@@ -94,6 +95,33 @@ def test_a_link_with_a_bad_model_is_one_error(roots, model, words, monkeypatch, 
     at.query_params.update(model=model, prompt="One two.")
     at.run()
     assert not at.exception and len(at.error) == 1 and words in at.error[0].value
+
+
+def test_a_visitor_is_told_what_is_allowed_without_the_servers_folders(roots, monkeypatch, tmp_path):
+    """?model=../../etc: one sentence saying what may be loaded, with no folder of the server and no
+    advice to set its environment; the sidebar names the allowed roots without the server's paths."""
+    from sam_viz import allowed_roots
+
+    monkeypatch.setenv("SAM_VIZ_RUN_DB", str(tmp_path / "runs.sqlite"))
+    at = AppTest.from_file(str(ROOT / "pages" / "firing.py"), default_timeout=240)
+    at.query_params.update(model="../../etc", prompt="One two.")
+    at.run()
+    assert not at.exception and len(at.error) == 1
+    said = html.unescape(at.error[0].value).replace("\\", "")        # as the page shows it
+    assert "outside the allowed roots" in said and "hf:org/name" in said and "SAM_VIZ_MODEL_ROOTS" not in said
+    caption = next(c.value for c in at.caption if c.value.startswith("Allowed roots"))
+    for text in (said, caption):
+        assert not any(str(r) in text for r in allowed_roots()) and str(ROOT) not in text, text
+    assert caption == "Allowed roots: `allowed`, `models/demo`"       # the root's name; the demo folder, relative
+
+
+def test_the_cli_tells_the_operator_the_folders_and_the_setting(roots, capsys):
+    from sam_viz.cli import main
+
+    inside, _ = roots
+    assert main(["analyze", "--model", "../../etc", "--prompt", "One two."]) == 2
+    err = capsys.readouterr().err
+    assert "outside the allowed roots" in err and str(inside) in err and "set SAM_VIZ_MODEL_ROOTS" in err
 
 
 @pytest.fixture(scope="module")
