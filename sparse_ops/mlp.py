@@ -100,9 +100,12 @@ class SparseMLP(nn.Module):
             return self.dense_forward(x)
         x2 = x.reshape(-1, x.shape[-1])                                 # [N, d]
         if run.policy.kind == "dense":
+            if run.recorder is None and run.collector is None:
+                return self.dense_forward(x)
+            if self.moe is None and (run.collector is not None or run.recorder.wants_activations):
+                return self._dense_recorded(run, x2).reshape(*x.shape[:-1], -1)
             y = self.dense_forward(x)
-            if run.recorder is not None or run.collector is not None:
-                self._record_dense(run, x2, _positions(x2))
+            self._record_dense(run, x2, _positions(x2))
             return y
         if self.moe is not None:
             y, extra = self._moe(run, x2, _positions(x2))
@@ -111,17 +114,29 @@ class SparseMLP(nn.Module):
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return (y, extra) if self.moe is not None and self.moe.returns_pair else y
 
+    def _dense_recorded(self, run: Run, x2: torch.Tensor) -> torch.Tensor:
+        """A dense MLP whose h is recorded: h computed once from the canonical weights, recorded,
+        and projected down (y = W_down h + b, the ops the shipped modules run, so the same bits;
+        tests/test_sparsity.py) instead of running the shipped modules and computing h again."""
+        w = self._weights(run)
+        h = activations(x2, w)                                           # [N, d_ff]
+        self._record_h(run, -1, _positions(x2), x2, h, w)
+        return F.linear(h, w.down_t.t(), w.b_down)                       # [N, d_out]
+
+    def _record_h(self, run: Run, e: int, rows: torch.Tensor, xe: torch.Tensor, h: torch.Tensor | None,
+                  w: MLPWeights) -> None:
+        if run.recorder is not None:
+            run.recorder.add(self.layer, rows, None, None, h, offset=self.offsets[e], width=w.d_ff)
+        if run.collector is not None:                          # calibration: real tokens only
+            real = run.token_mask[rows] if run.token_mask is not None else slice(None)
+            run.collector.add((self.layer, e), xe[real], h[real])
+
     def _record_dense(self, run: Run, x2: torch.Tensor, rows: torch.Tensor) -> None:
         units = self._units(run, x2)[0] if self.moe is not None else [(-1, rows, x2, None)]
         need_h = run.collector is not None or run.recorder.wants_activations
         for e, tok, xe, _ in units:
             w = self._weights(run, e)
-            h = activations(xe, w) if need_h else None
-            if run.recorder is not None:
-                run.recorder.add(self.layer, rows[tok], None, None, h, offset=self.offsets[e], width=w.d_ff)
-            if run.collector is not None:                      # calibration: real tokens only
-                real = run.token_mask[rows[tok]] if run.token_mask is not None else slice(None)
-                run.collector.add((self.layer, e), xe[real], h[real])
+            self._record_h(run, e, rows[tok], xe, activations(xe, w) if need_h else None, w)
 
     def _units(self, run: Run, x2: torch.Tensor):
         """Route as shipped and record the routing. Returns ([(unit, token rows, unit input, output

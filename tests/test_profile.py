@@ -297,20 +297,49 @@ def test_histogram_from_float_bits_matches_searchsorted_on_the_edges():
     want = np.zeros((2, len(HIST_EDGES) + 1), dtype=np.int64)
     for unit in range(2):
         np.add.at(want[unit], np.searchsorted(edges, h[:, unit].numpy(), side="right"), 1)
-    assert np.array_equal(hist_counts(h, h.abs()), want)
+    assert np.array_equal(hist_counts(h), want)
+    rng = np.random.default_rng(0)                   # wide: counted in several blocks of rows
+    wide = (rng.standard_normal((300, 2048)) * 2.0 ** rng.integers(-12, 9, (300, 2048))).astype(np.float32)
+    wide[::7, ::5] = rng.choice(values, size=wide[::7, ::5].shape)
+    bins = np.searchsorted(edges, wide, side="right")
+    want = np.stack([np.bincount(bins[:, unit], minlength=len(HIST_EDGES) + 1) for unit in range(2048)])
+    assert np.array_equal(hist_counts(wide), want)
 
 
-def test_oracle_pairs_with_many_ties_are_the_topk_set_with_ties_to_the_lower_index():
-    from sam_viz.profile.accumulate import oracle_pairs
+def test_top_examples_under_ties_are_the_largest_abs_h_then_the_lower_doc_and_pos():
+    """Top lists built over calls of 10 (fewer than TOP), 45 and 35 rows, with |h| tied everywhere and
+    (doc, pos) not in row order, against one sort of all tokens by (-|h|, doc, pos)."""
+    from sam_viz.profile.accumulate import ShardStats
+    from sam_viz.profile.stats import EMPTY, TOP, Layout
+
+    rng = np.random.default_rng(1)
+    n, d = 90, 6
+    perm = rng.permutation(n)
+    doc, pos = perm // 10, perm % 10
+    h = rng.integers(-3, 4, (n, d)).astype(np.float32)
+    stats = ShardStats(Layout(1, d), doc, pos)
+    for a, b in ((0, 10), (10, 55), (55, 90)):
+        stats.observe(0, torch.arange(a, b), torch.from_numpy(h[a:b]), 0, 2, False)
+    p = stats.partial()
+    for j in range(d):
+        want = sorted((t for t in range(n) if h[t, j] != 0), key=lambda t: (-abs(h[t, j]), doc[t], pos[t]))[:TOP]
+        m = len(want)
+        assert list(zip(p.top_doc[0, j, :m], p.top_pos[0, j, :m])) == [(doc[t], pos[t]) for t in want]
+        assert np.array_equal(p.top_val[0, j, :m], h[want, j]) and np.array_equal(p.top_key[0, j, :m], abs(h[want, j]))
+        assert (p.top_doc[0, j, m:] == EMPTY).all() and (p.top_key[0, j, m:] == -1).all()
+
+
+def test_oracle_with_many_ties_is_the_topk_set_with_ties_to_the_lower_index():
+    from sam_viz.profile.accumulate import oracle
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(0, 4, (64, 24), generator=gen).float()                      # ties everywhere
     a[::3] += torch.rand(22, 24, generator=gen)                                    # and rows without
-    for k in (1, 5, 12, 23, 24):
-        rows, cols = oracle_pairs(a, k)
-        got = torch.zeros_like(a, dtype=torch.bool)
-        got[rows, cols] = True
-        assert rows.numel() == 64 * k and torch.equal(got, selection_mask(topk_indices(a, k), 24))
+    for k in (0, 1, 5, 12, 23, 24):
+        mask, values = oracle(a.numpy(), k)
+        want = selection_mask(topk_indices(a, k), 24) if k else torch.zeros_like(a, dtype=torch.bool)
+        assert torch.equal(torch.from_numpy(mask), want)
+        assert np.array_equal(np.sort(values, axis=1), np.sort(a.numpy()[mask].reshape(64, k), axis=1))
 
 
 def test_state_of_a_7b_shape_stays_under_1_2_gb():

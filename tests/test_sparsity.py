@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import ALL_SPECS, HELD_OUT, TINY, model_output, shared
 from sam_viz import RunSpec, analyze
-from sam_viz.sparse_ops import Policy, Recorder, sparsified
+from sam_viz.sparse_ops import Policy, Recorder, install, sparsified
 
 PROMPT = "Sparse models compute only a few neurons for each token they read."
 
@@ -203,3 +203,56 @@ def test_threshold_output_equals_masked_dense_by_hand(spec, fresh):
                 lambda mod, args, t=thresholds[i]: (args[0] * (args[0].abs() > t),)))
     expected = _output_with_hooks(unpatched, enc, handles)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+class _WantsH:
+    """A recorder that asks for every MLP's h (as the corpus profile's dense pass does)."""
+    wants_activations = True
+
+    def __init__(self):
+        self.h = {}
+
+    def add(self, layer, rows, ids, values, h_all, offset=0, oracle_k=None, width=None):
+        self.h[layer] = h_all
+
+    def add_routing(self, layer, experts, weights, probs):
+        pass
+
+
+@pytest.mark.parametrize("spec", [*[s for s in TINY if s != "tiny-mixtral"], "minilm", "demo-lm"])
+def test_dense_pass_with_a_recorder_computes_h_once_and_the_shipped_outputs(spec, fresh):
+    """Under the dense policy, a recorder that wants h gets the h that the shipped MLP computes (the
+    input of its down projection, by a hook on a fresh copy) and the model's outputs are those of
+    the model as shipped, to the bit; W_gate x is computed once per layer (it was twice: the
+    shipped modules, then h again for the recorder)."""
+    unpatched, m = fresh(spec), shared(spec)
+    enc = m.encode(PROMPT)
+    downs = [layer.get_submodule(DOWN[m.adapter.family]) for layer in unpatched.layers]
+    want_h = {}
+    hooks = [d.register_forward_pre_hook(lambda mod, args, i=i: want_h.__setitem__(i, args[0].reshape(
+        -1, args[0].shape[-1]))) for i, d in enumerate(downs)]
+    try:
+        with torch.no_grad():
+            expected = model_output(unpatched, enc)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    gates = {w.weights().gate.data_ptr() for w in install(m)}            # W_gate (W_in) of each layer
+    calls = []
+
+    class CountGate(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (F.linear, torch.addmm) and any(isinstance(t, torch.Tensor) and t.data_ptr() in gates
+                                                        for t in args):
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    rec = _WantsH()
+    with torch.no_grad(), sparsified(m, Policy("dense"), recorder=rec), CountGate():
+        got = model_output(m, enc)
+    assert torch.equal(got, expected)
+    assert all(torch.equal(rec.h[i], want_h[i]) for i in range(len(downs)))
+    assert len(calls) == len(downs)
+
+
+DOWN = {"glu": "mlp.down_proj", "gpt2": "mlp.c_proj", "opt": "fc2", "bert": "output.dense"}    # its input is h

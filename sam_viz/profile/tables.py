@@ -13,6 +13,7 @@ import torch
 from .stats import EMPTY, Partial, sample_hash
 
 BANDS = tuple((i / 5, (i + 1) / 5) for i in range(5))
+BAND_NAMES = ("top", *(f"q{i}" for i in range(len(BANDS))))
 PER_BAND = 4                                  # quantile samples per band
 RADIUS = 8                                    # tokens either side of an example
 HOT = 64                                      # units whose co-firing is stored, per layer
@@ -61,11 +62,11 @@ def experts_table(p: Partial) -> pa.Table:
 
 
 def _examples(p: Partial) -> dict[str, np.ndarray]:
-    """Top and quantile-band entries as flat columns (no token text yet)."""
+    """Top and quantile-band entries as flat columns (no token text yet; band as an index of BAND_NAMES)."""
     L, U, K = p.top_key.shape
     li, ui, ri = np.indices((L, U, K)).reshape(3, -1)
     full = p.top_key.ravel() >= 0
-    top = dict(layer=li[full], neuron=ui[full], band=np.full(full.sum(), "top", dtype=object), rank=ri[full],
+    top = dict(layer=li[full], neuron=ui[full], band=np.zeros(full.sum(), np.int8), rank=ri[full],
                value=p.top_val.ravel()[full], doc=p.top_doc.ravel()[full], pos=p.top_pos.ravel()[full])
     L, U, NB, S = p.smp_doc.shape
     li, ui = (x.reshape(-1) for x in np.indices((L, U, NB * S))[:2])
@@ -81,13 +82,15 @@ def _examples(p: Partial) -> dict[str, np.ndarray]:
     start = np.r_[0, np.flatnonzero(group[1:] != group[:-1]) + 1] if group.size else np.zeros(0, np.int64)
     rank = np.arange(group.size) - np.repeat(start, np.diff(np.r_[start, group.size]))
     keep = order[rank < PER_BAND]
-    q = dict(layer=li[keep], neuron=ui[keep], band=np.array([f"q{b}" for b in band[keep]], dtype=object),
+    q = dict(layer=li[keep], neuron=ui[keep], band=(band[keep] + 1).astype(np.int8),
              rank=rank[rank < PER_BAND], value=val[keep], doc=doc[keep], pos=pos[keep])
     return {k: np.concatenate([top[k], q[k]]) for k in top}
 
 
 def examples_table(p: Partial, stream, token_strings) -> pa.Table:
-    """token_strings(ids: np.ndarray) -> list[str] of readable tokens."""
+    """token_strings(ids: np.ndarray) -> list[str] of readable tokens. The text columns are Arrow
+    takes from the strings of the distinct tokens and band names, not a Python object per entry
+    (the examples of a small model's saturated profile are ~6M context tokens)."""
     ex = _examples(p)
     first = np.searchsorted(stream.doc, ex["doc"])
     last = np.searchsorted(stream.doc, ex["doc"], side="right")
@@ -95,15 +98,17 @@ def examples_table(p: Partial, stream, token_strings) -> pa.Table:
     b = np.minimum(last, first + ex["pos"] + RADIUS + 1)
     lengths = b - a
     offsets = np.r_[0, np.cumsum(lengths)]
-    flat = np.repeat(a - offsets[:-1], lengths) + np.arange(offsets[-1])
-    ids = stream.ids[flat]
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    text = np.array(token_strings(uniq) if uniq.size else [], dtype=object)[inverse]
+    ids = stream.ids[np.repeat(a - offsets[:-1], lengths) + np.arange(offsets[-1])]
+    uniq = np.flatnonzero(np.bincount(ids)) if ids.size else ids               # distinct token ids, ascending
+    index = np.zeros(uniq[-1] + 1 if uniq.size else 0, np.int32)
+    index[uniq] = np.arange(uniq.size)
+    text = pa.array(token_strings(uniq) if uniq.size else [], pa.string()).take(pa.array(index[ids]))
     return pa.table({
         "layer": ex["layer"].astype(np.int32), "neuron": ex["neuron"].astype(np.int32),
-        "band": pa.array(ex["band"], pa.string()), "rank": ex["rank"].astype(np.int32),
+        "band": pa.array(BAND_NAMES, pa.string()).take(pa.array(ex["band"])), "rank": ex["rank"].astype(np.int32),
         "value": ex["value"].astype(np.float64), "doc": ex["doc"].astype(np.int64), "pos": ex["pos"].astype(np.int64),
-        "tokens": _list(text, offsets, pa.string()), "focus": (first + ex["pos"] - a).astype(np.int32)})
+        "tokens": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), text),
+        "focus": (first + ex["pos"] - a).astype(np.int32)})
 
 
 def cofire_table(p: Partial) -> tuple[pa.Table, int]:
