@@ -69,6 +69,28 @@ class MoE:
 
 
 @dataclass(frozen=True)
+class Proj:
+    """One linear projection of a block, for the whole-model scope (DESIGN.md): y = W x (+ b).
+
+    `name` is what users see (q, k, v, qkv, o, gate, up, gate_up, down; DeepSeek's MLA: q_a, q_b,
+    kv_a, kv_b); `path` is the module, relative to a layer (nn.Linear, or GPT-2's Conv1D when the
+    adapter says conv1d); projections with the same `group` read the same input tensor (q, k and v;
+    gate and up), so a policy that depends only on x keeps the same entries for all of them."""
+    name: str
+    path: str
+    group: str
+
+
+def _attn(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj") -> tuple[Proj, ...]:
+    return (Proj("q", q, "attn_in"), Proj("k", k, "attn_in"), Proj("v", v, "attn_in"), Proj("o", o, "attn_out"))
+
+
+def _glu_mlp(prefix="mlp") -> tuple[Proj, ...]:
+    return (Proj("gate", f"{prefix}.gate_proj", "mlp_in"), Proj("up", f"{prefix}.up_proj", "mlp_in"),
+            Proj("down", f"{prefix}.down_proj", "h"))
+
+
+@dataclass(frozen=True)
 class MLPAdapter:
     family: str
     kind: str                      # "causal-lm" | "encoder"
@@ -83,6 +105,10 @@ class MLPAdapter:
     conv1d: bool = False           # weights stored [in, out] (GPT-2 Conv1D)
     moe: MoE | None = None         # mixture of experts (layers with its router); the fields above then
                                    # describe the model's dense layers, if it has any
+    projections: tuple[Proj, ...] | None = None   # every linear projection of a block, for scope `all`
+                                   # (attention, and the dense MLP's); None: not declared, so scope
+                                   # `all` is refused for the family. MoE experts' projections are
+                                   # the units that `moe` describes.
 
     @property
     def is_moe(self) -> bool:
@@ -105,7 +131,7 @@ def _shared(prefix: str, act: str = "act_fn", scale: str | None = None) -> Share
 
 
 ADAPTERS: dict[str, MLPAdapter] = {
-    **{t: MLPAdapter(family="glu", **_GLU)
+    **{t: MLPAdapter(family="glu", **_GLU, projections=_attn() + _glu_mlp())
        for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo")},
     "phi3": MLPAdapter(family="glu", kind="causal-lm", layers="layers", entry="mlp",
                        gate_up="mlp.gate_up_proj", down="mlp.down_proj", act="mlp.activation_fn"),

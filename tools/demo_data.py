@@ -125,17 +125,23 @@ def split_tokens(tokenizer, docs: list[Document]) -> list[torch.Tensor]:
     return [torch.tensor(i, dtype=torch.long) for i in ids]
 
 
-def prepare(out: Path, vocab_size: int, root: Path = DOC_ROOT) -> dict:
-    """Split the corpus, train the tokenizer on train, save tokens and tokenizer under out/data,
-    and write out/data/manifest.json (files, documents, words, bytes and tokens per split)."""
+def prepare(out: Path, vocab_size: int, root: Path = DOC_ROOT, tokenizer_dir: Path | None = None) -> dict:
+    """Split the corpus, train the tokenizer on train (or load the one in `tokenizer_dir`, e.g. a
+    shipped model's, so a new model shares it), save tokens and tokenizer under out/data, and write
+    out/data/manifest.json (files, documents, words, bytes and tokens per split)."""
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     train, test = split_documents(read_corpus(root))
-    tokenizer = train_tokenizer([d.text for d in train], vocab_size)
+    if tokenizer_dir is None:
+        tokenizer = train_tokenizer([d.text for d in train], vocab_size)
+    else:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     save_tokenizer(tokenizer, data / "tokenizer")
     manifest = {"source": str(root), "licence": "PSF (Python documentation)",
                 "split_rule": f"test = first documents in sha256(relative path) order until >= {TEST_SHARE:.0%} "
-                              "of documents and of words", "dropped": [], "vocab_size": len(tokenizer)}
+                              "of documents and of words", "dropped": [], "vocab_size": len(tokenizer),
+                "tokenizer": "trained on train" if tokenizer_dir is None else f"loaded from {tokenizer_dir}"}
     for name, docs in (("train", train), ("test", test)):
         toks = split_tokens(tokenizer, docs)
         torch.save(toks, data / f"{name}.pt")

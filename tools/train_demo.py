@@ -34,11 +34,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tools import demo_data, topk_mlp
+from tools import demo_data, topk_all, topk_mlp
 
 log = logging.getLogger("train_demo")
 
-NAMES = {"dense": "demo-lm-dense", "sparse": "demo-lm"}
+NAMES = {"dense": "demo-lm-dense", "sparse": "demo-lm", "all": "demo-lm-all"}
+WRAP = {"sparse": topk_mlp, "all": topk_all}   # how each trained-sparse variant wraps the model
 PROMPTS = ("The list type", "To open a file", "The for statement", "A dictionary maps",
            "When an exception is raised")
 
@@ -118,7 +119,7 @@ class Run:
         self.test_all = test
         self.test_fixed = test[torch.linspace(0, len(test) - 1, min(cfg.eval_windows, len(test))).long()]
         self.model = build_model(cfg, self.tokenizer)
-        self.wrappers = topk_mlp.install(self.model) if variant == "sparse" else []
+        self.wrappers = WRAP[variant].install(self.model) if variant in WRAP else []
         self.opt = optimiser(self.model, cfg)
         self.step, self.elapsed, self.train_curve, self.eval_curve = 0, 0.0, [], []
         self._resume()
@@ -213,7 +214,8 @@ class Run:
         from transformers import GenerationConfig
         target = self.out / "export" / NAMES[self.variant]
         model = copy.deepcopy(self.model)
-        topk_mlp.uninstall(model)
+        if self.variant in WRAP:
+            WRAP[self.variant].uninstall(model)
         model.generation_config = GenerationConfig(bos_token_id=self.tokenizer.bos_token_id,
                                                    eos_token_id=self.tokenizer.eos_token_id,
                                                    pad_token_id=self.tokenizer.pad_token_id, do_sample=False)
@@ -244,7 +246,8 @@ def results(run: Run) -> dict:
            "final_train_loss": sum(r["loss"] for r in run.train_curve[-5:]) / len(run.train_curve[-5:]),
            "heldout_windows": len(run.test_all), "heldout_tokens": len(run.test_all) * cfg.context,
            "config": asdict(cfg), "heldout": {}, "continuations": {}}
-    for label, density in (("dense", 1.0), (f"topk_{cfg.density}", cfg.density)):
+    label = f"topk_all_{cfg.density}" if run.variant == "all" else f"topk_{cfg.density}"
+    for label, density in (("dense", 1.0), (label, cfg.density)):
         topk_mlp.set_density(wrappers, density)
         loss = heldout_loss(run.model, run.test_all)
         out["heldout"][label] = {"loss": loss, "perplexity": math.exp(loss)}
@@ -267,7 +270,7 @@ def run_variant(out: Path, variant: str, cfg: TrainConfig) -> dict:
 
 def combine(out: Path) -> None:
     """DIR/results.json with both variants and the data manifest, once both have finished."""
-    parts = {v: out / "runs" / v / "results.json" for v in NAMES}
+    parts = {v: out / "runs" / v / "results.json" for v in ("dense", "sparse")}
     if all(p.exists() for p in parts.values()):
         manifest = json.loads((out / "data" / "manifest.json").read_text())
         for split in ("train", "test"):
@@ -280,10 +283,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
     ap = argparse.ArgumentParser(prog="python -m tools.train_demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("stage", nargs="?", choices=("prepare", "train"), default="train")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--variant", choices=("dense", "sparse", "both"), default="both")
+    ap.add_argument("--variant", choices=("dense", "sparse", "all", "both"), default="both",
+                    help="all: top-k on the input of every projection (demo-lm-all; pass --density 0.4)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--corpus", type=Path, default=demo_data.DOC_ROOT)
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="prepare with this tokenizer folder (e.g. models/demo/demo-lm) instead of training one")
     for name, default in asdict(TrainConfig()).items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     args = ap.parse_args(argv)
@@ -295,7 +301,7 @@ def main(argv=None) -> None:
     args, cfg = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.stage == "prepare" or not (args.out / "data" / "manifest.json").exists():
-        demo_data.prepare(args.out, args.vocab, args.corpus)
+        demo_data.prepare(args.out, args.vocab, args.corpus, args.tokenizer)
     if args.stage == "train":
         for variant in (("dense", "sparse") if args.variant == "both" else (args.variant,)):
             run_variant(args.out, variant, cfg)
