@@ -539,7 +539,11 @@ def explain(markdown: str) -> None:
 
 def show(plot, key: str | None = None) -> None:
     """A sam_viz.plots.Plot: the figure, and what was reduced to fit the browser, if anything. The
-    modebar shows on hover only, in the band the figures keep free above their titles."""
+    modebar shows on hover only, in the band the figures keep free above their titles. A figure with
+    no data (it says why in its middle) is only that sentence, once."""
+    if not plot.fig.data and plot.note:
+        st.info(escape_markdown(plot.note), icon=":material/info:")
+        return
     st.plotly_chart(plot.fig, width="stretch", key=key, config={"displayModeBar": "hover", "displaylogo": False})
     if plot.note:
         st.caption(plot.note)

@@ -84,13 +84,9 @@ def context_row(tokens, focus: int, value: float, where: str, prof, layer: int) 
 
 
 def show_or_say(plot, key: str) -> bool:
-    """The figure when it has data (True); else only the sentence saying why, once (an empty figure
-    would repeat it above its caption)."""
-    if plot.fig.data:
-        show(plot, key=key)
-        return True
-    st.caption(escape_markdown(plot.note))
-    return False
+    """The figure when it has data (True); else only the sentence saying why (`show`)."""
+    show(plot, key=key)
+    return bool(plot.fig.data)
 
 
 def overview(prof) -> None:

@@ -10,9 +10,14 @@ from sam_viz import InputError, speed, speed_plots
 from sam_viz.benchmarks import decode, kernels
 
 ctx = page_context()
+COUNTED = ("The bytes and FLOPs are per token, as a batch-1 decoder pays them: topk and threshold must still "
+           "read weights to choose." if ctx.analysis.kind == "causal-lm" else
+           "The bytes and FLOPs are per token, counted as if each token were computed alone: this encoder runs "
+           "all its tokens in one pass, which reads the union of the rows they select (at most every weight "
+           "once). topk and threshold must still read weights to choose.")
 a = ctx.analysis
 st.header("Speed")
-explain("""
+explain(f"""
 A batch-1 decoder is limited by memory traffic: each new token reads every weight once. A sparse
 MLP reads only the rows of the neurons it computes, so its **floor** is the time to read those
 rows once at this machine's read bandwidth.
@@ -22,8 +27,7 @@ rows once at this machine's read bandwidth.
   is several times slower), then rounds of one dense and one sparse pass side by side: the times
   are medians, the speedup is the median of the per-round ratios, with their range. Only the `cpu`
   kernel reads fewer weights; `reference` computes every neuron and masks, so it is slower than
-  dense by design. The bytes and FLOPs are per token, as a decoder pays them: topk and threshold
-  must still read weights to choose.
+  dense by design. {COUNTED}
 - **Kernel benchmark**: one MLP of TinyLlama's shape, batch 1: dense `F.linear`, the `cpu` kernel
   and the floor (a loop that only reads the same rows). The ideal speedup is 1/density, counted
   from torch's dense MLP; where that reads its weights slower than the floor loop (bf16 especially),

@@ -31,6 +31,7 @@ OUTLIER = 10            # token detail: bars past OUTLIER x the median |dense h|
 TOKEN_CHARS = 12        # a token's text in a title, at most
 HEAT_HOVER = ("token %{y}<br>neuron %{x}<br>h = %{customdata:.4g}<br>"
               "%{z:+.3g} on the colour scale (+ computed, - dropped)<extra></extra>")
+HEAT_HOVER_DENSE = "token %{y}<br>neuron %{x}<br>h = %{customdata:.4g}<extra></extra>"   # nothing dropped
 NO_ACTIVATIONS = ("This run kept no per-neuron activations (the prompt is too long for the activation "
                   "budget), so this figure cannot be drawn; try a shorter prompt.")
 
@@ -186,14 +187,16 @@ def firing_heatmap(analysis, layer: int, order: str = "index", max_cells: int = 
         z[skipped] = float("nan")
         status[skipped.numpy()] = "expert not routed"
     labels = _token_labels(analysis.tokens, t_idx.tolist())
-    hover = dict(hoverinfo="skip") if clickable else dict(customdata=shown_h.numpy(), hovertemplate=HEAT_HOVER)
+    dense = bool(sel.all())                                              # a dense run: nothing was dropped
+    hover = dict(hoverinfo="skip") if clickable else dict(customdata=shown_h.numpy(),
+                                                          hovertemplate=HEAT_HOVER_DENSE if dense else HEAT_HOVER)
     fig = go.Figure(go.Heatmap(z=z.numpy(), x=keep.tolist(), y=labels, **hover, **_firing_colors(z)))
     if clickable:
         fig.add_traces(_click_layer(labels, keep.tolist(), shown_h.numpy(), status))
     by = {"index": "neuron index", "frequency": "tokens that selected it, most first",
           "clustered": "similar firing patterns side by side"}[order]
     ids = f" = expert × {analysis.d_ff} + index" if analysis.n_experts else ""
-    if bool(sel.all()):                                                  # a dense run: nothing was dropped
+    if dense:
         title, key = f"Layer {layer}: each neuron's |h|, every neuron computed", "redder = larger |h|"
     else:
         title, key = f"Layer {layer}: which neurons the sparse model computed", "warm = computed, blue-grey = dropped"

@@ -116,3 +116,34 @@ def test_dense_vs_sparse_names_its_numbers_and_words_the_cost_for_the_model():
     assert "Embedding cosine" in shown and "cosine" not in shown
     captions = " ".join(c.value for c in at.caption)
     assert "encoder" in captions and "decoder" not in captions
+
+
+def test_a_figure_without_data_says_why_once():
+    """An empty figure (the run kept no activations, a profile without logit effects) is its sentence,
+    once: the page used to draw the figure, whose middle says it, and the same sentence below it."""
+    from streamlit.testing.v1 import AppTest
+
+    def page():
+        from pages._shared import show
+        from sam_viz.plots import NO_ACTIVATIONS, _empty
+        show(_empty(NO_ACTIVATIONS), key="empty")
+
+    at = AppTest.from_function(page, default_timeout=60).run()
+    assert not at.exception
+    from sam_viz.plots import NO_ACTIVATIONS
+    said = [e.value for e in (*at.info, *at.caption, *at.markdown)]
+    assert sum(NO_ACTIVATIONS[:40] in text for text in said) == 1, said
+    assert not charts(at)
+
+
+@pytest.mark.parametrize("model,words", [("tiny-bert", "this encoder runs all its tokens in one pass"),
+                                         ("tiny-llama", "as a batch-1 decoder pays them")])
+def test_the_speed_pages_explainer_counts_costs_as_the_models_kind_pays_them(model, words):
+    """On an encoder the Speed page said its bytes and FLOPs were counted "as a decoder pays them"."""
+    at = open_app("speed", model=model, prompt=PROMPT)
+    assert not at.exception
+    text = " ".join(e.proto.body for e in at.expander[0].markdown) if at.expander else ""
+    text = text or " ".join(m.value for m in at.markdown)
+    assert words in " ".join(text.split())
+    other = "as a batch-1 decoder pays them" if model == "tiny-bert" else "this encoder"
+    assert other not in " ".join(text.split())

@@ -481,7 +481,7 @@ def test_a_dense_runs_heatmap_speaks_of_no_dropped_neuron():
     no sparse model (the colour bar once read "1e-06 dropped"); a sparse run's keep the two sides."""
     def words(fig) -> str:
         bar = fig.data[0].colorbar
-        return " ".join([fig.layout.title.text, *map(str, bar.ticktext)]).lower()
+        return " ".join([fig.layout.title.text, *map(str, bar.ticktext), fig.data[0].hovertemplate]).lower()
 
     dense = analyze(shared("tiny-llama"), RunSpec(prompt=PROMPT, model="tiny-llama", policy="dense"))
     fig = P.firing_heatmap(dense, 0).fig
