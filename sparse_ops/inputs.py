@@ -118,32 +118,20 @@ def in_mlp(adapter: MLPAdapter, path: str) -> bool:
     return any(path == root or path.startswith(root + ".") for root in (adapter.entry, *adapter.tail))
 
 
-def check_declared(loaded: LoadedModel) -> None:
+def check_declared(loaded: LoadedModel, dense_mlp: bool) -> None:
     """One sentence when scope all cannot run the model whole: its family declares no projections, or
-    not those of its dense MLP."""
+    (dense_mlp: some layer has a dense MLP) not those of its dense MLP."""
     adapter = loaded.adapter
-    missing = adapter.projections is None or (
-        any(not has_router(layer, adapter) for layer in loaded.layers)
-        and not {"gate", "down"} <= set(mlp_projections(adapter)) | ({"up"} if adapter.up is None else set()))
-    if missing:
+    roles = set(mlp_projections(adapter)) | ({"up"} if adapter.up is None and adapter.gate_up is None else set())
+    if adapter.projections is None or (dense_mlp and not {"gate", "up", "down"} <= roles):
         raise InputError(f"scope all is not available for {loaded.model_type} models yet: their adapter does not "
                          "declare every projection, and a model is never run half-sparse; use scope mlp")
 
 
-def has_router(layer: nn.Module, adapter: MLPAdapter) -> bool:
-    if not adapter.is_moe:
-        return False
-    try:
-        get_path(layer, adapter.moe.router)
-    except AttributeError:
-        return False
-    return True
-
-
-def install_projections(loaded: LoadedModel) -> list[SparseLinear]:
+def install_projections(loaded: LoadedModel, dense_mlp: bool = True) -> list[SparseLinear]:
     """Wrap every declared projection outside the MLP, once (idempotent, thread-safe). InputError
     (check_declared) for a family that does not declare them, or a declared one that a layer lacks."""
-    check_declared(loaded)
+    check_declared(loaded, dense_mlp)
     adapter, wrappers = loaded.adapter, []
     outside = [p for p in adapter.projections if not in_mlp(adapter, p.path)]
     with _INSTALL_LOCK:
