@@ -128,10 +128,13 @@ def check_declared(loaded: LoadedModel, dense_mlp: bool) -> None:
                          "declare every projection, and a model is never run half-sparse; use scope mlp")
 
 
-def install_projections(loaded: LoadedModel, dense_mlp: bool = True) -> list[SparseLinear]:
-    """Wrap every declared projection outside the MLP, once (idempotent, thread-safe). InputError
-    (check_declared) for a family that does not declare them, or a declared one that a layer lacks."""
-    check_declared(loaded, dense_mlp)
+def install_projections(loaded: LoadedModel) -> list[SparseLinear]:
+    """Wrap every declared projection outside the MLP, once (idempotent, thread-safe), and the MLPs
+    (SparseMLP). InputError (check_declared) for a family that does not declare them, or a declared one
+    that a layer lacks."""
+    from .mlp import install                         # mlp imports this module
+
+    check_declared(loaded, dense_mlp=any(w.moe is None for w in install(loaded)))
     adapter, wrappers = loaded.adapter, []
     outside = [p for p in adapter.projections if not in_mlp(adapter, p.path)]
     with _INSTALL_LOCK:
@@ -151,6 +154,28 @@ def install_projections(loaded: LoadedModel, dense_mlp: bool = True) -> list[Spa
                     set_path(layer, proj.path, module)
                 wrappers.append(module)
     return wrappers
+
+
+def attention_weights(loaded: LoadedModel) -> list[dict[str, int]] | None:
+    """Per layer, {name: matrix weights} of the declared projections outside the MLP (attention), which
+    every token reads; None when the family declares none."""
+    adapter = loaded.adapter
+    if adapter.projections is None:
+        return None
+    out = []
+    for layer in loaded.layers:
+        sizes = {}
+        for proj in adapter.projections:
+            if in_mlp(adapter, proj.path):
+                continue
+            try:
+                module = get_path(layer, proj.path)
+            except AttributeError:
+                module = None
+            if module is not None:
+                sizes[proj.name] = module.weight.numel()
+        out.append(sizes)
+    return out
 
 
 def pack(mask: torch.Tensor) -> torch.Tensor:
@@ -232,6 +257,12 @@ class InputRecorder:
     def model_density(self, n_tokens: int) -> float:
         """The share of the blocks' matrix weights read per token (embeddings excluded)."""
         return model_density(self.layers(n_tokens))
+
+    def weights(self) -> tuple[int, int]:
+        """(matrix weights read, matrix weights the dense model reads), summed over every token recorded."""
+        parts = [p for ps in self._parts.values() for p in ps]
+        return (sum(int(p.kept.sum()) * p.d_out for p in parts),
+                sum(p.rows.numel() * p.d_in * p.d_out for p in parts))
 
 
 def model_density(layers: list[dict[str, ProjectionInputs]]) -> float:

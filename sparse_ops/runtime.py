@@ -41,9 +41,9 @@ def sparsified(loaded: LoadedModel, policy: Policy, *, kernel: str = "reference"
     (sam_viz.sparse_ops.input_calibration.get_input_calibration). `frozen` fixes MLP neurons only, so
     it is not taken under scope all."""
     kern = get_kernel(kernel)
-    wrappers = install(loaded)
+    install(loaded)
     if policy.scope == "all":
-        install_projections(loaded, dense_mlp=any(w.moe is None for w in wrappers))
+        install_projections(loaded)
         if frozen is not None:
             raise InputError("a frozen neuron selection is for scope mlp; under scope all the policy chooses "
                              "every projection's inputs itself")
