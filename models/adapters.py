@@ -75,10 +75,13 @@ class Proj:
     `name` is what users see (q, k, v, qkv, o, gate, up, gate_up, down; DeepSeek's MLA: q_a, q_b,
     kv_a, kv_b); `path` is the module, relative to a layer (nn.Linear, or GPT-2's Conv1D when the
     adapter says conv1d); projections with the same `group` read the same input tensor (q, k and v;
-    gate and up), so a policy that depends only on x keeps the same entries for all of them."""
+    gate and up), so a policy that depends only on x keeps the same entries for all of them.
+    `optional`: the family builds this module only under some configs (DeepSeek-V3's q_proj when
+    q_lora_rank is None, q_a_proj and q_b_proj otherwise); a layer without it skips it."""
     name: str
     path: str
     group: str
+    optional: bool = False
 
 
 def _attn(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj") -> tuple[Proj, ...]:
@@ -88,6 +91,27 @@ def _attn(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="s
 def _glu_mlp(prefix="mlp") -> tuple[Proj, ...]:
     return (Proj("gate", f"{prefix}.gate_proj", "mlp_in"), Proj("up", f"{prefix}.up_proj", "mlp_in"),
             Proj("down", f"{prefix}.down_proj", "h"))
+
+
+def _fused_attn(qkv: str, o: str) -> tuple[Proj, ...]:
+    """One projection computes q, k and v together (GPT-2's c_attn, Pythia's query_key_value, Phi-3's qkv_proj)."""
+    return Proj("qkv", qkv, "attn_in"), Proj("o", o, "attn_out")
+
+
+def _mlp(w_in: str, w_out: str) -> tuple[Proj, ...]:
+    """A plain MLP: h = act(W_in x); its W_in is named `up` (the GLU's gate has no counterpart)."""
+    return Proj("up", w_in, "mlp_in"), Proj("down", w_out, "h")
+
+
+# DeepSeek-V3's multi-head latent attention: q from x directly (q_proj) or through a low rank (q_a_proj,
+# a norm, q_b_proj); keys and values through a shared low rank (kv_a_proj_with_mqa, a norm, kv_b_proj).
+# q_proj, q_a_proj and kv_a_proj_with_mqa read the block's x; q_b_proj and kv_b_proj read normed latents.
+_MLA = (Proj("q", "self_attn.q_proj", "attn_in", optional=True),
+        Proj("q_a", "self_attn.q_a_proj", "attn_in", optional=True),
+        Proj("q_b", "self_attn.q_b_proj", "q_latent", optional=True),
+        Proj("kv_a", "self_attn.kv_a_proj_with_mqa", "attn_in"),
+        Proj("kv_b", "self_attn.kv_b_proj", "kv_latent"),
+        Proj("o", "self_attn.o_proj", "attn_out"))
 
 
 @dataclass(frozen=True)
@@ -108,7 +132,8 @@ class MLPAdapter:
     projections: tuple[Proj, ...] | None = None   # every linear projection of a block, for scope `all`
                                    # (attention, and the dense MLP's); None: not declared, so scope
                                    # `all` is refused for the family. MoE experts' projections are
-                                   # the units that `moe` describes.
+                                   # the units that `moe` describes (named gate, up, down). A router
+                                   # (and a shared expert's scale) is not a projection: it stays dense.
 
     @property
     def is_moe(self) -> bool:
@@ -134,40 +159,54 @@ ADAPTERS: dict[str, MLPAdapter] = {
     **{t: MLPAdapter(family="glu", **_GLU, projections=_attn() + _glu_mlp())
        for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo")},
     "phi3": MLPAdapter(family="glu", kind="causal-lm", layers="layers", entry="mlp",
-                       gate_up="mlp.gate_up_proj", down="mlp.down_proj", act="mlp.activation_fn"),
+                       gate_up="mlp.gate_up_proj", down="mlp.down_proj", act="mlp.activation_fn",
+                       projections=_fused_attn("self_attn.qkv_proj", "self_attn.o_proj")
+                       + (Proj("gate_up", "mlp.gate_up_proj", "mlp_in"), Proj("down", "mlp.down_proj", "h"))),
     "gpt2": MLPAdapter(family="gpt2", kind="causal-lm", layers="h", entry="mlp", gate="mlp.c_fc",
-                       down="mlp.c_proj", act="mlp.act", conv1d=True),
+                       down="mlp.c_proj", act="mlp.act", conv1d=True,
+                       projections=_fused_attn("attn.c_attn", "attn.c_proj") + _mlp("mlp.c_fc", "mlp.c_proj")),
     "opt": MLPAdapter(family="opt", kind="causal-lm", layers="decoder.layers", entry="fc1",
-                      gate="fc1", down="fc2", act="activation_fn", tail=("activation_fn", "fc2")),
+                      gate="fc1", down="fc2", act="activation_fn", tail=("activation_fn", "fc2"),
+                      projections=_attn(o="self_attn.out_proj") + _mlp("fc1", "fc2")),
     "bert": MLPAdapter(family="bert", kind="encoder", layers="encoder.layer", entry="intermediate",
                        gate="intermediate.dense", down="output.dense",
-                       act="intermediate.intermediate_act_fn", tail=("output.dense",)),
+                       act="intermediate.intermediate_act_fn", tail=("output.dense",),
+                       projections=_attn("attention.self.query", "attention.self.key", "attention.self.value",
+                                         "attention.output.dense") + _mlp("intermediate.dense", "output.dense")),
     # -- dense families of 2024-2026 (issue 13, part A); tiny-config tests in tests/test_families.py --
     # Gemma 3 (sliding and global layers, scaled embedding), OLMo 2/3 (norms after the MLP) and SmolLM3
     # differ from Llama outside the MLP only, which the wrappers leave as shipped.
-    **{t: MLPAdapter(family="glu", **_GLU) for t in ("gemma3_text", "olmo2", "olmo3", "smollm3")},
+    **{t: MLPAdapter(family="glu", **_GLU, projections=_attn() + _glu_mlp())
+       for t in ("gemma3_text", "olmo2", "olmo3", "smollm3")},
     # Pythia (attention and MLP in parallel from one residual) and StarCoder2: Linear with bias, GELU.
     "gpt_neox": MLPAdapter(family="mlp", kind="causal-lm", layers="layers", entry="mlp",
-                           gate="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", act="mlp.act"),
+                           gate="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", act="mlp.act",
+                           projections=_fused_attn("attention.query_key_value", "attention.dense")
+                           + _mlp("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
     "starcoder2": MLPAdapter(family="mlp", kind="causal-lm", layers="layers", entry="mlp",
-                             gate="mlp.c_fc", down="mlp.c_proj", act="mlp.act"),
+                             gate="mlp.c_fc", down="mlp.c_proj", act="mlp.act",
+                             projections=_attn() + _mlp("mlp.c_fc", "mlp.c_proj")),
     # -- end of the dense families of issue 13 --
 }
 # MoE families. Routed experts: `experts`; shared experts: `shared`; dense layers: the GLU fields.
 ADAPTERS |= {
-    **{t: MLPAdapter(**_moe()) for t in ("mixtral", "qwen3_moe", "olmoe")},
-    "qwen2_moe": MLPAdapter(**_moe(shared=(_shared("mlp.shared_expert", scale="mlp.shared_expert_gate"),))),
-    "deepseek_v3": MLPAdapter(**_GLU | _moe(shared=(_shared("mlp.shared_experts"),), probs="sigmoid")),
+    **{t: MLPAdapter(**_moe(), projections=_attn()) for t in ("mixtral", "qwen3_moe", "olmoe")},
+    "qwen2_moe": MLPAdapter(**_moe(shared=(_shared("mlp.shared_expert", scale="mlp.shared_expert_gate"),)),
+                            projections=_attn()),
+    "deepseek_v3": MLPAdapter(**_GLU | _moe(shared=(_shared("mlp.shared_experts"),), probs="sigmoid"),
+                              projections=_MLA + _glu_mlp()),
     "gpt_oss": MLPAdapter(**_moe("mlp.router", Experts("mlp.experts", act=None, transposed=True, interleaved=True,
-                                                       bias=True, clamp=("limit", "alpha")), returns_pair=True)),
+                                                       bias=True, clamp=("limit", "alpha")), returns_pair=True),
+                          projections=_attn()),
     "llama4_text": MLPAdapter(**_moe("feed_forward.router", Experts("feed_forward.experts", transposed=True),
                                      shared=(_shared("feed_forward.shared_expert", "activation_fn"),),
                                      returns="scores-logits", probs="sigmoid", weight_input=True,
                                      returns_pair=True)
                               | dict(layers="model.layers", gate="feed_forward.gate_proj",
                                      up="feed_forward.up_proj", down="feed_forward.down_proj",
-                                     act="feed_forward.activation_fn")),
-    "granitemoe": MLPAdapter(**_moe("block_sparse_moe.router", Experts("block_sparse_moe.experts"))),
+                                     act="feed_forward.activation_fn", projections=_attn() + _glu_mlp("feed_forward"))),
+    "granitemoe": MLPAdapter(**_moe("block_sparse_moe.router", Experts("block_sparse_moe.experts")),
+                             projections=_attn()),
 }
 
 
@@ -337,3 +376,13 @@ def route(router: nn.Module, x: torch.Tensor, moe: MoE) -> Routing:
     else:
         probs = torch.softmax(logits, dim=-1)
     return Routing(probs=probs, weights=weights, experts=experts.long())
+
+
+def mlp_projections(adapter: MLPAdapter) -> dict[str, Proj]:
+    """The declared projections of the dense MLP by their role in MLPWeights: gate (the projection
+    through `act`: a GLU's gate, a plain MLP's W_in, or Phi-3's fused gate_up), up (GLU) and down.
+    Empty when the family declares no projections; a role without a declared projection is left out
+    (the caller refuses such a family for scope `all`)."""
+    by_path = {p.path: p for p in adapter.projections or ()}
+    roles = {"gate": adapter.gate_up or adapter.gate, "up": adapter.gate_up or adapter.up, "down": adapter.down}
+    return {role: by_path[path] for role, path in roles.items() if path in by_path}

@@ -25,7 +25,7 @@ from sam_viz.analysis import TooManyTokens, truncate_to_tokens
 from sam_viz.spec import MAX_PROMPT_CHARS
 from sam_viz.store import RunStore
 from sam_viz.text import escape_markdown
-from sam_viz.sparse_ops import CALIBRATED, POLICIES, available_kernels, default_kernel, get_calibration, unavailable_kernels
+from sam_viz.sparse_ops import CALIBRATED, SCOPE_POLICIES, available_kernels, default_kernel, get_calibration, unavailable_kernels
 
 PRESETS = {
     "Fox": "The quick brown fox jumps over the lazy dog.",
@@ -278,6 +278,7 @@ def _demo_hint() -> None:
 
 
 URL_CHOICES = ("policy", "kernel")     # bound selectboxes that drop a URL value they cannot take
+POLICIES = SCOPE_POLICIES["mlp"]        # the app runs scope mlp (the whole-model scope has no page yet)
 DENSITY_MIN, DENSITY_MAX, DENSITY_STEP, DENSITY_DEFAULT = 0.05, 1.0, 0.05, 0.5     # the sidebar's slider
 
 
@@ -410,7 +411,7 @@ def _sidebar(hint: bool) -> RunSpec:
                  placeholder="Pick a preset...")
     over = _cut_prompt(raw["prompt"])
     sb.text_area("Prompt", DEFAULT_PROMPT, key="prompt", bind="query-params", height=120)
-    sb.selectbox("Policy", list(POLICIES), index=list(POLICIES).index("topk"), key="policy",
+    sb.selectbox("Policy", list(POLICIES), index=POLICIES.index("topk"), key="policy",
                  bind="query-params", help="topk: the k largest |h| per token (oracle). threshold: "
                  "|act(gate)| above a per-layer value calibrated on sample prompts. dense: every neuron.")
     sb.slider("Density", DENSITY_MIN, DENSITY_MAX, DENSITY_DEFAULT, DENSITY_STEP, key="density",

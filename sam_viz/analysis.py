@@ -19,9 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from sam_viz.models import InputError, LoadedModel
-from sam_viz.sparse_ops import LayerFiring, Policy, Recorder, sparsified
+from sam_viz.models.adapters import mlp_projections
+from sam_viz.sparse_ops import (InputRecorder, LayerFiring, Policy, ProjectionInputs, Recorder, attention_weights,
+                                sparsified)
+from sam_viz.sparse_ops.inputs import model_density
 
-from .cost import mlp_cost
+from .cost import input_cost, mlp_cost, mlp_scope_model_density
 from .spec import RunSpec
 
 
@@ -37,6 +40,7 @@ class Outputs:
 
 Progress = Callable[[float, str], None]
 ACTIVATION_BUDGET = 32_000_000   # fp16 values of h kept per pass (T * neurons * layers); 64 MB
+INPUT_MASK_BUDGET = 64 << 20     # bytes of packed kept-input masks per scope-all pass (T * d_in / 8 per projection)
 TOP_NEXT = 10
 MAX_SENTENCES = 16
 DENSE_MEMO_SIZE = 8              # dense passes kept per model: a density or policy change reuses its prompt's
@@ -67,6 +71,12 @@ class Analysis:
                                                         # app; a saved run carries them (see sam_viz.store)
     n_shared: int = 0                                   # MoE: neuron ids after the routed E * d_ff (shared
                                                         # experts; models.LoadedModel.n_shared)
+    model_density: float | None = None                  # share of the blocks' matrix weights read per token,
+                                                        # embeddings excluded (scope mlp: attention dense)
+    projections: list[dict[str, float]] | None = None   # per layer, {projection: share of its weights read};
+                                                        # under scope all, its input density
+    inputs: list[dict[str, ProjectionInputs]] | None = None   # scope all: per layer and projection, the kept
+                                                        # input entries per token (not kept in saved runs yet)
 
     @property
     def n_neurons(self) -> int:
@@ -96,9 +106,14 @@ class Analysis:
     def to_json(self) -> dict:
         return {
             "model": self.spec.model, "policy": self.spec.policy, "target_density": self.spec.density,
+            "scope": self.spec.scope, **({"allocation": self.spec.allocation} if self.spec.policy in ("teal", "wina")
+                                         else {}),
             "kernel": self.spec.kernel, "tokens": self.tokens, "density": self.density,
+            "model_density": self.model_density,
             "layers": [{"layer": i, "density": l.density, "mass_kept": l.mass_kept_share,
-                        "recall": l.recall, "precision": l.precision} for i, l in enumerate(self.layers)],
+                        "recall": l.recall, "precision": l.precision,
+                        "projections": self.projections[i] if self.projections else None}
+                       for i, l in enumerate(self.layers)],
             "compare": self.compare,
         }
 
@@ -222,8 +237,11 @@ def analyze(loaded: LoadedModel, spec: RunSpec, progress: Progress | None = None
     t2 = time.perf_counter()
     step(0.4, f"sparse pass ({spec.policy}, density {spec.density:g})")
     recorder = Recorder(keep_activations=keep)
+    keep_masks = _mask_bytes(loaded, n_tokens) <= INPUT_MASK_BUDGET
+    inputs = None if spec.scope == "mlp" else InputRecorder(keep_masks=keep_masks)
     calibrating = lambda frac, text: step(0.4, f"first use of {spec.policy} on this model: {text}")  # noqa: E731
-    with sparsified(loaded, spec.to_policy(), kernel=spec.kernel, recorder=recorder, progress=calibrating) as run:
+    with sparsified(loaded, spec.to_policy(), kernel=spec.kernel, recorder=recorder, progress=calibrating,
+                    inputs=inputs) as run:
         t3 = time.perf_counter()
         sparse = forward(loaded, enc)
     t4 = time.perf_counter()
@@ -237,6 +255,13 @@ def analyze(loaded: LoadedModel, spec: RunSpec, progress: Progress | None = None
         layer_divergence=divergence(dense, sparse),
     )
     analysis.cost = _cost(loaded, spec, analysis.layers, n_tokens, run.calibration)
+    if inputs is not None:
+        analysis.inputs = inputs.layers(n_tokens)
+        analysis.projections = [{name: p.density for name, p in layer.items()} for layer in analysis.inputs]
+        analysis.model_density = model_density(analysis.inputs)
+        analysis.cost = input_cost(*inputs.weights(), n_tokens)
+    else:
+        analysis.projections, analysis.model_density = _mlp_scope_work(loaded, analysis.layers, n_tokens)
     if loaded.kind == "causal-lm":
         analysis.next_tokens = {name: top_next_tokens(loaded, out.logits[0, -1])
                                 for name, out in (("dense", dense), ("sparse", sparse))}
@@ -318,8 +343,36 @@ def _cost(loaded: LoadedModel, spec: RunSpec, layers: list[LayerFiring], n_token
     params = calls = 0
     if calibration is not None and spec.policy == "predictor":
         params, calls = _predictor_params(loaded, calibration, layers, n_tokens), 1
-    glu = loaded.adapter.up is not None or loaded.adapter.gate_up is not None or loaded.adapter.is_moe
-    return mlp_cost(layers, spec.policy, d_model, glu, n_tokens, params, calls)
+    return mlp_cost(layers, spec.policy, d_model, _glu(loaded), n_tokens, params, calls)
+
+
+def _glu(loaded: LoadedModel) -> bool:
+    return loaded.adapter.up is not None or loaded.adapter.gate_up is not None or loaded.adapter.is_moe
+
+
+def _mask_bytes(loaded: LoadedModel, n_tokens: int) -> int:
+    """About the bytes of a scope-all pass's packed kept-input masks: per layer, q k v o and gate up
+    read d_model-wide inputs, down reads the neurons."""
+    return n_tokens * loaded.n_layers * (6 * loaded.model.config.hidden_size + loaded.n_neurons) // 8
+
+
+def _mlp_scope_work(loaded: LoadedModel, layers: list[LayerFiring], n_tokens: int):
+    """Scope mlp: (per layer {projection: share of its weights read}, model density): the attention
+    projections read whole, the MLP's at the layer's neuron density. (None, None) when the family does
+    not declare its projections."""
+    attention = attention_weights(loaded)
+    if attention is None:
+        return None, None
+    mlp_names = list(dict.fromkeys(p.name for p in mlp_projections(loaded.adapter).values()))
+    shares = []
+    for sizes, lf in zip(attention, layers):
+        names = mlp_names if lf.experts is None else ["gate", "up", "down"]
+        shares.append({name: 1.0 for name in sizes} | {name: lf.density for name in names})
+    possible = sum(float(l.possible.sum()) for l in layers) / max(1, n_tokens)
+    selected = sum(float(l.selected.sum()) for l in layers) / max(1, n_tokens)
+    density = mlp_scope_model_density(sum(sum(s.values()) for s in attention), possible, selected,
+                                      loaded.model.config.hidden_size, _glu(loaded))
+    return shares, density
 
 
 def _predictor_params(loaded: LoadedModel, calibration, layers: list[LayerFiring], n_tokens: int) -> float:

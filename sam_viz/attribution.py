@@ -267,8 +267,8 @@ def attribute(loaded: LoadedModel, spec: RunSpec, method: str = "ig", steps: int
     with sparsified(loaded, policy, kernel=spec.kernel, recorder=rec):
         forward(loaded, enc)
     sparse_layers = rec.layers(n, loaded.n_neurons)
-    frozen = None if policy.kind == "dense" or loaded.n_experts else {
-        i: lf.padded_ids() for i, lf in enumerate(sparse_layers)}
+    frozen = None if policy.kind == "dense" or loaded.n_experts or policy.scope == "all" else {   # scope all:
+        i: lf.padded_ids() for i, lf in enumerate(sparse_layers)}        # the policy chooses at every point of the path
     args = (loaded, spec.kernel, fn, ids, method, steps, step)
     d = _side(*args, 0.1, "dense model", Policy("topk", 1.0), None)   # every neuron, exposed: equals dense
     exposed = Policy("topk", 1.0) if policy.kind == "dense" else policy      # dense: no neuron layer to hook

@@ -20,6 +20,8 @@ from sam_viz.models import DEFAULT_MODEL, InputError
 EXIT_USAGE = 2
 CALIBRATION_CONTEXT = 128      # tokens per window of calibrate --corpus
 KERNEL_HELP = "reference, cpu or triton (default: cpu where it is built, else reference)"
+SCOPE_HELP = "mlp (the MLP's neurons, the default) or all (every projection's input: dense, topk, teal or wina)"
+ALLOCATION_HELP = "teal and wina: uniform (every projection at the density) or greedy (TEAL's, the default)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,9 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="run a prompt densely and sparsely and compare")
     a.add_argument("--model", default=DEFAULT_MODEL, help="minilm, tiny-*, a checkpoint dir, or hf:org/name")
     a.add_argument("--prompt", required=True)
-    a.add_argument("--policy", default="topk", help="dense, topk, threshold, predictor or static")
-    a.add_argument("--density", default="0.5", help="share of MLP neurons computed per token, in (0, 1]")
+    a.add_argument("--policy", default="topk", help="dense, topk, threshold, predictor or static; under "
+                   "--scope all: dense, topk, teal or wina")
+    a.add_argument("--density", default="0.5", help="share of MLP neurons (scope all: of each projection's "
+                   "input entries) computed per token, in (0, 1]")
     a.add_argument("--kernel", default=None, help=KERNEL_HELP)
+    _scope_flags(a)
     a.add_argument("--json", action="store_true", help="print one JSON object")
     a.add_argument("--truncate", action="store_true", help="a prompt over the model's token limit: analyse "
                    "its first tokens instead of refusing it")
@@ -45,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--policy", default="topk")
     t.add_argument("--density", default="0.5")
     t.add_argument("--kernel", default=None, help=KERNEL_HELP)
+    _scope_flags(t)
     t.add_argument("--method", default="ig", help="ig (integrated gradients) or ixg (input x gradient, fast)")
     t.add_argument("--steps", default="50", help="integration steps for ig")
     t.add_argument("--target", default=None, help="causal LMs: the next token to explain (default: the "
@@ -67,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--policy", default="dense")
     e.add_argument("--density", default="0.5")
     e.add_argument("--kernel", default=None, help=KERNEL_HELP)
+    _scope_flags(e)
     e.add_argument("--text", default=None, help="a UTF-8 text file; documents separated by <|endoftext|> "
                    "(none: one document). Default: models/demo/heldout.txt")
     e.add_argument("--max-tokens", default=None, help="score only the first whole windows holding at most "
@@ -80,8 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                    ".jsonl, .csv or .parquet file, or builtin:calibration (replaces the stored calibration)")
     c.add_argument("--text-column", default=None, help="the text column of a .jsonl, .csv or .parquet corpus")
     c.add_argument("--max-tokens", default=None, help="train on at most this many corpus tokens (default: all)")
+    c.add_argument("--scope", default="mlp", help="mlp: thresholds, predictors and static sets of the MLP's "
+                   "neurons (the default); all: the input calibration of every projection (teal, wina)")
+    c.add_argument("--allocation", default="greedy", help="uniform or greedy: checked as the other commands check "
+                   "it; calibrate --scope all stores both allocations")
     _profile_parser(sub)
     return parser
+
+
+def _scope_flags(parser) -> None:
+    parser.add_argument("--scope", default="mlp", help=SCOPE_HELP)
+    parser.add_argument("--allocation", default="greedy", help=ALLOCATION_HELP)
 
 
 def _profile_parser(sub) -> None:
@@ -96,6 +112,7 @@ def _profile_parser(sub) -> None:
     p.add_argument("--policy", default="topk", help="dense, topk, threshold, predictor or static")
     p.add_argument("--density", default="0.1", help="the oracle's and the policy's share of neurons, in (0, 1]")
     p.add_argument("--kernel", default=None, help=KERNEL_HELP)
+    _scope_flags(p)
     p.add_argument("--engine", default="local", choices=["local", "ray"])
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (auto, ray://host:port); "
                    "default: start a local one")
@@ -120,7 +137,7 @@ def cmd_analyze(args) -> int:
     from .spec import RunSpec
 
     spec = RunSpec(prompt=args.prompt, model=args.model, policy=args.policy, density=args.density,
-                   kernel=args.kernel)
+                   kernel=args.kernel, scope=args.scope, allocation=args.allocation)
     _quiet_libraries()
 
     def progress(frac: float, text: str) -> None:        # only the slow first-use calibration is worth a line
@@ -141,8 +158,8 @@ def cmd_analyze(args) -> int:
     if args.json:
         print(json.dumps(_finite(result.to_json()), allow_nan=False))
         return 0
-    print(f"{spec.model}  policy={spec.policy}  target={spec.density:g}  tokens={len(result.tokens)}  "
-          f"density={result.density:.4f}")
+    print(f"{spec.model}  policy={spec.policy}  scope={spec.scope}  target={spec.density:g}  "
+          f"tokens={len(result.tokens)}  density={result.density:.4f}  model_density={_fmt(result.model_density)}")
     print("layer  density  mass_kept  recall  precision")
     for row in result.to_json()["layers"]:
         print(f"{row['layer']:>5}  {row['density']:7.4f}  {row['mass_kept']:9.4f}  "
@@ -158,7 +175,7 @@ def cmd_attribute(args) -> int:
     from .spec import RunSpec
 
     spec = RunSpec(prompt=args.prompt, model=args.model, policy=args.policy, density=args.density,
-                   kernel=args.kernel)
+                   kernel=args.kernel, scope=args.scope, allocation=args.allocation)
     try:
         steps = int(args.steps)
     except ValueError:
@@ -208,7 +225,8 @@ def cmd_eval(args) -> int:
     from .evaluate import EvalSpec, evaluate, read_text
 
     spec = EvalSpec(model=args.model, policy=args.policy, density=args.density, kernel=args.kernel,
-                    text=args.text, max_tokens=args.max_tokens, context=args.context)
+                    text=args.text, max_tokens=args.max_tokens, context=args.context, scope=args.scope,
+                    allocation=args.allocation)
     text = read_text(spec.text)
     _quiet_libraries()
     loaded = load_model(spec.model)
@@ -230,7 +248,8 @@ def cmd_eval(args) -> int:
         return 0
     print(f"{spec.model}  policy={spec.policy}  density={spec.density:g}  text={result.to_json()['text']}  "
           f"windows={result.windows}  tokens={result.tokens}")
-    print(f"perplexity={result.perplexity:.4f}  loss={result.loss:.6f}  mlp_density={result.mlp_density:.4f}")
+    print(f"perplexity={result.perplexity:.4f}  loss={result.loss:.6f}  mlp_density={result.mlp_density:.4f}  "
+          f"model_density={_fmt(result.model_density)}")
     return 0
 
 
@@ -259,7 +278,8 @@ def cmd_profile(args) -> int:
     manifest = build_profile(args.model, args.corpus, policy=args.policy, density=args.density,
                              context=args.context, max_tokens=args.max_tokens, text_column=args.text_column,
                              kernel=args.kernel, engine=args.engine, ray_address=args.ray_address,
-                             workers=workers, resume=args.resume, progress=progress)
+                             workers=workers, resume=args.resume, progress=progress, scope=args.scope,
+                             allocation=args.allocation)
     if args.json:
         print(json.dumps(_finite(manifest), allow_nan=False))
         return 0
@@ -317,12 +337,15 @@ def cmd_calibrate(args) -> int:
     import time
 
     from sam_viz.models import load_model
-    from sam_viz.sparse_ops import calibration
+    from sam_viz.sparse_ops import Policy, calibration
 
     if args.corpus is None and (args.text_column is not None or args.max_tokens is not None):
         raise InputError("--text-column and --max-tokens are for --corpus")
+    Policy("teal" if args.scope == "all" else "dense", scope=args.scope, allocation=args.allocation)   # validated
     _quiet_libraries()
     loaded = load_model(args.model)
+    if args.scope == "all":
+        return _calibrate_inputs(loaded, args)
     path = calibration.path_for(loaded)
     if path.is_file() and not args.force and args.corpus is None:
         print(f"{args.model}: already calibrated ({path}); --force trains again")
@@ -343,6 +366,34 @@ def cmd_calibrate(args) -> int:
           f"{len(cal.predictors)} predictors (rank {next(iter(cal.predictors.values()))[0].shape[0]}), "
           f"static sets and thresholds "
           f"for {len(cal.thresholds)} densities -> {path}")
+    return 0
+
+
+def _calibrate_inputs(loaded, args) -> int:
+    """calibrate --scope all: the input calibration of every projection (teal and wina thresholds, both
+    allocations), made and cached by sam_viz.sparse_ops.input_calibration, with progress in words."""
+    import time
+
+    from sam_viz.sparse_ops import install_projections
+
+    try:
+        from sam_viz.sparse_ops.input_calibration import get_input_calibration
+    except ImportError:
+        raise InputError("calibrate --scope all needs the input calibration (sam_viz.sparse_ops.input_calibration), "
+                         "which this build does not have yet") from None
+    install_projections(loaded)                      # a family that does not declare its projections: refused here
+    windows, corpus = _corpus_windows(loaded, args) if args.corpus is not None else (None, None)
+    t0, last = time.perf_counter(), [-1]
+
+    def progress(frac: float, text: str) -> None:
+        if int(frac * 20) != last[0]:
+            last[0] = int(frac * 20)
+            print(f"[{frac:4.0%}] {text}", file=sys.stderr, flush=True)
+
+    get_input_calibration(loaded, progress, windows=windows, corpus=corpus, force=args.force)
+    source = args.corpus or "the built-in text"
+    print(f"{args.model}: input calibration on {source} in {time.perf_counter() - t0:.1f} s (teal and wina "
+          "thresholds, uniform and greedy allocations)")
     return 0
 
 

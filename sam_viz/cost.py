@@ -60,3 +60,26 @@ def cost_sentence(kind: str, policy: str) -> str:
            "threshold": " threshold reads every gate (or input) row to score them.",
            "predictor": " The predictor's own weights are included."}.get(policy, "")
     return how + why
+
+
+def mlp_scope_model_density(attention: int, possible: float, selected: float, d_model: int, glu: bool) -> float:
+    """Scope mlp: the share of the blocks' matrix weights read per token (embeddings excluded) with the
+    attention projections dense and the MLP at its density. attention: attention weights per token over
+    all layers; possible / selected: MLP neurons per token over all layers, in the dense model and
+    computed by the policy (each neuron is a row of gate and up, or of W_in, and a column of down)."""
+    per_neuron = (3 if glu else 2) * d_model
+    total = attention + possible * per_neuron
+    return (attention + selected * per_neuron) / total if total else 1.0
+
+
+def input_cost(read: float, total: float, n_tokens: int, bytes_per_param: int = 4) -> dict:
+    """Scope all: mlp_cost's keys for every projection of the blocks, per token. A projection reads the
+    columns of its weight for the kept input entries; choosing them reads no weight (topk, teal and
+    wina score the input itself; wina's column norms are computed once per weight)."""
+    dense, sparse = total / max(1, n_tokens), read / max(1, n_tokens)
+    return {
+        "dense_params": dense, "sparse_params": sparse, "select_params": 0.0, "predictor_params": 0.0,
+        "dense_bytes": dense * bytes_per_param, "sparse_bytes": sparse * bytes_per_param, "predictor_bytes": 0.0,
+        "dense_flops": 2 * dense, "sparse_flops": 2 * sparse, "predictor_flops": 0.0,
+        "ratio": sparse / dense if dense else 1.0,
+    }

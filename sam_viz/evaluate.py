@@ -8,7 +8,8 @@ documents' tokens are concatenated and cut into non-overlapping windows of conte
 windows' `context` targets). A text without the separator is one document: blank lines separate
 paragraphs, not documents, and a special token in mid-text would change what is measured.
 The sparse run is sparse_ops.sparsified; a DensityCounter (the recorder's light path: no ids, no
-values, no oracle sort, no h of every neuron) counts the MLP neurons it computed.
+values, no oracle sort, no h of every neuron) counts the MLP neurons it computed, and under scope all an
+InputRecorder without masks counts the matrix weights every projection read (`model_density`).
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ import torch.nn.functional as F
 
 from sam_viz.models import InputError, LoadedModel
 from sam_viz.models.loading import DEMO_DIR
-from sam_viz.sparse_ops import POLICIES, Policy, available_kernels, parse_density, sparsified
+from sam_viz.sparse_ops import (POLICIES, InputRecorder, Policy, attention_weights, available_kernels, parse_density,
+                                sparsified)
 from sam_viz.sparse_ops.recorder import DensityCounter
 
+from .cost import mlp_scope_model_density
 from .files import decode_text, read_bytes
 from .spec import positive_int
 
@@ -47,6 +50,8 @@ class EvalSpec:
     text: str | None = None              # a file path; None: the shipped held-out split
     max_tokens: int | None = None        # at most this many predicted tokens (whole windows)
     context: int = CONTEXT
+    scope: str = "mlp"                   # see sam_viz.sparse_ops.policy
+    allocation: str = "greedy"
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model.strip():
@@ -56,7 +61,7 @@ class EvalSpec:
         if self.kernel not in available_kernels():
             raise InputError(f"unknown kernel '{str(self.kernel)[:40]}'; available here: "
                              f"{', '.join(available_kernels())}")
-        object.__setattr__(self, "density", Policy(self.policy, parse_density(self.density)).density)
+        object.__setattr__(self, "density", self.policy_at(parse_density(self.density)).density)
         object.__setattr__(self, "context", positive_int(self.context, "context"))
         if self.max_tokens is not None:
             n = positive_int(self.max_tokens, "max-tokens")
@@ -64,6 +69,9 @@ class EvalSpec:
                 raise InputError(f"max-tokens must be at least the context ({self.context} tokens): "
                                  "eval scores whole windows")
             object.__setattr__(self, "max_tokens", n)
+
+    def policy_at(self, density: float) -> Policy:
+        return Policy(self.policy, density, scope=self.scope, allocation=self.allocation)
 
     @property
     def max_windows(self) -> int | None:
@@ -78,6 +86,8 @@ class Evaluation:
     windows: int
     mlp_density: float                   # share of MLP neuron evaluations computed, all layers and tokens
     neurons: tuple[int, int] = (0, 0)    # (MLP neurons computed, possible), summed over layers and tokens
+    model_density: float | None = None   # share of the blocks' matrix weights read per token, embeddings
+                                         # excluded (scope mlp: attention dense; None: projections undeclared)
 
     @property
     def perplexity(self) -> float:
@@ -85,10 +95,11 @@ class Evaluation:
 
     def to_json(self) -> dict:
         s = self.spec
-        return {"model": s.model, "policy": s.policy, "density": s.density, "kernel": s.kernel,
+        return {"model": s.model, "policy": s.policy, "density": s.density, "kernel": s.kernel, "scope": s.scope,
+                **({"allocation": s.allocation} if s.policy in ("teal", "wina") else {}),
                 "text": s.text if s.text is not None else "heldout", "context": s.context,
                 "windows": self.windows, "tokens": self.tokens, "loss": self.loss,
-                "perplexity": self.perplexity, "mlp_density": self.mlp_density}
+                "perplexity": self.perplexity, "mlp_density": self.mlp_density, "model_density": self.model_density}
 
 
 def read_text(path: str | None) -> str:
@@ -138,23 +149,37 @@ def evaluate(loaded: LoadedModel, spec: EvalSpec, text: str | None = None,
         raise InputError(f"the text is {tokens.numel()} tokens for {spec.model}; eval needs at least "
                          f"{spec.context + 1} (a window of {spec.context} and the next token)")
     wins = windows(tokens, spec.context)[:spec.max_windows]
-    loss_sum, (selected, possible) = _score(loaded, Policy(spec.policy, spec.density), spec.kernel, wins,
-                                            progress, calibrating)
-    return Evaluation(spec=spec, loss=loss_sum / wins[:, 1:].numel(), tokens=wins[:, 1:].numel(),
-                      windows=len(wins), mlp_density=selected / possible if possible else 1.0,
-                      neurons=(selected, possible))
+    loss_sum, (selected, possible), (read, total) = _score(loaded, spec.policy_at(spec.density), spec.kernel,
+                                                           wins, progress, calibrating)
+    n = wins[:, 1:].numel()
+    if spec.scope == "all":
+        model = read / total if total else 1.0
+    else:
+        attention = attention_weights(loaded)
+        model = None if attention is None else mlp_scope_model_density(
+            sum(sum(a.values()) for a in attention), possible / n, selected / n, loaded.model.config.hidden_size,
+            loaded.adapter.up is not None or loaded.adapter.gate_up is not None or loaded.adapter.is_moe)
+    return Evaluation(spec=spec, loss=loss_sum / n, tokens=n, windows=len(wins),
+                      mlp_density=selected / possible if possible else 1.0, neurons=(selected, possible),
+                      model_density=model)
 
 
 def _score(loaded: LoadedModel, policy: Policy, kernel: str, wins: torch.Tensor, progress, calibrating):
-    """(sum of next-token losses over wins [W, T + 1], (MLP neurons computed, possible)), BATCH windows at a time."""
-    loss_sum, selected, possible = 0.0, 0, 0
+    """(sum of next-token losses over wins [W, T + 1], (MLP neurons computed, possible), (matrix weights read,
+    possible) under scope all), BATCH windows at a time."""
+    loss_sum, selected, possible, read, total = 0.0, 0, 0, 0, 0
     for i in range(0, len(wins), BATCH):
         batch, recorder = wins[i:i + BATCH], DensityCounter(loaded.d_ff)
-        with sparsified(loaded, policy, kernel=kernel, recorder=recorder, progress=calibrating), torch.no_grad():
+        inputs = InputRecorder() if policy.scope == "all" else None
+        with sparsified(loaded, policy, kernel=kernel, recorder=recorder, progress=calibrating,
+                        inputs=inputs), torch.no_grad():
             logits = loaded.model(input_ids=batch[:, :-1]).logits                    # [B, T, V]
+        if inputs is not None:
+            batch_read, batch_total = inputs.weights()
+            read, total = read + batch_read, total + batch_total
         loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"))
         for layer_selected, layer_possible in recorder.counts().values():
             selected, possible = selected + layer_selected, possible + layer_possible
         if progress is not None:
             progress(min(i + BATCH, len(wins)), len(wins))
-    return loss_sum, (selected, possible)
+    return loss_sum, (selected, possible), (read, total)

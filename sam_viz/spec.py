@@ -32,6 +32,8 @@ class RunSpec:
     policy: str = "topk"
     density: float = 0.5
     kernel: str = field(default_factory=default_kernel)     # cpu where it is built, else reference
+    scope: str = "mlp"                                      # mlp: the MLP's neurons; all: every projection's input
+    allocation: str = "greedy"                              # teal / wina: uniform or greedy
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -49,6 +51,7 @@ class RunSpec:
         if why:
             raise InputError(f"the {self.kernel} kernel cannot run here: {why}")
         object.__setattr__(self, "density", parse_density(self.density))
+        self.to_policy()                                    # scope, allocation, and the policy under the scope
 
     def to_policy(self) -> Policy:
-        return Policy(self.policy, self.density)
+        return Policy(self.policy, self.density, scope=self.scope, allocation=self.allocation)

@@ -55,6 +55,9 @@ META_TYPES = {"kind": str, "model_type": str, "tokens": list, "d_ff": int, "n_ex
               "compare": dict, "layer_divergence": list, "next_tokens": (dict, type(None)),
               "sentence_cosines": (list, type(None)), "continuation": (dict, type(None)),
               "sweep": (list, type(None)), "timings_ms": dict}
+OPTIONAL_META = {"model_density": (float, int, type(None)), "projections": (list, type(None))}   # runs saved
+                                                                            # before scope all lack them
+NOT_SAVED = ("inputs",)          # scope all's kept-input masks: not in saved runs yet
 ATTR_TENSORS = ("neurons_dense", "neurons_sparse", "kept")                # one [d_ff] tensor per layer each
 ATTR_FLOAT_LISTS = ("dense", "sparse", "neuron_l1_dense", "neuron_l1_sparse")
 ATTR_PAIRS = ("f_dense", "f_sparse", "floor_tokens", "floor_neurons")       # tuples of two floats
@@ -101,7 +104,7 @@ def analysis_to_bytes(a: Analysis) -> bytes:
     tensors.update({f"attributions.{k}.{name}.{i}": t.detach().cpu().contiguous()
                     for k, r in enumerate(a.attributions) for name in ATTR_TENSORS
                     for i, t in enumerate(getattr(r, name))})
-    meta = {f.name: getattr(a, f.name) for f in fields(Analysis) if f.name not in TRACES}
+    meta = {f.name: getattr(a, f.name) for f in fields(Analysis) if f.name not in TRACES + NOT_SAVED}
     meta["spec"] = asdict(a.spec)
     meta["attributions"] = [{name: getattr(r, name) for name in ATTR_FIELDS if name not in ATTR_TENSORS}
                             for r in a.attributions]
@@ -134,6 +137,9 @@ def _decode(blob: bytes) -> Analysis:
     for name, kind in META_TYPES.items():
         if not isinstance(meta[name], kind) or isinstance(meta[name], bool):
             raise ValueError(f"{name} has type {type(meta[name]).__name__}")
+    for name, kind in OPTIONAL_META.items():
+        if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
+            raise ValueError(f"{name} has type {type(meta.get(name)).__name__}")
     a = Analysis(spec=_spec(meta.pop("spec")), **traces, **meta)
     _check_shapes(a)
     a.attributions = _attributions(saved, tensors, a)

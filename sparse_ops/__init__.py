@@ -7,16 +7,20 @@ if __name__ != "sam_viz.sparse_ops":        # one name per file (sam_viz/_folder
 from .calibration import (GRID, Calibration, Settings, calibrate, calibrate_thresholds, calibration_texts,
                           get_calibration)
 from .context import Run, current_run
+from .inputs import InputRecorder, ProjectionInputs, SparseLinear, attention_weights, install_projections
 from .kernels import (KERNELS, activations, available_kernels, default_kernel, get_kernel, reference,
                       unavailable_kernels)
 from .mlp import Absorbed, SparseMLP, install
-from .policy import CALIBRATED, POLICIES, Policy, parse_density, topk_indices
+from .policy import (ALLOCATIONS, CALIBRATED, INPUT_CALIBRATED, POLICIES, SCOPE_POLICIES, SCOPES, Policy,
+                     parse_density, topk_indices)
 from .recorder import LayerFiring, Recorder
 from .runtime import sparsified
 
 __all__ = [
-    "Absorbed", "CALIBRATED", "Calibration", "GRID", "KERNELS", "LayerFiring", "POLICIES", "Policy",
-    "Recorder", "Run", "Settings", "SparseMLP", "activations", "available_kernels", "calibrate",
+    "ALLOCATIONS", "Absorbed", "CALIBRATED", "Calibration", "GRID", "INPUT_CALIBRATED", "InputRecorder", "KERNELS",
+    "LayerFiring", "POLICIES", "Policy", "ProjectionInputs", "Recorder", "Run", "SCOPES", "SCOPE_POLICIES",
+    "Settings", "SparseLinear", "SparseMLP", "activations", "attention_weights", "available_kernels", "calibrate",
     "calibrate_thresholds", "calibration_texts", "current_run", "default_kernel", "get_calibration", "get_kernel",
-    "install", "parse_density", "reference", "sparsified", "topk_indices", "unavailable_kernels",
+    "install", "install_projections", "parse_density", "reference", "sparsified", "topk_indices",
+    "unavailable_kernels",
 ]

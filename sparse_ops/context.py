@@ -30,6 +30,13 @@ class Run:
                                                    # fixed selection, e.g. along an attribution path
     seq_len: int = 0                        # > 0: pass h [B, T, d_ff] through SparseMLP.neurons (captum)
     weights: dict = field(default_factory=dict)  # (SparseMLP, expert) -> MLPWeights, resolved once per run
+    inputs: object | None = None            # scope all: sam_viz.sparse_ops.inputs.InputRecorder
+    input_calibration: object | None = None  # teal / wina: threshold(layer, proj, density, allocation) -> float
+
+    def input_threshold(self, layer: int, proj: str) -> float:
+        """teal / wina: the threshold of projection `proj` of `layer` at the run's density and allocation."""
+        p = self.policy
+        return float(self.input_calibration.threshold(layer, proj, p.density, p.allocation))
 
     def threshold(self, layer: int, scores: torch.Tensor, rows: torch.Tensor | None = None) -> float:
         """The layer's threshold; when calibrating and not yet set, the value that keeps a

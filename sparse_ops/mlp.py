@@ -10,6 +10,10 @@ weighted as the router says) and the shared experts every token goes through (un
 policy applies to every unit alike, with k = round(density * the unit's d_ff); a token's density
 is the share of its units' neurons computed (README, "Density in MoE models"). A layer of an MoE
 model without the router is a plain MLP (unit -1).
+
+Under scope `all` (sam_viz.sparse_ops.inputs) each unit's projections read only the kept entries of their
+inputs: gate and up of x, down of the neurons h, each through `inputs.project`; the neurons the down
+projection reads are the ones recorded as fired. The router stays dense.
 """
 from __future__ import annotations
 
@@ -20,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sam_viz.models import LoadedModel, MLPAdapter, MLPWeights, get_path, mlp_weights
-from sam_viz.models.adapters import n_routed, route, set_path
+from sam_viz.models.adapters import mlp_projections, n_routed, route, set_path
 
 from .context import Run, current_run
+from .inputs import NormCache, keep_mask, project
 from .kernels import activations
 from .policy import mask_indices, selection_mask, topk_indices
 
@@ -49,6 +54,9 @@ class SparseMLP(nn.Module):
         self.moe = moe                       # None: a dense MLP (also inside an MoE model)
         self.n_experts, self.d_expert = n_routed(self.resolve, moe) if moe else (0, 0)
         self.offsets = {-1: 0, **self._unit_offsets()} if moe else {-1: 0}   # unit -> its first neuron id
+        dense_names = {role: p.name for role, p in mlp_projections(adapter).items()}
+        self.names = {-1: dense_names, "expert": {"gate": "gate", "up": "up", "down": "down"}}   # scope all
+        self.norms = NormCache()                                                     # wina's column norms
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, family={self.adapter.family}"
@@ -99,7 +107,7 @@ class SparseMLP(nn.Module):
         if run is None:
             return self.dense_forward(x)
         x2 = x.reshape(-1, x.shape[-1])                                 # [N, d]
-        if run.policy.kind == "dense":
+        if run.policy.kind == "dense" and run.policy.scope == "mlp":
             if run.recorder is None and run.collector is None:
                 return self.dense_forward(x)
             if self.moe is None and (run.collector is not None or run.recorder.wants_activations):
@@ -163,6 +171,8 @@ class SparseMLP(nn.Module):
                 expert: int = -1) -> torch.Tensor:
         """One MLP (or one expert) on tokens x2 [n, d] at positions `rows` (None: 0 .. n-1, made
         only when something reads them, not on a plain decode step)."""
+        if run.policy.scope == "all":
+            return self._sparse_inputs(run, x2, rows, w, expert)
         policy, h_all, n, k = run.policy, None, x2.shape[0], run.policy.k(w.d_ff)
         if rows is None and (run.frozen is not None or run.recorder is not None or policy.kind == "threshold"):
             rows = _positions(x2)
@@ -191,6 +201,41 @@ class SparseMLP(nn.Module):
             offset = self.offsets[expert]
             ids = torch.where(idx >= 0, idx + offset, idx)
             run.recorder.add(self.layer, rows, ids, h_sel, h_all, offset=offset, oracle_k=k, width=w.d_ff)
+        return y
+
+    def _sparse_inputs(self, run: Run, x2: torch.Tensor, rows: torch.Tensor | None, w: MLPWeights,
+                       expert: int = -1) -> torch.Tensor:
+        """Scope all: gate and up read the kept entries of x [n, d], down the kept neurons of h;
+        y = W_down (h * mask_h) + b. A fused gate_up (one name for both roles) keeps one set of entries."""
+        rows = _positions(x2) if rows is None else rows
+        names = self.names[-1 if expert < 0 else "expert"]
+        fused = w.up is not None and names["gate"] == names.get("up")
+        gate_w = torch.cat([w.gate, w.up]) if fused else w.gate                    # [d_ff or 2 d_ff, d]
+        m_gate = keep_mask(run, self.layer, names["gate"], x2, gate_w, self.norms, (expert, "gate"))
+        h = w.act(project(run, x2, m_gate, w.gate, w.b_gate))                        # [n, d_ff]
+        masks = [(names["gate"], x2, m_gate, gate_w)]
+        if w.up is not None:
+            m_up = m_gate if fused else keep_mask(run, self.layer, names["up"], x2, w.up, self.norms, (expert, "up"))
+            up = project(run, x2, m_up, w.up, w.b_up)
+            h = h * (up if w.up_act is None else w.up_act(up))
+            if not fused:
+                masks.append((names["up"], x2, m_up, w.up))
+        if run.seq_len:                                                              # attribution: expose h
+            h = self.neurons(h.reshape(-1, run.seq_len, w.d_ff)).reshape(-1, w.d_ff)
+        down_w = w.down_t.t()                                                        # [d_out, d_ff]
+        m_down = keep_mask(run, self.layer, names["down"], h, down_w, self.norms, (expert, "down"))
+        y = project(run, h, m_down, down_w, w.b_down)
+        masks.append((names["down"], h, m_down, down_w))
+        if run.inputs is not None:
+            for name, inp, mask, weight in masks:
+                run.inputs.add(self.layer, name, rows, mask, inp.shape[-1], weight.shape[0], keep=expert < 0)
+        if run.recorder is not None:
+            offset = self.offsets[expert]
+            ids = None if m_down is None else mask_indices(m_down)                  # [n, k_max], -1 pad
+            values = None if ids is None else torch.gather(h, 1, ids.clamp(min=0)) * (ids >= 0)
+            ids = None if ids is None else torch.where(ids >= 0, ids + offset, ids)
+            run.recorder.add(self.layer, rows, ids, values, h if run.recorder.wants_activations else None,
+                             offset=offset, oracle_k=None if ids is None else run.policy.k(w.d_ff), width=w.d_ff)
         return y
 
     def _exposed(self, run: Run, x2: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> torch.Tensor:

@@ -6,6 +6,14 @@ threshold calibrated to the target density (scores as in CATS: abs(act(W_gate x)
 abs(h) otherwise); `predictor` keeps the k neurons a low-rank network scores highest from the MLP
 input, before any MLP weight is read (Deja Vu); `static` keeps the same k neurons for every token,
 those most often in the oracle top-k on calibration text (the pruning baseline).
+
+A policy also has a scope (DESIGN.md, "Sparsity on every projection"): `mlp` chooses the MLP's
+neurons, as above; `all` chooses, per token, which entries of each projection's *input* are used
+(sam_viz.sparse_ops.inputs): `topk` keeps the k = round(density * d_in) largest abs(x_i) (Q-Sparse),
+`teal` those with abs(x_i) > t and `wina` those with abs(x_i) * ||W[:, i]||_2 > t, t calibrated per
+(layer, projection) for the density and the `allocation` (uniform, or TEAL's greedy; the thresholds
+come from an input calibration). The threshold, predictor and static policies choose neurons only,
+so they have no meaning under `all`; teal and wina choose input entries only, so none under `mlp`.
 """
 from __future__ import annotations
 
@@ -16,18 +24,28 @@ import torch
 
 from sam_viz.models import InputError
 
-POLICIES = ("dense", "topk", "threshold", "predictor", "static")
+SCOPES = ("mlp", "all")
+SCOPE_POLICIES = {"mlp": ("dense", "topk", "threshold", "predictor", "static"),
+                  "all": ("dense", "topk", "teal", "wina")}
+POLICIES = ("dense", "topk", "threshold", "predictor", "static", "teal", "wina")
 CALIBRATED = ("predictor", "static")       # need sam_viz.sparse_ops.calibration data for the model
+INPUT_CALIBRATED = ("teal", "wina")        # need an input calibration (thresholds per layer and projection)
+ALLOCATIONS = ("uniform", "greedy")        # how teal / wina spread a block's density over its projections
 
 
 @dataclass(frozen=True)
 class Policy:
     kind: str = "dense"
     density: float = 1.0
+    scope: str = "mlp"                     # mlp: the MLP's neurons; all: every projection's input
+    allocation: str = "greedy"             # teal / wina: uniform or greedy (no effect on other policies)
 
     def __post_init__(self):
         if self.kind not in POLICIES:
-            raise InputError(f"unknown policy '{self.kind}'; choose one of {', '.join(POLICIES)}")
+            raise InputError(f"unknown policy '{str(self.kind)[:40]}'; choose one of {', '.join(POLICIES)}")
+        check_scope(self.kind, self.scope)
+        if self.allocation not in ALLOCATIONS:
+            raise InputError(f"unknown allocation '{str(self.allocation)[:40]}'; choose uniform or greedy")
         object.__setattr__(self, "density", parse_density(self.density))
         if self.kind == "dense":
             object.__setattr__(self, "density", 1.0)
@@ -39,6 +57,19 @@ class Policy:
 
     def k(self, d_ff: int) -> int:
         return min(d_ff, max(1, round(self.density * d_ff)))
+
+
+def check_scope(kind: str, scope: str) -> None:
+    """One sentence when `scope` is unknown or `kind` has no meaning under it."""
+    if scope not in SCOPES:
+        raise InputError(f"unknown scope '{str(scope)[:40]}'; choose mlp (the MLP's neurons) or all (every "
+                         "projection's input)")
+    if kind not in SCOPE_POLICIES[scope]:
+        if scope == "all":
+            raise InputError(f"the {kind} policy chooses MLP neurons only, so it has no meaning under scope all; "
+                             f"choose one of {', '.join(SCOPE_POLICIES['all'])} or scope mlp")
+        raise InputError(f"the {kind} policy chooses projection inputs, so it runs under scope all only; "
+                         f"choose scope all or one of {', '.join(SCOPE_POLICIES['mlp'])}")
 
 
 def parse_density(value) -> float:

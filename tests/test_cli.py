@@ -25,8 +25,10 @@ def test_json_has_the_design_keys_for_an_encoder():
     assert out["model"] == "minilm" and out["policy"] == "topk" and out["target_density"] == 0.5
     assert out["density"] == pytest.approx(0.5)
     assert [l["layer"] for l in out["layers"]] == list(range(6))
-    assert all(set(l) == {"layer", "density", "mass_kept", "recall", "precision"} and 0.5 < l["mass_kept"] < 1
-               and l["recall"] == 1.0 for l in out["layers"])          # topk is the oracle itself
+    assert all(set(l) == {"layer", "density", "mass_kept", "recall", "precision", "projections"}
+               and 0.5 < l["mass_kept"] < 1 and l["recall"] == 1.0 for l in out["layers"])   # topk is the oracle itself
+    assert out["layers"][0]["projections"] == {"q": 1.0, "k": 1.0, "v": 1.0, "o": 1.0, "up": 0.5, "down": 0.5}
+    assert out["scope"] == "mlp" and 0.5 < out["model_density"] < 1         # attention dense, the MLP at 0.5
     assert set(out["compare"]) == {"cosine", "max_abs_diff"}
     assert 0.8 < out["compare"]["cosine"] < 1
 

@@ -29,7 +29,8 @@ from tools import demo_data, topk_mlp
 ROOT = Path(__file__).resolve().parent.parent
 SEP = "<|endoftext|>"
 KEYS = {"model": str, "policy": str, "density": float, "kernel": str, "text": str, "context": int,
-        "windows": int, "tokens": int, "loss": float, "perplexity": float, "mlp_density": float}
+        "windows": int, "tokens": int, "loss": float, "perplexity": float, "mlp_density": float,
+        "scope": str, "model_density": float}          # scope mlp: the whole-model matrix work beside the MLP's
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

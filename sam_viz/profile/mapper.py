@@ -37,11 +37,14 @@ class ProfileSettings:
     context: int = 128
     max_tokens: int | None = None
     kernel: str | None = None
+    scope: str = "mlp"                   # see sam_viz.sparse_ops.policy
+    allocation: str = "greedy"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise InputError(f"unknown policy '{str(self.policy)[:40]}'; choose one of {', '.join(POLICIES)}")
         object.__setattr__(self, "density", parse_density(self.density))
+        self.run_policy                  # scope, allocation, and the policy under the scope
         object.__setattr__(self, "context", positive_int(self.context, "context"))
         kernel = self.kernel or default_kernel()
         if kernel not in available_kernels():
@@ -56,10 +59,14 @@ class ProfileSettings:
 
     @property
     def run_policy(self) -> Policy:
-        return Policy(self.policy, self.density)
+        return Policy(self.policy, self.density, scope=self.scope, allocation=self.allocation)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The settings; scope and allocation only under scope all, so a scope-mlp profile keeps its id."""
+        out = asdict(self)
+        if self.scope == "mlp":
+            del out["scope"], out["allocation"]
+        return out
 
 
 def model_layout(loaded) -> Layout:

@@ -62,9 +62,10 @@ def _load_checkpoint(work: Path) -> tuple[Partial | None, int, float]:
 
 def build_profile(spec: str, source: str, *, policy="topk", density=0.1, context=128, max_tokens=None,
                   text_column=None, kernel=None, engine="local", ray_address=None, workers=None, resume=False,
-                  root=None, progress: Progress | None = None) -> dict:
+                  root=None, progress: Progress | None = None, scope="mlp", allocation="greedy") -> dict:
     """Profile `spec` over `source`; returns the manifest (see schema.md)."""
-    settings = ProfileSettings(policy=policy, density=density, context=context, max_tokens=max_tokens, kernel=kernel)
+    settings = ProfileSettings(policy=policy, density=density, context=context, max_tokens=max_tokens, kernel=kernel,
+                               scope=scope, allocation=allocation)
     if engine not in ENGINES:
         raise InputError(f"unknown engine '{str(engine)[:40]}'; choose local or ray")
     corpus = read_corpus(source, text_column)
