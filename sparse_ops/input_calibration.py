@@ -315,13 +315,13 @@ def _error_batch(loaded: LoadedModel, texts, windows, settings: InputSettings) -
 # ---------------------------------------------------------------------------------- calibration
 
 def calibrate_inputs(loaded: LoadedModel, settings: InputSettings = InputSettings(), progress: Progress | None = None,
-                     texts=None, windows: torch.Tensor | None = None, corpus: dict | None = None) -> InputCalibration:
-    """Thresholds, greedy paths and block errors for every (layer, projection), on `texts` (default:
-    the built-in train texts) or on token `windows` [W, T] of a corpus (described by `corpus`)."""
+                     windows: torch.Tensor | None = None, corpus: dict | None = None) -> InputCalibration:
+    """Thresholds, greedy paths and block errors for every (layer, projection), on the built-in
+    train texts or on token `windows` [W, T] of a corpus (described by `corpus`)."""
     step = progress or (lambda frac, text: None)
     phase = _phases(step, SHARES)
     projs = declared(loaded)
-    texts = calibration_texts()["train"] if texts is None and windows is None else texts
+    texts = calibration_texts()["train"] if windows is None else None
     mods = projection_modules(loaded)
     samples, n_tokens = collect_inputs(loaded, mods, settings, phase("collect"), texts, windows)
     names = tuple(p.name for p in projs)
