@@ -356,7 +356,7 @@ def _calibrate_inputs(args) -> int:
     loaded = load_model(args.model)
     input_calibration.declared(loaded)                    # one sentence for a family without projections
     corpus = _corpus_windows(loaded, args) if args.corpus is not None else None
-    path = input_calibration.path_for(loaded, input_calibration.InputSettings(), *(corpus or (None, None)))
+    path = input_calibration.path_for(loaded, input_calibration.InputSettings(), corpus and corpus[0])
     stored = path.is_file() and not args.force
     t0 = time.perf_counter()
     cal = input_calibration.get_input_calibration(loaded, corpus, _progress_lines(), force=args.force)

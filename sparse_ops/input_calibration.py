@@ -335,7 +335,7 @@ def calibrate_inputs(loaded: LoadedModel, settings: InputSettings = InputSetting
             thresholds["teal"][i, j] = grid_thresholds(x)
             thresholds["wina"][i, j] = grid_thresholds(x * norms[i][p.name])
     weights = torch.tensor([[weight_of(layer[p], conv1d).numel() for p in names] for layer in mods])
-    cal = InputCalibration(fingerprint(loaded, settings, corpus_key(windows, corpus)), settings, names, weights,
+    cal = InputCalibration(fingerprint(loaded, settings, corpus_key(windows)), settings, names, weights,
                            thresholds, n_tokens=n_tokens,
                            corpus=corpus or {"source": "the built-in calibration text (train split)"})
     inputs = capture_layer_inputs(loaded, _error_batch(loaded, texts, windows, settings))
@@ -375,7 +375,7 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[str, InputCalibration]]" = we
 _LOCK = threading.Lock()
 
 
-def corpus_key(windows: torch.Tensor | None, corpus: dict | None) -> str:
+def corpus_key(windows: torch.Tensor | None) -> str:
     """What the calibration read: the built-in texts' file, or the corpus windows' bytes."""
     if windows is None:
         return hashlib.sha256(DATA.read_bytes()).hexdigest()
@@ -388,8 +388,9 @@ def fingerprint(loaded: LoadedModel, settings: InputSettings, source: str) -> st
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def path_for(loaded: LoadedModel, settings: InputSettings = InputSettings(), windows=None, corpus=None) -> Path:
-    return cache_dir() / f"{loaded.model_type}-inputs-{fingerprint(loaded, settings, corpus_key(windows, corpus))}.safetensors"
+def path_for(loaded: LoadedModel, settings: InputSettings = InputSettings(), windows=None) -> Path:
+    """Where the calibration on the built-in texts (windows None) or on corpus `windows` is stored."""
+    return cache_dir() / f"{loaded.model_type}-inputs-{fingerprint(loaded, settings, corpus_key(windows))}.safetensors"
 
 
 def save(cal: InputCalibration, path: Path) -> None:
@@ -438,7 +439,7 @@ def get_input_calibration(loaded: LoadedModel, corpus: Corpus | None = None, pro
     built-in models), else calibrated (when `train`) and stored. `force` calibrates again."""
     settings = settings or InputSettings()
     windows, description = corpus if corpus is not None else (None, None)
-    path = path_for(loaded, settings, windows, description)
+    path = path_for(loaded, settings, windows)
     with _LOCK:
         cal = None if force else _CACHE.get(loaded.model, {}).get(path.name)
     if cal is not None:

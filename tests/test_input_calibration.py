@@ -211,7 +211,7 @@ def test_get_input_calibration_stores_and_finds_it_again(tmp_path, monkeypatch):
     assert calls[-1] == "Input calibration done" and any("Collecting projection inputs on the corpus" in c
                                                          for c in calls)
     assert ic.get_input_calibration(loaded, corpus) is first                      # memory
-    assert ic.path_for(loaded, first.settings, *corpus).is_file()
+    assert ic.path_for(loaded, first.settings, windows).is_file()
     monkeypatch.setattr(ic, "calibrate_inputs", lambda *a, **k: pytest.fail("calibrated again"))
     again = ic.get_input_calibration(load_model("tiny-llama"), corpus)             # another model object: disk
     assert again.fingerprint == first.fingerprint and again.paths == first.paths
