@@ -342,24 +342,17 @@ def cmd_calibrate(args) -> int:
     if args.corpus is None and (args.text_column is not None or args.max_tokens is not None):
         raise InputError("--text-column and --max-tokens are for --corpus")
     Policy("teal" if args.scope == "all" else "dense", scope=args.scope, allocation=args.allocation)   # validated
+    if args.scope == "all":
+        return _calibrate_inputs(args)
     _quiet_libraries()
     loaded = load_model(args.model)
-    if args.scope == "all":
-        return _calibrate_inputs(loaded, args)
     path = calibration.path_for(loaded)
     if path.is_file() and not args.force and args.corpus is None:
         print(f"{args.model}: already calibrated ({path}); --force trains again")
         return 0
     windows, corpus = _corpus_windows(loaded, args) if args.corpus is not None else (None, None)
     t0 = time.perf_counter()
-    last = [-1]
-
-    def progress(frac: float, text: str) -> None:
-        if int(frac * 20) != last[0]:
-            last[0] = int(frac * 20)
-            print(f"[{frac:4.0%}] {text}", file=sys.stderr, flush=True)
-
-    cal = calibration.calibrate(loaded, progress=progress, windows=windows, corpus=corpus)
+    cal = calibration.calibrate(loaded, progress=_progress_lines(), windows=windows, corpus=corpus)
     calibration.save(cal, path)
     source = f"{args.corpus} ({cal.n_tokens:,} tokens)" if corpus else f"{cal.n_tokens} tokens"
     print(f"{args.model}: calibrated on {source} in {time.perf_counter() - t0:.1f} s: "
@@ -369,32 +362,52 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _calibrate_inputs(loaded, args) -> int:
-    """calibrate --scope all: the input calibration of every projection (teal and wina thresholds, both
-    allocations), made and cached by sam_viz.sparse_ops.input_calibration, with progress in words."""
+def _calibrate_inputs(args) -> int:
+    """calibrate --scope all: teal and wina thresholds and allocations (the library's input_calibration).
+    Merge point: the whole-model scope's branch adds --scope to the other commands."""
     import time
 
-    from sam_viz.sparse_ops import install_projections
+    from sam_viz.models import load_model
+    from sam_viz.sparse_ops import input_calibration
 
-    try:
-        from sam_viz.sparse_ops.input_calibration import get_input_calibration
-    except ImportError:
-        raise InputError("calibrate --scope all needs the input calibration (sam_viz.sparse_ops.input_calibration), "
-                         "which this build does not have yet") from None
-    install_projections(loaded)                      # a family that does not declare its projections: refused here
-    windows, corpus = _corpus_windows(loaded, args) if args.corpus is not None else (None, None)
-    t0, last = time.perf_counter(), [-1]
+    _quiet_libraries()
+    loaded = load_model(args.model)
+    input_calibration.declared(loaded)                    # one sentence for a family without projections
+    corpus = _corpus_windows(loaded, args) if args.corpus is not None else None
+    path = input_calibration.path_for(loaded, input_calibration.InputSettings(), corpus and corpus[0])
+    stored = path.is_file() and not args.force
+    t0 = time.perf_counter()
+    cal = input_calibration.get_input_calibration(loaded, corpus, _progress_lines(), force=args.force)
+    how = "stored; --force calibrates again" if stored else f"in {time.perf_counter() - t0:.1f} s"
+    print(f"{args.model}: input calibration (teal, wina) on {cal.source} ({how}) -> {path}")
+    for line in input_summary(cal):
+        print(line)
+    return 0
+
+
+def _progress_lines():
+    """A Progress that prints a line on stderr every 5% of the work."""
+    last = [-1]
 
     def progress(frac: float, text: str) -> None:
         if int(frac * 20) != last[0]:
             last[0] = int(frac * 20)
             print(f"[{frac:4.0%}] {text}", file=sys.stderr, flush=True)
+    return progress
 
-    get_input_calibration(loaded, progress, windows=windows, corpus=corpus, force=args.force)
-    source = args.corpus or "the built-in text"
-    print(f"{args.model}: input calibration on {source} in {time.perf_counter() - t0:.1f} s (teal and wina "
-          "thresholds, uniform and greedy allocations)")
-    return 0
+
+def input_summary(cal, density: float = 0.5) -> list[str]:
+    """Per layer and kind: the greedy input densities at `density` and the block error, greedy vs uniform."""
+    names = "".join(f"{p:>6}" for p in cal.projections)
+    lines = [f"at density {density:g}: greedy input density per projection; block output error (relative "
+             "squared), greedy vs uniform", f"layer  kind{names}    greedy   uniform"]
+    for kind in cal.paths:
+        for layer in range(len(cal.paths[kind])):
+            dens = cal.densities(layer, density, "greedy", kind)
+            err = [cal.block_error_at(layer, density, a, kind) for a in ("greedy", "uniform")]
+            lines.append(f"{layer + 1:>5}  {kind:<4}" + "".join(f"{dens[p]:6.2f}" for p in cal.projections)
+                         + "".join(f"  {e:8.4f}" for e in err))
+    return lines
 
 
 def one_line(text: str) -> str:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sam_viz.models import InputError
+
 from .kernels import Kernel
 from .policy import Policy
 from .recorder import Recorder
@@ -31,12 +33,16 @@ class Run:
     seq_len: int = 0                        # > 0: pass h [B, T, d_ff] through SparseMLP.neurons (captum)
     weights: dict = field(default_factory=dict)  # (SparseMLP, expert) -> MLPWeights, resolved once per run
     inputs: object | None = None            # scope all: sam_viz.sparse_ops.inputs.InputRecorder
-    input_calibration: object | None = None  # teal / wina: threshold(layer, proj, density, allocation) -> float
+    input_calibration: object | None = None  # teal / wina: threshold(layer, proj, density, allocation, kind) -> float
 
     def input_threshold(self, layer: int, proj: str) -> float:
         """teal / wina: the threshold of projection `proj` of `layer` at the run's density and allocation."""
         p = self.policy
-        return float(self.input_calibration.threshold(layer, proj, p.density, p.allocation))
+        try:
+            return float(self.input_calibration.threshold(layer, proj, p.density, p.allocation, kind=p.kind))
+        except KeyError:
+            raise InputError(f"the input calibration has no threshold for layer {layer}'s {proj} projection "
+                             f"(mixture-of-experts units are not calibrated yet); use topk under scope all") from None
 
     def threshold(self, layer: int, scores: torch.Tensor, rows: torch.Tensor | None = None) -> float:
         """The layer's threshold; when calibrating and not yet set, the value that keeps a

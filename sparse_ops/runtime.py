@@ -69,4 +69,4 @@ def _stored_input_calibration(loaded: LoadedModel, progress: Progress | None):
     except ImportError:
         raise InputError("teal and wina need an input calibration, and this build has none yet "
                          "(sam_viz.sparse_ops.input_calibration); use topk under scope all") from None
-    return get_input_calibration(loaded, progress)
+    return get_input_calibration(loaded, progress=progress)

@@ -177,7 +177,8 @@ class HandCalibration:
     def __init__(self, scale: float = 1.0):
         self.scale, self.calls = scale, set()
 
-    def threshold(self, layer, proj, density, allocation):
+    def threshold(self, layer, proj, density, allocation, kind):
+        assert kind in ("teal", "wina")
         self.calls.add((layer, proj, density, allocation))
         return self.scale * (THRESHOLDS[proj] + 0.1 * layer)
 
