@@ -7,16 +7,18 @@ if __name__ != "sam_viz.sparse_ops":        # one name per file (sam_viz/_folder
 from .calibration import (GRID, Calibration, Settings, calibrate, calibrate_thresholds, calibration_texts,
                           get_calibration)
 from .context import Run, current_run
-from .kernels import (KERNELS, activations, available_kernels, default_kernel, get_kernel, reference,
-                      unavailable_kernels)
+from .kernels import (INPUT_KERNELS, KERNELS, activations, available_kernels, default_kernel, get_input_kernel,
+                      get_kernel, input_reference, reference, unavailable_kernels)
 from .mlp import Absorbed, SparseMLP, install
 from .policy import CALIBRATED, POLICIES, Policy, parse_density, topk_indices
+from .proj import ProjWeights
 from .recorder import LayerFiring, Recorder
 from .runtime import sparsified
 
 __all__ = [
-    "Absorbed", "CALIBRATED", "Calibration", "GRID", "KERNELS", "LayerFiring", "POLICIES", "Policy",
-    "Recorder", "Run", "Settings", "SparseMLP", "activations", "available_kernels", "calibrate",
-    "calibrate_thresholds", "calibration_texts", "current_run", "default_kernel", "get_calibration", "get_kernel",
-    "install", "parse_density", "reference", "sparsified", "topk_indices", "unavailable_kernels",
+    "Absorbed", "CALIBRATED", "Calibration", "GRID", "INPUT_KERNELS", "KERNELS", "LayerFiring", "POLICIES", "Policy",
+    "ProjWeights", "Recorder", "Run", "Settings", "SparseMLP", "activations", "available_kernels", "calibrate",
+    "calibrate_thresholds", "calibration_texts", "current_run", "default_kernel", "get_calibration",
+    "get_input_kernel", "get_kernel", "input_reference", "install", "parse_density", "reference", "sparsified",
+    "topk_indices", "unavailable_kernels",
 ]
