@@ -178,3 +178,20 @@ def test_out_of_range_channels_are_refused_not_read():
         pytest.skip("the cpu kernel cannot be built here")
     with pytest.raises(RuntimeError, match="idx out of range"):
         INPUT_KERNELS["cpu"](torch.randn(1, 8), torch.tensor([[8]]), ProjWeights(torch.randn(4, 8)))
+
+
+def test_bench_input_rows_on_a_toy_shape(monkeypatch):
+    """`bench kernels --input` end to end on a toy shape (no timing asserted): one row per shape,
+    dtype and density, finite times, the floor's bytes = the selected rows of W^T."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu kernel cannot be built here")
+    import math
+
+    from sam_viz.benchmarks import input_kernels
+
+    monkeypatch.setattr(input_kernels, "ROTATE_BYTES", 2**16)
+    rows = input_kernels.run(shapes={"toy": (40, 64)}, densities=(0.25, 0.5), calls=2)
+    assert [(r["dtype"], r["density"]) for r in rows] == [("fp32", 0.25), ("fp32", 0.5), ("bf16", 0.25), ("bf16", 0.5)]
+    assert all(math.isfinite(r[f]) and r[f] > 0 for r in rows for f in ("ms", "dense_ms", "floor_ms"))
+    assert rows[0]["floor_gb_s"] == pytest.approx(16 * 40 * 4 / 1e9 / rows[0]["floor_ms"] * 1e3)
+    assert len(input_kernels.report(rows, 2)) == 2 + len(rows)
