@@ -61,8 +61,10 @@ def _cases(backend):
 
 
 CASES = [c for b in BACKENDS for c in _cases(b)]
-# n, d_in, d_out, k: widths off the 16 / 32 SIMD chunk, k = 1, k = d_in, d_out < one chunk
-SHAPES = [(1, 7, 5, 3), (1, 33, 65, 1), (3, 70, 45, 70), (2, 100, 77, 40), (4, 64, 96, 17), (1, 129, 31, 64)]
+# n, d_in, d_out, k: widths off the 16 / 32 SIMD chunk, k = 1, k = d_in, d_out < one chunk; the last
+# reads enough bytes (400 rows of 4 KB) for the cpu kernel to split the rows over two threads
+SHAPES = [(1, 7, 5, 3), (1, 33, 65, 1), (3, 70, 45, 70), (2, 100, 77, 40), (4, 64, 96, 17), (1, 129, 31, 64),
+          (2, 700, 1000, 400)]
 
 
 @pytest.mark.parametrize("backend,variant", CASES)
@@ -79,7 +81,7 @@ def test_fp32_equals_masked_linear(backend, variant, n, d_in, d_out, k, bias):
 
 @pytest.mark.parametrize("backend,variant", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,d_in,d_out,k", [(1, 96, 70, 30), (3, 50, 130, 50), (2, 300, 40, 120)])
+@pytest.mark.parametrize("n,d_in,d_out,k", [(1, 96, 70, 30), (3, 50, 130, 50), (2, 300, 40, 120), (1, 600, 1030, 300)])
 def test_half_weights_accumulate_in_fp32(backend, variant, dtype, n, d_in, d_out, k):
     gen = torch.Generator().manual_seed(d_in + d_out + k)
     weight, b = torch.randn(d_out, d_in, generator=gen).to(dtype), torch.randn(d_out, generator=gen).to(dtype)
