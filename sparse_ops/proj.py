@@ -15,6 +15,11 @@ class ProjWeights:
     weight: torch.Tensor                   # [d_out, d_in]
     bias: torch.Tensor | None = None       # [d_out]
 
+    def __post_init__(self):
+        if self.weight.dim() != 2 or (self.bias is not None and tuple(self.bias.shape) != (self.weight.shape[0],)):
+            raise ValueError(f"ProjWeights wants weight [d_out, d_in] and bias [d_out], not {tuple(self.weight.shape)} "
+                             f"and {None if self.bias is None else tuple(self.bias.shape)}")
+
     @property
     def d_in(self) -> int:
         return self.weight.shape[1]

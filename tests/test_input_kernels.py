@@ -175,6 +175,13 @@ def test_unknown_and_unavailable_backends_are_refused_in_one_sentence(monkeypatc
     assert get_input_kernel("reference") is INPUT_KERNELS["reference"]
 
 
+def test_weights_of_the_wrong_shape_are_refused_where_they_are_built():
+    with pytest.raises(ValueError, match=r"weight \[d_out, d_in\] and bias \[d_out\], not \(4, 8\) and \(8,\)"):
+        ProjWeights(torch.randn(4, 8), torch.randn(8))
+    with pytest.raises(ValueError, match=r"not \(8,\) and None"):
+        ProjWeights(torch.randn(8))
+
+
 def test_out_of_range_channels_are_refused_not_read():
     if "cpu" not in BACKENDS:
         pytest.skip("the cpu kernel cannot be built here")
