@@ -1,5 +1,5 @@
 """The kernel benchmark (sam_viz.benchmarks.kernels), as a script: `python -m bench.kernels [--quick] [--json]`,
-the same as `python -m sam_viz bench kernels`."""
+the same as `python -m sam_viz bench kernels`; with --input, the input kernel's (sam_viz.benchmarks.input_kernels)."""
 import sys
 
 from sam_viz.cli import main

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["kernels", "decode"])
     b.add_argument("--quick", action="store_true", help="fewer shapes, steps and repeats (under a minute)")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--input", action="store_true", help="kernels: the input kernel (a projection with a sparse "
+                   "input, scope all) instead of the MLP's")
     sub.add_parser("build-kernels", help="build the compiled cpu kernel now (make does), so that it is the "
                    "default kernel; without a C++ compiler, a warning and exit 0")
     e = sub.add_parser("eval", help="next-token perplexity of a causal LM on a text (default: the demo "
@@ -291,13 +293,17 @@ def cmd_profile(args) -> int:
 def cmd_bench(args) -> int:
     from sam_viz.sparse_ops import unavailable_kernels
 
-    from .benchmarks import decode, kernels
+    from .benchmarks import decode, input_kernels, kernels
 
     why = unavailable_kernels().get("cpu")
     if why:
         raise InputError(f"the benchmarks time the cpu kernel, which cannot run here: {why}")
     _quiet_libraries()
-    if args.what == "kernels":
+    if args.what == "kernels" and args.input:
+        settings = input_kernels.QUICK if args.quick else input_kernels.FULL
+        rows = input_kernels.run(**settings)
+        lines = input_kernels.report(rows, settings["calls"])
+    elif args.what == "kernels":
         settings = kernels.QUICK if args.quick else kernels.FULL
         rows = kernels.run(**settings)
         lines = kernels.report(rows, settings["calls"])

@@ -8,19 +8,20 @@ from .calibration import (GRID, Calibration, Settings, calibrate, calibrate_thre
                           get_calibration)
 from .context import Run, current_run
 from .inputs import InputRecorder, ProjectionInputs, SparseLinear, attention_weights, install_projections
-from .kernels import (KERNELS, activations, available_kernels, default_kernel, get_kernel, reference,
-                      unavailable_kernels)
+from .kernels import (INPUT_KERNELS, KERNELS, activations, available_kernels, default_kernel, get_input_kernel,
+                      get_kernel, input_reference, reference, unavailable_kernels)
 from .mlp import Absorbed, SparseMLP, install
 from .policy import (ALLOCATIONS, CALIBRATED, INPUT_CALIBRATED, POLICIES, SCOPE_POLICIES, SCOPES, Policy,
                      parse_density, topk_indices)
+from .proj import ProjWeights
 from .recorder import LayerFiring, Recorder
 from .runtime import sparsified
 
 __all__ = [
-    "ALLOCATIONS", "Absorbed", "CALIBRATED", "Calibration", "GRID", "INPUT_CALIBRATED", "InputRecorder", "KERNELS",
-    "LayerFiring", "POLICIES", "Policy", "ProjectionInputs", "Recorder", "Run", "SCOPES", "SCOPE_POLICIES",
-    "Settings", "SparseLinear", "SparseMLP", "activations", "attention_weights", "available_kernels", "calibrate",
-    "calibrate_thresholds", "calibration_texts", "current_run", "default_kernel", "get_calibration", "get_kernel",
-    "install", "install_projections", "parse_density", "reference", "sparsified", "topk_indices",
-    "unavailable_kernels",
+    "ALLOCATIONS", "Absorbed", "CALIBRATED", "Calibration", "GRID", "INPUT_CALIBRATED", "INPUT_KERNELS",
+    "InputRecorder", "KERNELS", "LayerFiring", "POLICIES", "Policy", "ProjWeights", "ProjectionInputs", "Recorder",
+    "Run", "SCOPES", "SCOPE_POLICIES", "Settings", "SparseLinear", "SparseMLP", "activations", "attention_weights",
+    "available_kernels", "calibrate", "calibrate_thresholds", "calibration_texts", "current_run", "default_kernel",
+    "get_calibration", "get_input_kernel", "get_kernel", "input_reference", "install", "install_projections",
+    "parse_density", "reference", "sparsified", "topk_indices", "unavailable_kernels",
 ]

@@ -33,6 +33,8 @@ class Run:
     seq_len: int = 0                        # > 0: pass h [B, T, d_ff] through SparseMLP.neurons (captum)
     weights: dict = field(default_factory=dict)  # (SparseMLP, expert) -> MLPWeights, resolved once per run
     inputs: object | None = None            # scope all: sam_viz.sparse_ops.inputs.InputRecorder
+    input_kernel: object | None = None      # scope all: the sparse-input kernel (kernels.INPUT_KERNELS) of the
+                                            # run's backend; None: F.linear of the masked input
     input_calibration: object | None = None  # teal / wina: threshold(layer, proj, density, allocation, kind) -> float
 
     def input_threshold(self, layer: int, proj: str) -> float:

@@ -1,6 +1,8 @@
 """The `cpu` kernel backend: a compiled gather-GEMV (sparse_ops/csrc/sparse_mlp.cpp) that reads only
 the selected rows of a layout prepared once per MLP: gate and up rows interleaved so one pass reads
-both, and the down projection as rows of W_down^T (as Deja Vu and TEAL lay weights out).
+both, and the down projection as rows of W_down^T (as Deja Vu and TEAL lay weights out). For a
+projection with a sparse input (`input_kernel`), the rows of W^T, one per input channel, prepared once
+per weight the same way.
 
 Built with torch.utils.cpp_extension (ninja, OpenMP, -O3 for this machine's SIMD) by `python -m sam_viz
 build-kernels` (which `make` runs) or on first use, and cached per CPU feature set under torch's
@@ -25,11 +27,15 @@ import torch.nn.functional as F
 
 from sam_viz.models import InputError, KernelCannotCompute, MLPWeights
 
+from .proj import ProjWeights
+
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "sparse_mlp.cpp"
 HEADER = CSRC / "sparse_mlp_kernel.h"
+HEADERS = (HEADER, CSRC / "sparse_input_kernel.h")
 ACTIVATIONS = {0: F.silu, 1: F.gelu, 2: lambda v: F.gelu(v, approximate="tanh"), 3: F.relu}
 ACTIVATION_NAMES = {0: "SiLU", 1: "GELU", 2: "GELU (tanh)", 3: "ReLU"}
+CLAMPED_SWIGLU = 4                 # gpt-oss: min(g, limit) sigmoid(alpha min(g, limit)) (clamp(u, +-limit) + 1)
 # native: -march=native (the AVX-512 intrinsics path where this CPU has AVX-512, the portable path
 # otherwise); portable: the portable path, as a machine without AVX-512 builds it (x86-64-v3 = AVX2
 # on x86, the compiler's default elsewhere). SAM_VIZ_CPU_ISA=portable selects it at load time.
@@ -65,7 +71,7 @@ def _name(variant: str) -> str:
     """The extension's name: a new one whenever the CPU, the variant, the flags or the source change,
     so that a library built under this name can be loaded as it is. (Once per process: the probe
     asks on every page and every run.)"""
-    text = _cpu_flags() + variant + " ".join(_cflags(variant)) + SOURCE.read_text() + HEADER.read_text()
+    text = _cpu_flags() + variant + " ".join(_cflags(variant)) + "".join(f.read_text() for f in (SOURCE, *HEADERS))
     return f"sam_viz_sparse_mlp_{variant}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -166,6 +172,8 @@ class Prepared:
     b_up: torch.Tensor | None
     b_down: torch.Tensor | None
     act: int
+    limit: float = 0.0               # CLAMPED_SWIGLU's parameters
+    alpha: float = 0.0
 
 
 # key -> (Prepared, weakrefs to the weights it was made from). An entry lives exactly as long as those
@@ -200,20 +208,13 @@ def activation_code(act) -> int:
                               "activation)")
 
 
-def prepare(w: MLPWeights, dtype: torch.dtype = torch.float32) -> Prepared:
-    """The kernel's layout of one MLP, made once per weights and dtype, kept while the weights live.
-    (Weights changed in place later are not seen: the layout is a copy.)"""
-    tensors = [t for t in (w.gate, w.up, w.down_t, w.b_gate, w.b_up, w.b_down) if t is not None]
-    key = tuple(_key(t) for t in (w.gate, w.up, w.down_t, w.b_gate, w.b_up, w.b_down)) + (dtype,)
+def _cached(key: tuple, tensors: list[torch.Tensor], build):
+    """build(), made once per key and kept exactly as long as the tensors that `tensors` view."""
     with _LOCK:
         hit = _PREPARED.get(key)
         if hit is not None and all(ref() is not None for ref in hit[1]):
             return hit[0]
-    gu = w.gate if w.up is None else torch.cat([w.gate, w.up], dim=1)
-    f32 = lambda b: None if b is None else b.detach().float().contiguous()  # noqa: E731
-    prepared = Prepared(gu=gu.detach().to(dtype).contiguous(), groups=1 if w.up is None else 2,
-                        down=w.down_t.detach().to(dtype).contiguous(), b_gate=f32(w.b_gate),
-                        b_up=f32(w.b_up), b_down=f32(w.b_down), act=activation_code(w.act))
+    value = build()
 
     def drop(_ref, key=key):
         with _LOCK:
@@ -223,12 +224,49 @@ def prepare(w: MLPWeights, dtype: torch.dtype = torch.float32) -> Prepared:
 
     refs = [weakref.ref(root, drop) for root in {id(r): r for r in map(_root, tensors)}.values()]
     with _LOCK:
-        _PREPARED[key] = (prepared, refs)
-    return prepared
+        _PREPARED[key] = (value, refs)
+    return value
 
 
-def _args(p: Prepared):
-    return p.gu, p.groups, p.down, p.b_gate, p.b_up, p.b_down
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def clamped_swiglu(w: MLPWeights) -> tuple[float, float]:
+    """(limit, alpha) of a clamped SwiGLU (gpt-oss's, models.ClampedSwish with ClampedShift), read from
+    the activation and checked by value on both sides; anything else on the up projection is refused."""
+    limit, alpha = getattr(w.act, "limit", None), getattr(w.act, "alpha", None)
+    if limit is not None and alpha is not None:
+        g = _PROBE.clamp(max=limit)
+        if (_close(w.act(_PROBE.clone()), g * torch.sigmoid(alpha * g))
+                and _close(w.up_act(_PROBE.clone()), _PROBE.clamp(-limit, limit) + 1)):
+            return float(limit), float(alpha)
+    raise KernelCannotCompute(f"the cpu kernel does not implement the activation {type(w.act).__name__} with "
+                              f"{type(w.up_act).__name__} on the up projection; it computes a clamped SwiGLU and "
+                              f"{', '.join(ACTIVATION_NAMES.values())} (the reference kernel runs any activation)")
+
+
+def prepare(w: MLPWeights, dtype: torch.dtype = torch.float32) -> Prepared:
+    """The kernel's layout of one MLP, made once per weights and dtype, kept while the weights live.
+    (Weights changed in place later are not seen: the layout is a copy.)"""
+    tensors = [t for t in (w.gate, w.up, w.down_t, w.b_gate, w.b_up, w.b_down) if t is not None]
+    key = tuple(_key(t) for t in (w.gate, w.up, w.down_t, w.b_gate, w.b_up, w.b_down)) + (dtype,)
+
+    def build() -> Prepared:
+        act = (CLAMPED_SWIGLU, *clamped_swiglu(w)) if w.up_act is not None else (activation_code(w.act),)
+        gu = w.gate if w.up is None else torch.cat([w.gate, w.up], dim=1)
+        return Prepared(gu.detach().to(dtype).contiguous(), 1 if w.up is None else 2,
+                        w.down_t.detach().to(dtype).contiguous(), _f32(w.b_gate), _f32(w.b_up), _f32(w.b_down), *act)
+
+    return _cached(key, tensors, build)
+
+
+def _f32(b: torch.Tensor | None) -> torch.Tensor | None:
+    return None if b is None else b.detach().float().contiguous()
+
+
+def _args(p: Prepared, idx: torch.Tensor):
+    return p.gu, p.groups, p.down, p.b_gate, p.b_up, p.b_down, idx.long().contiguous(), p.act, p.limit, p.alpha
 
 
 def sparse_mlp_shared(x: torch.Tensor, idx: torch.Tensor, p: Prepared, variant: str | None = None,
@@ -237,7 +275,7 @@ def sparse_mlp_shared(x: torch.Tensor, idx: torch.Tensor, p: Prepared, variant: 
     h [n, k]). With out=(y, h) (fp32, contiguous), written there: a decode loop that reuses its
     buffers saves the two allocations per call (~3 us measured, ~2% of a TinyLlama-sized call at 0.05)."""
     ext = extension(variant)
-    args = (x.float().contiguous(), *_args(p), idx.long().contiguous(), p.act)
+    args = (x.float().contiguous(), *_args(p, idx))
     if out is None:
         return ext.sparse_mlp(*args)
     ext.sparse_mlp_out(*args, *out)
@@ -249,6 +287,34 @@ def cpu_kernel(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights,
     """The registry signature: each token with its own index set (-1 = none)."""
     if x.device.type != "cpu":
         raise InputError("the cpu kernel runs on CPU tensors only")
-    p = prepare(w, w.gate.dtype if w.gate.dtype in (torch.float32, torch.bfloat16) else torch.float32)
-    y, h = extension(variant).sparse_mlp_tokens(x.float().contiguous(), *_args(p), idx.long().contiguous(), p.act)
+    p = prepare(w, _layout_dtype(w.gate))
+    y, h = extension(variant).sparse_mlp_tokens(x.float().contiguous(), *_args(p, idx))
     return y.to(x.dtype), h.to(x.dtype)
+
+
+def _layout_dtype(t: torch.Tensor) -> torch.dtype:
+    """What the compiled kernels read: the weights' own fp32 or bf16; anything else (fp16) as fp32."""
+    return t.dtype if t.dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+
+@dataclass(frozen=True)
+class PreparedProj:
+    wt: torch.Tensor                 # [d_in, d_out]: row i = W[:, i], the weights of input channel i
+    bias: torch.Tensor | None        # [d_out] fp32
+
+
+def prepare_proj(p: ProjWeights, dtype: torch.dtype = torch.float32) -> PreparedProj:
+    """The rows of W^T, made once per weight and dtype and kept while the weight lives (no copy when
+    W^T is already contiguous in dtype, as GPT-2's Conv1D stores it)."""
+    key = ("proj", _key(p.weight), _key(p.bias), dtype)
+    tensors = [t for t in (p.weight, p.bias) if t is not None]
+    return _cached(key, tensors, lambda: PreparedProj(p.weight.detach().t().to(dtype).contiguous(), _f32(p.bias)))
+
+
+def input_kernel(x: torch.Tensor, idx: torch.Tensor, p: ProjWeights, variant: str | None = None) -> torch.Tensor:
+    """The input kernels' registry signature: x [N, d_in], idx [N, k] (-1 = none; distinct entries per
+    token) -> y [N, d_out] = sum over the selected i of x[:, i] W[:, i] (+ b), reading only those rows."""
+    if x.device.type != "cpu" or p.weight.device.type != "cpu":
+        raise InputError("the cpu kernel runs on CPU tensors only")
+    pp = prepare_proj(p, _layout_dtype(p.weight))
+    return extension(variant).sparse_input(x.float().contiguous(), pp.wt, pp.bias, idx.long().contiguous()).to(x.dtype)

@@ -26,7 +26,8 @@ from sam_viz.models import InputError, LoadedModel, MLPAdapter, Proj
 from sam_viz.models.adapters import get_path, mlp_projections, set_path
 
 from .context import Run, current_run
-from .policy import topk_indices
+from .policy import mask_indices, topk_indices
+from .proj import ProjWeights
 
 
 def keep_mask(run: Run, layer: int, name: str, x: torch.Tensor, weight: torch.Tensor,
@@ -49,9 +50,14 @@ def keep_mask(run: Run, layer: int, name: str, x: torch.Tensor, weight: torch.Te
 def project(run: Run, x: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor,
             bias: torch.Tensor | None) -> torch.Tensor:
     """y = W[:, S] x_S (+ b) for x [N, d_in], weight [d_out, d_in]: the dense projection of the masked
-    input, F.linear(x * mask, W, b). The one place the whole-model scope computes a projection: it
-    moves to the run's sparse-input kernel registry (`input_kernel(x, idx, ProjWeights)`) once that lands."""
-    return F.linear(x if mask is None else x * mask, weight, bias)
+    input, F.linear(x * mask, W, b). The one place the whole-model scope computes a projection, through
+    the run's sparse-input kernel (sam_viz.sparse_ops.kernels.INPUT_KERNELS: the same backend as its MLP kernel),
+    which reads only the columns of W that the mask keeps."""
+    if mask is None:
+        return F.linear(x, weight, bias)
+    if run.input_kernel is None:
+        return F.linear(x * mask, weight, bias)
+    return run.input_kernel(x, mask_indices(mask), ProjWeights(weight, bias))
 
 
 class NormCache:

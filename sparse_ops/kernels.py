@@ -12,9 +12,18 @@ that reason, never a fallback. `default_kernel()` is `cpu` where it is built and
 
 The compiled backends have no backward pass: when autograd needs one (x requires grad, as in
 attribution), they compute the same equation with torch ops (`reference`), which autograd can follow.
+
+A second family, for a projection whose *input* is sparse (the whole-model scope, TEAL / Q-Sparse),
+with the same names, availability and refusals (`INPUT_KERNELS`, `get_input_kernel`):
+
+    input_kernel(x [N, d_in], idx [N, k] int64 (-1 = none), p: ProjWeights) -> y [N, d_out]
+
+y[n] = sum over the selected i of x[n, i] W[:, i] (+ b) = F.linear(x * mask, W, b), the mask holding
+idx's entries (distinct within a token); the compiled backends read only the selected rows of W^T.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from typing import Callable
@@ -22,12 +31,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from sam_viz.models import InputError, KernelCannotCompute, MLPWeights
+from sam_viz.models import InputError, MLPWeights
 
 from . import cpu
 from .policy import selection_mask
+from .proj import ProjWeights
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, MLPWeights], tuple[torch.Tensor, torch.Tensor]]
+InputKernel = Callable[[torch.Tensor, torch.Tensor, ProjWeights], torch.Tensor]
 
 
 def activations(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
@@ -50,33 +61,51 @@ def _needs_grad(x: torch.Tensor, w: MLPWeights) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or w.gate.requires_grad or w.down_t.requires_grad)
 
 
-def _compiled_glu(name: str, w: MLPWeights) -> None:
-    """The compiled kernels compute act(gate) * up: refuse an MLP that transforms `up` too."""
-    if w.up_act is not None:
-        raise KernelCannotCompute(f"the {name} kernel does not implement the activation {type(w.act).__name__} "
-                                  f"with {type(w.up_act).__name__} on the up projection (a clamped SwiGLU); use "
-                                  "the reference kernel")
-
-
 def _cpu(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
-    _compiled_glu("cpu", w)
     if _needs_grad(x, w):
         return reference(x, idx, w)
     return cpu.cpu_kernel(x, idx, w)
 
 
-def _triton(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
-    _compiled_glu("triton", w)
-    if _needs_grad(x, w):
-        return reference(x, idx, w)
+def _triton_module():
     try:                                       # imported on first use: triton is optional here
-        from .triton_kernel import triton_kernel
+        return importlib.import_module(".triton_kernel", __package__)
     except ImportError as exc:
         raise InputError(f"the triton kernel needs the triton package ({exc})") from None
-    return triton_kernel(x, idx, w)
+
+
+def _triton(x: torch.Tensor, idx: torch.Tensor, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    if _needs_grad(x, w):
+        return reference(x, idx, w)
+    return _triton_module().triton_kernel(x, idx, w)
 
 
 KERNELS: dict[str, Kernel] = {"reference": reference, "cpu": _cpu, "triton": _triton}
+
+
+def input_reference(x: torch.Tensor, idx: torch.Tensor, p: ProjWeights) -> torch.Tensor:
+    """Masked dense: zero the unselected input entries, then the projection. Obviously correct."""
+    return F.linear(x * selection_mask(idx, p.d_in), p.weight, p.bias)     # [N, d_out]
+
+
+def _input_needs_grad(x: torch.Tensor, p: ProjWeights) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or p.weight.requires_grad
+                                        or (p.bias is not None and p.bias.requires_grad))
+
+
+def _cpu_input(x: torch.Tensor, idx: torch.Tensor, p: ProjWeights) -> torch.Tensor:
+    if _input_needs_grad(x, p):
+        return input_reference(x, idx, p)
+    return cpu.input_kernel(x, idx, p)
+
+
+def _triton_input(x: torch.Tensor, idx: torch.Tensor, p: ProjWeights) -> torch.Tensor:
+    if _input_needs_grad(x, p):
+        return input_reference(x, idx, p)
+    return _triton_module().triton_input_kernel(x, idx, p)
+
+
+INPUT_KERNELS: dict[str, InputKernel] = {"reference": input_reference, "cpu": _cpu_input, "triton": _triton_input}
 
 
 def _triton_unavailable() -> str | None:
@@ -106,10 +135,19 @@ def default_kernel() -> str:
     return "cpu" if cpu.readiness()[0] == "ready" else "reference"
 
 
-def get_kernel(name: str) -> Kernel:
-    if name not in KERNELS:
+def _lookup(registry: dict, name: str):
+    if name not in registry:
         raise InputError(f"unknown kernel '{str(name)[:40]}'; available here: {', '.join(available_kernels())}")
     why = unavailable_kernels().get(name)
     if why:
         raise InputError(f"the {name} kernel cannot run here: {why}")
-    return KERNELS[name]
+    return registry[name]
+
+
+def get_kernel(name: str) -> Kernel:
+    return _lookup(KERNELS, name)
+
+
+def get_input_kernel(name: str) -> InputKernel:
+    """The input kernel of that name (the MLP kernels' names; the same refusals)."""
+    return _lookup(INPUT_KERNELS, name)

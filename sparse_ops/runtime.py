@@ -17,7 +17,7 @@ from sam_viz.models import InputError
 
 from .calibration import Calibration, Progress, calibrate_thresholds, get_calibration
 from .context import _RUN, Run
-from .kernels import get_kernel
+from .kernels import get_input_kernel, get_kernel
 from .inputs import InputRecorder, install_projections
 from .mlp import install
 from .policy import CALIBRATED, INPUT_CALIBRATED, Policy
@@ -47,7 +47,8 @@ def sparsified(loaded: LoadedModel, policy: Policy, *, kernel: str = "reference"
         if frozen is not None:
             raise InputError("a frozen neuron selection is for scope mlp; under scope all the policy chooses "
                              "every projection's inputs itself")
-    run = Run(policy=policy, kernel=kern, recorder=recorder, frozen=frozen, seq_len=seq_len, inputs=inputs)
+    run = Run(policy=policy, kernel=kern, recorder=recorder, frozen=frozen, seq_len=seq_len, inputs=inputs,
+              input_kernel=get_input_kernel(kernel) if policy.scope == "all" else None)
     if policy.kind in INPUT_CALIBRATED and not policy.is_full:
         run.input_calibration = input_calibration or _stored_input_calibration(loaded, progress)
     if policy.kind == "threshold" and not policy.is_full:

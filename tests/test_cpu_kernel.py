@@ -1,7 +1,10 @@
 """The compiled `cpu` backend against `reference` and the equation: fp32 (rel 1e-5) and bf16
-weights (rel 1e-2), every activation, k = 1 and k = d_ff, widths that are not a SIMD multiple,
+weights (rel 1e-2), every activation (gpt-oss's clamped SwiGLU against its equation), k = 1 and k = d_ff, widths that are not a SIMD multiple,
 tokens sharing one index set, and whole models. Both builds are checked: `native` (the AVX-512
 intrinsics where this CPU has AVX-512) and `portable` (built as for a machine without AVX-512)."""
+import dataclasses
+import math
+
 import pytest
 import torch
 
@@ -147,3 +150,60 @@ def test_layout_cache_follows_the_weights_not_their_addresses():
         del w
         gc.collect()
         assert len(cpu._PREPARED) == before
+
+
+def _clamped_by_equation(x, idx, w, limit, alpha):
+    """gpt-oss's clamped SwiGLU, written out: g = min(x.gate_j + b, limit), u = clamp(x.up_j + b, +-limit) + 1,
+    h_j = g sigmoid(alpha g) u; y = sum_j h_j down_j + b_down (float64)."""
+    y = torch.zeros(x.shape[0], w.down_t.shape[1], dtype=torch.float64)
+    hs = torch.zeros(idx.shape, dtype=torch.float64)
+    for n in range(x.shape[0]):
+        for slot, j in enumerate(idx[n].tolist()):
+            if j < 0:
+                continue
+            g = min(float(w.gate[j].double() @ x[n].double() + w.b_gate[j]), limit)
+            u = min(max(float(w.up[j].double() @ x[n].double() + w.b_up[j]), -limit), limit) + 1.0
+            hs[n, slot] = g / (1.0 + math.exp(-alpha * g)) * u
+            y[n] += hs[n, slot] * w.down_t[j].double()
+        y[n] += w.b_down.double()
+    return y, hs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d,d_ff,k", [(33, 65, 20), (64, 128, 128), (70, 40, 1)])
+def test_clamped_swiglu_matches_its_equation(variant, dtype, d, d_ff, k):
+    """gpt-oss's activation, with limit and alpha as parameters; the clamps are hit on both sides
+    (pre-activations of order sqrt(d) >> limit)."""
+    from sam_viz.models.adapters import ClampedShift, ClampedSwish
+
+    gen = torch.Generator().manual_seed(d + k)
+    limit, alpha = 2.5, 1.702
+    w = _weights(d, d_ff, True, True, ClampedSwish(limit, alpha), gen)
+    w = MLPWeights(gate=w.gate.to(dtype).float(), up=w.up.to(dtype).float(), down_t=w.down_t.to(dtype).float(),
+                   act=w.act, b_gate=w.b_gate, b_up=w.b_up, b_down=w.b_down, up_act=ClampedShift(limit))
+    x = torch.randn(3, d, generator=gen) * 0.5
+    idx = torch.stack([torch.randperm(d_ff, generator=gen)[:k] for _ in range(3)])
+    if k > 2:
+        idx[1, k // 2] = -1
+    pre_gate, pre_up = x @ w.gate.t() + w.b_gate, x @ w.up.t() + w.b_up
+    assert (pre_gate > limit).any() and (pre_up > limit).any() and (pre_up < -limit).any()
+    half = dataclasses.replace(w, gate=w.gate.to(dtype), up=w.up.to(dtype), down_t=w.down_t.to(dtype))
+    y, h = cpu_kernel(x, idx, half, variant)
+    y_ref, h_ref = _clamped_by_equation(x, idx, w, limit, alpha)
+    assert _rel(y.double(), y_ref) <= 1e-5 and _rel(h.double(), h_ref) <= 1e-5
+
+
+def test_an_up_projection_transform_other_than_the_clamp_is_refused():
+    from sam_viz.models import KernelCannotCompute
+    from sam_viz.models.adapters import ClampedShift, ClampedSwish
+
+    gen = torch.Generator().manual_seed(3)
+    w = _weights(8, 10, True, False, ClampedSwish(3.0, 1.0), gen)
+    for act, up_act in [(ClampedSwish(3.0, 1.0), torch.nn.Tanh()), (torch.nn.SiLU(), ClampedShift(3.0)),
+                        (ClampedSwish(3.0, 1.0), ClampedShift(2.0))]:
+        bad = MLPWeights(gate=w.gate.clone(), up=w.up.clone(), down_t=w.down_t.clone(), act=act, up_act=up_act)
+        with pytest.raises(KernelCannotCompute, match=f"^the cpu kernel does not implement the activation "
+                                                      f"{type(act).__name__} with {type(up_act).__name__}") as err:
+            cpu_kernel(torch.randn(1, 8), torch.tensor([[1, 2]]), bad)
+        assert len(str(err.value).splitlines()) == 1

@@ -17,14 +17,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import HELD_OUT
-from sam_viz.models import InputError, load_model
+from sam_viz.models import load_model
 from sam_viz import RunSpec, analyze
 from sam_viz.sparse_ops import Policy, Recorder, calibration_texts, sparsified
 from sam_viz.store import analysis_from_bytes, analysis_to_bytes
 from sam_viz.sparse_ops import calibration as calibration_module
 from sam_viz.sparse_ops.calibration import Calibration, Settings, collect, topk_counts, train_predictor
 from sam_viz.sparse_ops.recorder import DensityCounter
-from sam_viz.sparse_ops.kernels import KERNELS, available_kernels
+from sam_viz.sparse_ops.kernels import available_kernels
 from sam_viz.sparse_ops.mlp import install
 
 FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama4_text", "granitemoe"]
@@ -221,18 +221,12 @@ def test_calibrated_policies_run(family, moe, monkeypatch):
 
 @pytest.mark.skipif("cpu" not in available_kernels(), reason="the cpu kernel cannot be built here")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cpu_kernel_computes_or_refuses_the_activation(family, moe):
+def test_cpu_kernel_computes_the_activation(family, moe):
+    """Every family's experts, gpt-oss's clamped SwiGLU included, as the reference kernel computes them."""
     m = moe(family)
     enc = m.encode(PROMPT)
-    with torch.no_grad(), sparsified(m, Policy("topk", 0.25)):
+    with torch.no_grad(), sparsified(m, Policy("topk", 0.25), kernel="reference"):
         expected = m.model(**enc).logits
-    if family == "gpt_oss":                          # clamped SwiGLU: one sentence naming it
-        with pytest.raises(InputError, match="clamped SwiGLU"), sparsified(m, Policy("topk", 0.25), kernel="cpu"):
-            m.model(**enc)
-        w = install(m)[0].weights(0)                 # the triton kernel refuses it before reaching a GPU
-        with pytest.raises(InputError, match="the triton kernel does not implement the activation ClampedSwish"):
-            KERNELS["triton"](torch.zeros(1, 32), torch.zeros(1, 4, dtype=torch.long), w)
-        return
     with torch.no_grad(), sparsified(m, Policy("topk", 0.25), kernel="cpu"):
         got = m.model(**enc).logits
     assert (got - expected).abs().max() <= 1e-4
@@ -256,10 +250,9 @@ def test_routing_page_shows_the_expert_views(family, moe, checkpoints, tmp_path,
     """Expert per token, router entropy and expert load on a routing layer; the shared experts as a
     column of their own; a dense layer of an MoE model named as such."""
     monkeypatch.setenv("SAM_VIZ_RUN_DB", str(tmp_path / "runs.sqlite"))
-    kernel = dict(kernel="reference") if family == "gpt_oss" else {}      # the cpu kernel refuses its activation
     moe_layers = [i for i in range(3) if i not in DENSE_LAYERS.get(family, [])]
     first_moe = moe_layers[0]
-    at = _routing_page(checkpoints[family], layer=str(first_moe), **kernel)
+    at = _routing_page(checkpoints[family], layer=str(first_moe))
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     text = _chart_text(at)
@@ -279,13 +272,11 @@ def test_routing_page_shows_the_expert_views(family, moe, checkpoints, tmp_path,
 
 
 @pytest.mark.skipif("cpu" not in available_kernels(), reason="the cpu kernel cannot be built here")
-def test_routing_page_names_the_activation_the_cpu_kernel_refuses(checkpoints, moe, tmp_path, monkeypatch):
+def test_routing_page_runs_gpt_oss_on_the_cpu_kernel(checkpoints, moe, tmp_path, monkeypatch):
+    """Once refused (the clamped SwiGLU), now computed by the cpu kernel: no error on the page."""
     monkeypatch.setenv("SAM_VIZ_RUN_DB", str(tmp_path / "runs.sqlite"))
     at = _routing_page(checkpoints["gpt_oss"], kernel="cpu")
-    assert not at.exception
-    assert [e.value for e in at.error] == [
-        "the cpu kernel does not implement the activation ClampedSwish with ClampedShift on the up projection "
-        "(a clamped SwiGLU); use the reference kernel"]
+    assert not at.exception and not at.error, [e.value for e in at.error]
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "llama4_text"])

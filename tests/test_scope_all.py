@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from sam_viz.models import InputError, load_model
 from sam_viz.sparse_ops import Policy, sparsified
+from sam_viz.sparse_ops import default_kernel
 from sam_viz.sparse_ops.inputs import InputRecorder
 from test_moe_families import TINY as MOE_TINY, byte_tokenizer
 
@@ -67,6 +68,9 @@ def checkpoint(tmp_path_factory):
                 made[name] = root / name
             return made[name]
         yield get
+
+
+COMPILED_HERE = ["reference"] + (["cpu"] if default_kernel() == "cpu" else [])
 
 
 def topk_keep(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -144,9 +148,10 @@ def test_topk_everywhere_equals_hooks_on_a_fresh_model(name, checkpoint):
         finally:
             for h in handles:
                 h.remove()
-        with sparsified(loaded, Policy("topk", density, scope="all"), kernel="reference"):
-            got = _out(loaded.model, enc, model_type)
-        assert (got - expected).abs().max() <= 1e-4, (name, density)
+        for kernel in COMPILED_HERE:                  # the sparse-input kernels: reference, and cpu where built
+            with sparsified(loaded, Policy("topk", density, scope="all"), kernel=kernel):
+                got = _out(loaded.model, enc, model_type)
+            assert (got - expected).abs().max() <= 1e-4, (name, density, kernel)
         assert (got - dense).abs().max() > 1e-3, "the masks changed nothing: the comparison would not tell"
     assert (_out(loaded.model, enc, model_type) - dense).abs().max() <= 1e-5        # outside the run: as shipped
 

@@ -133,6 +133,32 @@ def test_compiles_without_graph_breaks():
     assert _rel(compiled[0], y_ref + 1) <= 1e-5 and _rel(compiled[1], h_ref) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clamped_swiglu_matches_its_equation(dtype):
+    """gpt-oss's activation: g = min(x.gate_j + b, limit), u = clamp(x.up_j + b, +-limit) + 1,
+    h_j = g sigmoid(alpha g) u, written out here; the clamps are hit on both sides."""
+    from sam_viz.models.adapters import ClampedShift, ClampedSwish
+
+    gen = torch.Generator().manual_seed(8)
+    limit, alpha = 2.5, 1.702
+    w = _weights(40, 70, 33, True, True, ClampedSwish(limit, alpha), gen, dtype)
+    w = MLPWeights(gate=w.gate, up=w.up, down_t=w.down_t, act=w.act, b_gate=w.b_gate, b_up=w.b_up, b_down=w.b_down,
+                   up_act=ClampedShift(limit))
+    x = torch.randn(3, 40, generator=gen).to(DEVICE) * 0.5
+    idx = _indices(3, 70, 30, gen)
+    f = _in_fp32(w)
+    pre_g = (x @ f.gate.t() + w.b_gate).min(torch.tensor(limit, device=DEVICE))
+    pre_u = x @ f.up.t() + w.b_up
+    assert (pre_u > limit).any() and (pre_u < -limit).any() and (pre_g == limit).any()
+    h_all = pre_g * torch.sigmoid(alpha * pre_g) * (pre_u.clamp(-limit, limit) + 1)
+    mask = torch.zeros_like(h_all)
+    for n, row in enumerate(idx.tolist()):
+        mask[n, [j for j in row if j >= 0]] = 1
+    y, h = tk.triton_kernel(x, idx, w)
+    assert _rel(y, (h_all * mask) @ f.down_t + w.b_down) <= 1e-5
+    assert _rel(h, torch.gather(h_all, 1, idx.clamp(min=0)) * (idx >= 0)) <= 1e-5
+
+
 def test_clear_errors(monkeypatch):
     w = MLPWeights(gate=torch.randn(8, 4), up=None, down_t=torch.randn(8, 4), act=torch.nn.Tanh())
     x, idx = torch.randn(1, 4), torch.tensor([[0, 3]])

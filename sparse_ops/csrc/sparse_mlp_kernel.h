@@ -60,15 +60,26 @@
 
 namespace samviz {
 
-enum Act : int64_t { SILU = 0, GELU = 1, GELU_TANH = 2, RELU = 3 };
+// CLAMPED_SWIGLU (gpt-oss): gate side g = min(v, limit), g * sigmoid(alpha * g); up side
+// clamp(u, -limit, limit) + 1 (see up_side).
+enum Act : int64_t { SILU = 0, GELU = 1, GELU_TANH = 2, RELU = 3, CLAMPED_SWIGLU = 4 };
 
-inline float activate(float v, int64_t act) {
+inline float activate(float v, int64_t act, float limit, float alpha) {
   switch (act) {
     case SILU: return v / (1.0f + std::exp(-v));
     case GELU: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
     case GELU_TANH: return 0.5f * v * (1.0f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    case CLAMPED_SWIGLU: {
+      const float g = std::min(v, limit);
+      return g / (1.0f + std::exp(-alpha * g));
+    }
     default: return v > 0.0f ? v : 0.0f;
   }
+}
+
+// What multiplies the activated gate in a GLU: the up projection as it is, or clamped and shifted.
+inline float up_side(float u, int64_t act, float limit) {
+  return act == CLAMPED_SWIGLU ? std::min(std::max(u, -limit), limit) + 1.0f : u;
 }
 
 inline const char* isa() { return SAM_VIZ_AVX512 ? "avx512" : "portable"; }
@@ -88,6 +99,10 @@ struct Problem {
   int64_t act;
   float* y;  // [n_tok, d_out]
   float* h;  // [n_tok, k]
+  float limit = 0.0f, alpha = 0.0f;  // CLAMPED_SWIGLU's parameters
+
+  float gate(float v) const { return activate(v, act, limit, alpha); }
+  float up(float u) const { return up_side(u, act, limit); }
 };
 
 // Rows a thread should have before a second thread pays for itself (a parallel region costs a few us).
@@ -162,8 +177,8 @@ void rows_portable(const Problem<W>& p, const int64_t* slots, int64_t n, float* 
     const W* g = p.gu + j * row;
     for (int64_t t = 0; t < p.n_tok; ++t) {
       const float* xt = p.x + t * p.d;
-      float v = activate(dot_portable(xt, g, p.d) + (p.bg ? p.bg[j] : 0.0f), p.act);
-      if (p.groups == 2) v *= dot_portable(xt, g + p.d, p.d) + (p.bu ? p.bu[j] : 0.0f);
+      float v = p.gate(dot_portable(xt, g, p.d) + (p.bg ? p.bg[j] : 0.0f));
+      if (p.groups == 2) v *= p.up(dot_portable(xt, g + p.d, p.d) + (p.bu ? p.bu[j] : 0.0f));
       p.h[t * p.k + s] = v;
       axpy_portable(v, p.down + j * p.d_out, acc + t * p.d_out, p.d_out);
     }
@@ -330,8 +345,8 @@ void rows_avx512_one(const Problem<W>& p, const int64_t* slots, int64_t n, const
       }
     }
     if (!have) break;
-    float v = activate(hsum(_mm512_add_ps(ag0, ag1)) + (p.bg ? p.bg[j] : 0.0f), p.act);
-    if (glu) v *= hsum(_mm512_add_ps(au0, au1)) + (p.bu ? p.bu[j] : 0.0f);
+    float v = p.gate(hsum(_mm512_add_ps(ag0, ag1)) + (p.bg ? p.bg[j] : 0.0f));
+    if (glu) v *= p.up(hsum(_mm512_add_ps(au0, au1)) + (p.bu ? p.bu[j] : 0.0f));
     p.h[slots[q]] = v;
     h_prev = v;
     down_prev = p.down + j * d_out;
@@ -418,8 +433,8 @@ void rows_avx512_multi(const Problem<W>& p, const int64_t* slots, int64_t n, con
     }
     if (!have) break;
     for (int r = 0; r < R; ++r) {
-      float v = activate(hsum(_mm512_add_ps(s0[r], s1[r])) + (p.bg ? p.bg[j[r]] : 0.0f), p.act);
-      if (glu) v *= hsum(_mm512_add_ps(u0[r], u1[r])) + (p.bu ? p.bu[j[r]] : 0.0f);
+      float v = p.gate(hsum(_mm512_add_ps(s0[r], s1[r])) + (p.bg ? p.bg[j[r]] : 0.0f));
+      if (glu) v *= p.up(hsum(_mm512_add_ps(u0[r], u1[r])) + (p.bu ? p.bu[j[r]] : 0.0f));
       p.h[slots[R * q + r]] = v;
       hprev[r] = v;
       dprev[r] = p.down + j[r] * d;
@@ -453,8 +468,8 @@ void rows_avx512_many(const Problem<W>& p, const int64_t* slots, int64_t n, cons
       for (int64_t c = 0; c < cd; ++c) {
         dot_chunk(xt, g, u, glu, c, d, ag0, ag1, au0, au1);
       }
-      float v = activate(hsum(_mm512_add_ps(ag0, ag1)) + (p.bg ? p.bg[j] : 0.0f), p.act);
-      if (glu) v *= hsum(_mm512_add_ps(au0, au1)) + (p.bu ? p.bu[j] : 0.0f);
+      float v = p.gate(hsum(_mm512_add_ps(ag0, ag1)) + (p.bg ? p.bg[j] : 0.0f));
+      if (glu) v *= p.up(hsum(_mm512_add_ps(au0, au1)) + (p.bu ? p.bu[j] : 0.0f));
       p.h[t * p.k + s] = v;
       const __m512 hv = _mm512_set1_ps(v);
       float* at = acc + t * ys;
