@@ -70,17 +70,28 @@ def profile_label(m: dict) -> str:
             f"{s.get('policy', '?')} {s.get('density', 0):g} · {str(m.get('created', ''))[:16]}")
 
 
-def context_row(tokens, focus: int, value: float, where: str, prof, layer: int) -> None:
-    """One context, the firing token marked, and a link that opens it in the firing map."""
+def context_row(tokens, focus: int, value: float, where: str, prof, layer: int, key: str) -> None:
+    """One context, the firing token marked, and a button that opens it in the firing map."""
     left, right = st.columns([4, 1], vertical_alignment="center")
     left.markdown(f"<small>{value:+.3f} · {escape_markdown(where)}</small> &nbsp; "
                   f"{continuation_html(*marked_pieces(list(tokens), int(focus)))}", unsafe_allow_html=True)
     prompt, token = context_prompt(list(tokens), int(focus))
     token += prof.manifest["kind"] == "encoder"           # the [CLS] an encoder's prompt starts with
-    with right:
-        page_link("pages/firing.py", "Open in firing map", icon=":material/grid_on:",
-                  query_params={"model": prof.manifest["model"], "prompt": prompt, "policy": prof.settings["policy"],
-                                "density": f"{prof.settings['density']:g}", "layer": layer, "token": token})
+    settings = {"model": prof.manifest["model"], "prompt": prompt, "policy": prof.settings["policy"],
+                "density": float(prof.settings["density"]), "layer": int(layer), "token": int(token)}
+    right.button("Open in firing map", icon=":material/grid_on:", key=key, on_click=open_context, args=(settings,),
+                 help="The firing map of this text, with the profile's model, policy and density, at this "
+                      "layer and token.")
+
+
+def open_context(settings: dict) -> None:
+    """The context's settings go to the sidebar's widgets and the firing map's selections in the session,
+    which a page switch keeps; the URL is then written from them by the firing map's own widgets. (A
+    page link carrying them as URL parameters lost some on the way: in about 4 runs of 5 after another
+    session, the browser's rerun request brought the prompt and the density back at their defaults.)"""
+    s = st.session_state
+    s.update(settings)
+    s["_open_firing"] = True
 
 
 def show_or_say(plot, key: str) -> bool:
@@ -127,14 +138,14 @@ def neuron_page(prof, layer: int, unit: int) -> None:
     if top.empty:
         st.caption("No contexts stored for this neuron (it never fired).")
     for r in top.itertuples():
-        context_row(r.tokens, r.focus, r.value, f"doc {r.doc}, token {r.pos}", prof, layer)
+        context_row(r.tokens, r.focus, r.value, f"doc {r.doc}, token {r.pos}", prof, layer, f"open_top_{r.Index}")
     bands = prof.manifest.get("quantile_bands") or []
     with st.expander("Quantile samples: contexts from each band of |h|"):
         for i, band in enumerate(bands):
             rows = v.band(f"q{i}")
             st.markdown(f"**|h| from {band[0]:.0%} to {band[1]:.0%} of its max** ({len(rows)} samples)")
             for r in rows.itertuples():
-                context_row(r.tokens, r.focus, r.value, f"doc {r.doc}, token {r.pos}", prof, layer)
+                context_row(r.tokens, r.focus, r.value, f"doc {r.doc}, token {r.pos}", prof, layer, f"open_top_{r.Index}")
     left, right = st.columns(2)
     with left:
         show_or_say(corpus_plots.neuron_histogram(v), key="neuron_histogram")
@@ -150,6 +161,8 @@ def neuron_page(prof, layer: int, unit: int) -> None:
                   f"tokens", query_params={"profile": prof.id, "layer": layer, "neuron": int(r.unit)})
 
 
+if st.session_state.pop("_open_firing", False):                 # "Open in firing map" was clicked
+    st.switch_page("pages/firing.py")
 spec = sidebar_only()
 st.header("Corpus")
 explain("""

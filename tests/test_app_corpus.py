@@ -78,9 +78,13 @@ def test_contexts_with_markdown_signs_are_shown_as_text(profiles):
     row = rows[0]
     assert "&#36;" in row and "&#42;bold&#42;" in row and "&lt;" in row and "<b>" not in row
     assert " <mark>&#36;</mark>" in row                 # the firing token, " $" (its space left unmarked)
-    opened = [m.value for m in at.markdown if m.value.startswith("[Open in firing map]")]
-    assert opened and "prompt=The+shirt+costs+%2420" in opened[0] and "token=3" in opened[0]
-    assert "model=tiny-llama" in opened[0] and "policy=threshold&density=0.25" in opened[0]   # the profile's
+    opened = [b for b in at.button if b.label == "Open in firing map"]
+    assert len(opened) == 3 + 5
+    opened[0].click().run()                               # the click switches to the firing map (AppTest stays)
+    s = at.session_state
+    got = {k: s[k] for k in ("model", "prompt", "policy", "density", "layer", "token")}
+    assert got == dict(model="tiny-llama", prompt="The shirt costs $20 *bold* <b> and", policy="threshold",
+                       density=0.25, layer=0, token=3)    # the profile's settings, the context's text and token
 
 
 @pytest.mark.parametrize("params, message", [

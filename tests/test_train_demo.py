@@ -121,11 +121,12 @@ def _tiny_data(out):
     return tokenizer
 
 
-def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    cfg = dataclasses.replace(TINY, ckpt_minutes=0.0)                      # a checkpoint every step
+@pytest.mark.parametrize("variant", ["sparse", "all"])
+def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_weights(tmp_path, monkeypatch, variant):
+    cfg = dataclasses.replace(TINY, ckpt_minutes=0.0, density=0.4 if variant == "all" else TINY.density)
     _tiny_data(tmp_path / "whole")
     shutil.copytree(tmp_path / "whole" / "data", tmp_path / "stopped" / "data")
-    whole = train_demo.Run(tmp_path / "whole", "sparse", cfg)
+    whole = train_demo.Run(tmp_path / "whole", variant, cfg)
     whole.train()
     save = train_demo.Run.save
 
@@ -135,9 +136,9 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_weights(tmp_path, 
             raise RuntimeError("stopped")
     monkeypatch.setattr(train_demo.Run, "save", crash_after_step_2)
     with pytest.raises(RuntimeError, match="stopped"):
-        train_demo.Run(tmp_path / "stopped", "sparse", cfg).train()
+        train_demo.Run(tmp_path / "stopped", variant, cfg).train()
     monkeypatch.setattr(train_demo.Run, "save", save)
-    resumed = train_demo.Run(tmp_path / "stopped", "sparse", cfg)
+    resumed = train_demo.Run(tmp_path / "stopped", variant, cfg)
     assert resumed.step == 2
     resumed.train()
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
@@ -176,3 +177,31 @@ def test_tiny_training_exports_a_plain_llama_that_the_app_runs_as_trained(tmp_pa
     with torch.no_grad():
         mine = model(input_ids=enc["input_ids"]).logits
     assert (app - mine).abs().max() <= 1e-5
+
+
+def test_tiny_whole_model_training_exports_a_llama_that_the_apps_scope_all_topk_runs_as_trained(tmp_path, monkeypatch):
+    """demo-lm-all's path (issue 23): trained with top-k on every projection's input at 0.4, exported as a
+    plain Llama; the app's whole-model topk at 0.4 gives the logits of the training wrapper."""
+    from tools import topk_all
+
+    _tiny_data(tmp_path)
+    cfg = dataclasses.replace(TINY, density=0.4, steps=4)
+    res = train_demo.run_variant(tmp_path, "all", cfg)
+    assert res["name"] == "demo-lm-all" and "topk_all_0.4" in res["heldout"]
+    export = tmp_path / "export" / "demo-lm-all"
+    model = LlamaForCausalLM.from_pretrained(export).float().eval()
+    assert type(model.model.layers[0].mlp) is LlamaMLP                  # no wrapper left in the checkpoint
+    monkeypatch.setenv("SAM_VIZ_MODEL_ROOTS", str(tmp_path))
+    from sam_viz.models import load_model
+    from sam_viz.sparse_ops import Policy, default_kernel, sparsified
+    loaded = load_model(str(export))
+    enc = loaded.encode("The for statement iterates over a list.")
+    for kernel in ("reference", "cpu") if default_kernel() == "cpu" else ("reference",):
+        with torch.no_grad(), sparsified(loaded, Policy("topk", 0.4, scope="all"), kernel=kernel):
+            app = loaded.model(**enc).logits.float()
+        for w in topk_all.install(model):
+            w.density = 0.4
+        with torch.no_grad():
+            mine = model(input_ids=enc["input_ids"]).logits
+        topk_all.uninstall(model)
+        assert (app - mine).abs().max() <= 1e-5, kernel
