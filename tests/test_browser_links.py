@@ -50,6 +50,23 @@ def settles(read, want, seconds: float = 30) -> bool:
     return False
 
 
+def quiet(page, seconds: float = 90, still: float = 1.0) -> None:
+    """Wait until the app has finished its script runs: no running indicator and no stale (greyed,
+    about to be replaced) element for `still` seconds. Read mid-run, a page shows the last run's
+    elements beside the new run's (two "frequency" radios) or the widgets before a rerun lands."""
+    running = "[data-testid^='stStatusWidgetRunning'], [data-stale='true']"
+    end, calm_since = time.monotonic() + seconds, None
+    while time.monotonic() < end:
+        if page.locator(running).count() == 0:
+            calm_since = calm_since or time.monotonic()
+            if time.monotonic() - calm_since >= still:
+                return
+        else:
+            calm_since = None
+        time.sleep(0.2)
+    pytest.fail(f"the app was still running after {seconds:.0f} s at {page.url}")
+
+
 def main_value(page, label) -> str:
     """The value a widget of the page (not the sidebar) shows: a number box's number, a select box's option."""
     return page.locator(f"[data-testid='stMain'] input[aria-label='{label}']").first.input_value()
@@ -64,8 +81,6 @@ def wait_for_url(page, params: dict):
         pytest.fail(f"the URL {page.url} lacks some of {params}")
 
 
-@pytest.mark.xfail(strict=False, reason="racy, open in issue 21: in about 1 run of 3 on 2 cores one page after a menu "
-                   "click stays at the defaults (Corpus's sidebar) or layer 0 (Attribution) for over 30 s")
 def test_a_link_survives_every_menu_entry(server, browser):  # noqa: F811
     """Open a link with every setting off its default, then click each menu entry in turn: every page
     with the sidebar has the link's settings in its URL and its widgets; the pages of the analysis
@@ -76,6 +91,7 @@ def test_a_link_survives_every_menu_entry(server, browser):  # noqa: F811
         if name != "Firing map" or page.url.split("?")[0].rstrip("/") != server:
             page.locator("[data-testid='stSidebarNav'] a", has_text=name).click()
         page.wait_for_selector(f"h2:has-text('{name.split(':')[0]}')", timeout=180_000)
+        quiet(page)
         if name in NO_SIDEBAR:
             continue
         wait_for_url(page, SIDEBAR)
@@ -87,13 +103,11 @@ def test_a_link_survives_every_menu_entry(server, browser):  # noqa: F811
             assert settles(lambda: main_value(page, "Layer"), PAGE["layer"]), (name, main_value(page, "Layer"))
         if name == "Firing map":
             assert main_value(page, "Token").startswith("3: ")
-            assert page.get_by_role("radio", name="frequency").is_checked()
+            assert page.locator("[data-testid='stMain']").get_by_role("radio", name="frequency").is_checked()
         assert page.locator("[data-testid='stException']").count() == 0, name
     page.close()
 
 
-@pytest.mark.xfail(strict=False, reason="racy, open in issue 21: in a fresh-clone CI run the firing map's URL kept "
-                   "model, policy, layer and token but lacked the context's prompt and density")
 def test_open_in_firing_map_opens_the_context_with_the_profiles_settings(server, browser, tmp_path_factory):  # noqa: F811
     """A profile of tiny-llama (threshold at 0.25) with a top context in layer 1: its "Open in firing
     map" opens that text, layer 1, the firing token (3, " $"), the model, policy and density; before the
@@ -108,8 +122,9 @@ def test_open_in_firing_map_opens_the_context_with_the_profiles_settings(server,
         rows = [dict(layer=1, neuron=0, band="top", rank=0, value=3.0, doc=0, pos=3, tokens=TRICKY, focus=3)]
         pd.DataFrame(rows).astype({"rank": "int32", "focus": "int32"}).to_parquet(root / pid / "examples.parquet")
     page = _open(browser, f"{server}/corpus?profile={pid}&layer=1&neuron=0")
-    page.get_by_role("link", name="Open in firing map").first.click(timeout=120_000)
+    page.get_by_role("button", name="Open in firing map").first.click(timeout=120_000)
     page.wait_for_selector("h2:has-text('Firing map')", timeout=180_000)
+    quiet(page)
     want = dict(model="tiny-llama", prompt="The shirt costs $20 *bold* <b> and", policy="threshold", density="0.25")
     wait_for_url(page, {**want, "layer": "1"})
     page.wait_for_selector(".js-plotly-plot", timeout=120_000)
