@@ -539,7 +539,7 @@ def explain(markdown: str) -> None:
 
 
 def show(plot, key: str | None = None) -> None:
-    """A sam_viz.plots.Plot: the figure, and what was reduced to fit the browser, if anything. The
+    """A sam_viz.figures.firing.Plot: the figure, and what was reduced to fit the browser, if anything. The
     modebar shows on hover only, in the band the figures keep free above their titles. A figure with
     no data (it says why in its middle) is only that sentence, once."""
     if not plot.fig.data and plot.note:

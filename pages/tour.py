@@ -12,9 +12,11 @@ import streamlit as st
 
 from pages._shared import (DEMO_MODEL, DEMO_PRESET, DOC_PRESETS, PRESETS, cached_analysis, cached_model, show,
                            sidebar_only, use_settings, work_button)
-from sam_viz import SWEEP_DENSITIES, RunSpec, greedy_continuation, mass_curve, plots, quality_plots, routing_plots
+from sam_viz import SWEEP_DENSITIES, RunSpec, greedy_continuation, mass_curve
 from sam_viz import claims as cl
 from sam_viz import tour_text as tt
+from sam_viz.figures import quality, routing
+from sam_viz.figures.firing import firing_heatmap, token_neurons
 from sam_viz.text import continuation_html, escape_html, escape_markdown
 from sam_viz.sparse_ops import get_calibration
 
@@ -106,15 +108,15 @@ def neuron() -> tuple[str, RunSpec]:
     run = spec("dense", 1.0)
     a = cached_analysis(run)
     layer, _ = layer_and_token(a)
-    show(plots.firing_heatmap(a, layer), key="tour_heatmap_dense")
+    show(firing_heatmap(a, layer), key="tour_heatmap_dense")
     return "pages/firing.py", run
 
 
 def firing() -> tuple[str, RunSpec]:
     a = cached_analysis(spec())
     layer, token = layer_and_token(a)
-    show(plots.firing_heatmap(a, layer), key="tour_heatmap")
-    show(plots.token_neurons(a, layer, token), key="tour_token_neurons")
+    show(firing_heatmap(a, layer), key="tour_heatmap")
+    show(token_neurons(a, layer, token), key="tour_token_neurons")
     st.caption("In layer 0 a kept neuron's orange bar equals its blue one: both runs read the same input. "
                if layer == 0 else
                f"An orange bar need not match its blue one: layers 0 to {layer - 1} before this one "
@@ -130,15 +132,15 @@ def density() -> tuple[str, RunSpec]:
     st.markdown(tt.mass(kept, TRAINED))
     c1, c2 = st.columns(2)
     with c1:
-        show(quality_plots.density_per_layer(a), key="tour_density_layers")
+        show(quality.density_per_layer(a), key="tour_density_layers")
     with c2:
-        show(quality_plots.mass_curve_plot(mass_curve(a, SWEEP_DENSITIES), SWEEP_DENSITIES), key="tour_mass_curve")
+        show(quality.mass_curve_plot(mass_curve(a, SWEEP_DENSITIES), SWEEP_DENSITIES), key="tour_mass_curve")
     return "pages/density.py", a.spec
 
 
 def next_token() -> tuple[str, RunSpec]:
     a = cached_analysis(spec(density=density_choice()))
-    show(quality_plots.next_token_plot(a, labels(a.spec.density), x_max(a)), key="tour_next_tokens")
+    show(quality.next_token_plot(a, labels(a.spec.density), x_max(a)), key="tour_next_tokens")
     agreement(a)
     st.caption(tt.baseline(claims(), TRAINED))
     return "pages/compare.py", a.spec
@@ -191,7 +193,7 @@ def twin() -> tuple[str, RunSpec]:
     for col, a in zip(cols, analyses):
         with col:
             st.markdown(f"**{a.spec.model}**")
-            show(quality_plots.next_token_plot(a, labels(TRAINED), x_max(*analyses)), key=f"tour_twin_{a.spec.model}")
+            show(quality.next_token_plot(a, labels(TRAINED), x_max(*analyses)), key=f"tour_twin_{a.spec.model}")
     return "pages/compare.py", spec(model=TWIN)
 
 
@@ -219,13 +221,13 @@ def static() -> tuple[str, RunSpec]:
     analyses = {p: cached_analysis(spec(policy=p)) for p in policies}
     c1, c2 = st.columns(2)
     with c1:
-        show(routing_plots.recall_by_policy(analyses), key="tour_recall")
+        show(routing.recall_by_policy(analyses), key="tour_recall")
         st.caption("*Oracle top-k* is, for each token, the set of its strongest neurons, found by computing every "
                    "one of them: what a perfect chooser would keep. topk's recall is 1 by definition: it is that set.")
     with c2:
         if "static" in analyses:
             a = analyses["static"]
-            show(quality_plots.next_token_plot(a, ("all neurons", f"static: the same {TRAINED:.0%} for every token"),
+            show(quality.next_token_plot(a, ("all neurons", f"static: the same {TRAINED:.0%} for every token"),
                                                x_max(a)), key="tour_static_next")
     return "pages/routing.py", run
 

@@ -89,7 +89,7 @@ text-align:left}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:.6em}}.not
 
 def to_html(a: Analysis, figures) -> str:
     """One standalone HTML file that works offline. figures: (title, figure) pairs or bare figures,
-    where a figure is a plotly Figure or a sam_viz.plots.Plot (its `.note` is shown under it)."""
+    where a figure is a plotly Figure or a sam_viz.figures.firing.Plot (its `.note` is shown under it)."""
     s = a.spec
     body = [f"<h1>sam-viz run: {_e(s.model)}</h1>",
             _table(("model", "policy", "density", "kernel", "tokens", "density achieved"),

@@ -1,7 +1,7 @@
 """Figures of quality and distribution for the pages: density per layer, the distribution of |h|,
 mass kept vs density, the density sweep, divergence per layer and the next-token lists (TEAL's and
 CATS' magnitude views, quality-vs-sparsity curves). Pure functions, an Analysis (or plain rows) in,
-a `sam_viz.plots.Plot` out; the firing views and shared helpers live in sam_viz.plots.
+a `sam_viz.figures.firing.Plot` out; the firing views and shared helpers live in sam_viz.figures.firing.
 """
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from .fig_layout import percent_axis
-from .plots import (DENSE, DROPPED, METRIC_LABELS, NO_ACTIVATIONS, SPARSE, Plot, _empty, _routed, _run_label,
+from .firing import (DENSE, DROPPED, METRIC_LABELS, NO_ACTIVATIONS, SPARSE, Plot, _empty, _routed, _run_label,
                     _style, _text, target_density)
+from .layout import percent_axis
 
 
 def density_per_layer(analysis) -> Plot:
