@@ -46,8 +46,8 @@ PRESETS.update(DOC_PRESETS)
 DEFAULT_PROMPT = PRESETS["Fox"]
 DEMO_MODEL = "demo-lm"
 DEMO_PRESET = "Docs: open a file"
-PAGE_KEYS = ("layer", "token", "order", "freq", "query")  # page selections that also live in the URL
-PAGE_PATHS = ("tour", "density", "compare", "routing", "attribution", "speed", "runs", "corpus")   # the firing map is at /
+PAGE_KEYS = ("layer", "token", "order", "freq", "query", "projection")  # page selections that also live in the URL
+PAGE_PATHS = ("tour", "density", "compare", "routing", "whole_model", "attribution", "speed", "runs", "corpus")   # the firing map is at /
 ANALYSIS_CACHE_SIZE = 16
 
 
@@ -74,6 +74,7 @@ def navigation():
         st.Page("pages/density.py", title="Density", icon=":material/area_chart:"),
         st.Page("pages/compare.py", title="Dense vs sparse", icon=":material/compare:"),
         st.Page("pages/routing.py", title="Routing", icon=":material/alt_route:"),
+        st.Page("pages/whole_model.py", title="Whole model", icon=":material/stacks:"),
         st.Page("pages/attribution.py", title="Attribution", icon=":material/insights:"),
         st.Page("pages/speed.py", title="Speed", icon=":material/speed:"),
         st.Page("pages/claims.py", title="Demo LM: the claim", icon=":material/fact_check:"),
