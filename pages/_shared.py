@@ -249,11 +249,14 @@ def _use_preset() -> None:
         st.session_state["prompt"] = PRESETS[name]
 
 
-def use_settings(model: str, preset: str, policy: str | None = None, density: float | None = None) -> None:
+def use_settings(model: str, preset: str, policy: str | None = None, density: float | None = None,
+                 scope: str | None = None) -> None:
     """Set the sidebar (as a callback, before its widgets are drawn): a model and a preset prompt,
-    and a policy and density when given."""
+    and a policy, density and scope when given."""
     s = st.session_state
     s["model"], s["preset"], s["prompt"] = model, preset, PRESETS[preset]
+    if scope is not None:
+        s["scope"] = scope
     if policy is not None:
         s["policy"] = policy
     if density is not None:
