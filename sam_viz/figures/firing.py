@@ -372,7 +372,7 @@ def density_tokens_layers(analysis, max_cells: int = MAX_CELLS) -> Plot:
     else:
         zrange, span = (lo, hi), f"colours span {lo:.3g} to {hi:.3g}, this run's range"
     trace, note = _token_grid(analysis, dens, "layers", max_cells, colorscale="Viridis", zmin=zrange[0],
-                              zmax=zrange[1], colorbar=dict(title="density"),
+                              zmax=zrange[1], colorbar=dict(title="MLP<br>neuron<br>density"),
                               hovertemplate="token %{y}<br>layer %{x}<br>density %{z:.3f}<extra></extra>")
     fig = _style(go.Figure(trace), "Share of neurons computed per token and layer", "layer", "token",
                  sub=f"target {target_density(analysis):g} · {span}", **_grid_layout(len(trace.y)))
