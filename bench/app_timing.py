@@ -178,7 +178,8 @@ def server_start(port: int, db: str, m) -> float:
 def server_side(m, repeats: int) -> None:
     """Where the time of a density change goes on the server: the analysis (dense and sparse
     passes), the three firing-map figures, and their JSON (what travels to the browser)."""
-    from sam_viz import RunSpec, analyze, plots
+    from sam_viz import RunSpec, analyze
+    from sam_viz.figures import firing
 
     prompt, rows = prompt_of(m, 64), []
     analyze(m, RunSpec(prompt=prompt, model="minilm", density=0.5))
@@ -186,7 +187,7 @@ def server_side(m, repeats: int) -> None:
         t0 = time.perf_counter()
         a = analyze(m, RunSpec(prompt=prompt, model="minilm", density=round(0.5 + 0.05 * (r + 1), 2)))
         t1 = time.perf_counter()
-        figs = [plots.firing_heatmap(a, 0), plots.token_neurons(a, 0, 0), plots.density_tokens_layers(a)]
+        figs = [firing.firing_heatmap(a, 0), firing.token_neurons(a, 0, 0), firing.density_tokens_layers(a)]
         t2 = time.perf_counter()
         size = sum(len(f.fig.to_json()) for f in figs)
         t3 = time.perf_counter()

@@ -85,13 +85,13 @@ def decode_rows(loaded, density: float = cl.TRAINED_DENSITY, policies=DECODE_POL
 
 
 def draw_png(claims: dict, path: Path = PNG) -> None:
-    """The perplexity-vs-density curve as a PNG (the same data as sam_viz.claims_plots)."""
+    """The perplexity-vs-density curve as a PNG (the same data as sam_viz.figures.claims)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from sam_viz.claims_plots import COLOURS, SYMBOLS, topk_curve
+    from sam_viz.figures.claims import COLOURS, SYMBOLS, topk_curve
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for model in (cl.SPARSE, cl.DENSE):

@@ -20,7 +20,8 @@ import os
 import time
 from pathlib import Path
 
-from sam_viz import RunSpec, plots, quality_plots
+from sam_viz import RunSpec
+from sam_viz.figures import firing, quality
 from sam_viz.attribution import attribute
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
@@ -55,8 +56,8 @@ def measure(n: int, at: int, models: tuple[str, ...] = MODELS, attribute_every: 
     for i in range(n):
         s = spec(i, models)
         a = cached_analysis(s)
-        plots.firing_heatmap(a, i % a.n_layers).fig.to_json()
-        quality_plots.divergence_plot(a).fig.to_json()
+        firing.firing_heatmap(a, i % a.n_layers).fig.to_json()
+        quality.divergence_plot(a).fig.to_json()
         if attribute_every and i % attribute_every == attribute_every - 1:
             attribute(cached_model(s.model), s, method="ixg")
         del a

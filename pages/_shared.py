@@ -25,7 +25,8 @@ from sam_viz.analysis import TooManyTokens, truncate_to_tokens
 from sam_viz.spec import MAX_PROMPT_CHARS
 from sam_viz.store import RunStore
 from sam_viz.text import escape_markdown
-from sam_viz.sparse_ops import CALIBRATED, SCOPE_POLICIES, available_kernels, default_kernel, get_calibration, unavailable_kernels
+from sam_viz.sparse_ops import (ALLOCATIONS, CALIBRATED, INPUT_CALIBRATED, POLICIES as ALL_POLICIES, SCOPE_POLICIES,
+                                SCOPES, available_kernels, default_kernel, get_calibration, unavailable_kernels)
 
 PRESETS = {
     "Fox": "The quick brown fox jumps over the lazy dog.",
@@ -45,8 +46,8 @@ PRESETS.update(DOC_PRESETS)
 DEFAULT_PROMPT = PRESETS["Fox"]
 DEMO_MODEL = "demo-lm"
 DEMO_PRESET = "Docs: open a file"
-PAGE_KEYS = ("layer", "token", "order", "freq", "query")  # page selections that also live in the URL
-PAGE_PATHS = ("tour", "density", "compare", "routing", "attribution", "speed", "runs", "corpus")   # the firing map is at /
+PAGE_KEYS = ("layer", "token", "order", "freq", "query", "projection")  # page selections that also live in the URL
+PAGE_PATHS = ("tour", "density", "compare", "routing", "whole_model", "attribution", "speed", "runs", "corpus")   # the firing map is at /
 ANALYSIS_CACHE_SIZE = 16
 
 
@@ -73,6 +74,7 @@ def navigation():
         st.Page("pages/density.py", title="Density", icon=":material/area_chart:"),
         st.Page("pages/compare.py", title="Dense vs sparse", icon=":material/compare:"),
         st.Page("pages/routing.py", title="Routing", icon=":material/alt_route:"),
+        st.Page("pages/whole_model.py", title="Whole model", icon=":material/stacks:"),
         st.Page("pages/attribution.py", title="Attribution", icon=":material/insights:"),
         st.Page("pages/speed.py", title="Speed", icon=":material/speed:"),
         st.Page("pages/claims.py", title="Demo LM: the claim", icon=":material/fact_check:"),
@@ -231,7 +233,7 @@ def _calibration_progress(box, model: str):
 
 def _apply_saved_spec(spec: RunSpec) -> None:
     """Make the sidebar show a saved run's settings (before its widgets are drawn)."""
-    for key in ("model", "prompt", "policy", "density", "kernel"):
+    for key in ("model", "prompt", "scope", "policy", "density", "kernel", "allocation"):
         st.session_state[key] = getattr(spec, key)
 
 
@@ -247,11 +249,14 @@ def _use_preset() -> None:
         st.session_state["prompt"] = PRESETS[name]
 
 
-def use_settings(model: str, preset: str, policy: str | None = None, density: float | None = None) -> None:
+def use_settings(model: str, preset: str, policy: str | None = None, density: float | None = None,
+                 scope: str | None = None) -> None:
     """Set the sidebar (as a callback, before its widgets are drawn): a model and a preset prompt,
-    and a policy and density when given."""
+    and a policy, density and scope when given."""
     s = st.session_state
     s["model"], s["preset"], s["prompt"] = model, preset, PRESETS[preset]
+    if scope is not None:
+        s["scope"] = scope
     if policy is not None:
         s["policy"] = policy
     if density is not None:
@@ -277,8 +282,11 @@ def _demo_hint() -> None:
     page_link("pages/tour.py", "Take the classroom tour", icon=":material/school:")
 
 
-URL_CHOICES = ("policy", "kernel")     # bound selectboxes that drop a URL value they cannot take
-POLICIES = SCOPE_POLICIES["mlp"]        # the app runs scope mlp (the whole-model scope has no page yet)
+URL_CHOICES = ("policy", "kernel", "scope")     # bound selectboxes that drop a URL value they cannot take
+POLICIES = SCOPE_POLICIES["mlp"]        # the policies of the default scope (the Policy box offers its scope's)
+SCOPE_HELP = ("mlp: the policy chooses each MLP's neurons; attention runs dense. all: it chooses, per token, the "
+              "input entries of every projection of every block (q, k, v, o, gate, up, down); embeddings and the "
+              "unembedding stay dense.")
 DENSITY_MIN, DENSITY_MAX, DENSITY_STEP, DENSITY_DEFAULT = 0.05, 1.0, 0.05, 0.5     # the sidebar's slider
 
 
@@ -328,6 +336,8 @@ def _url_not_taken(raw: dict[str, str | None]) -> list[str]:
     out = []
     for key in URL_CHOICES:
         want, got = raw.get(key), st.session_state.get(key)
+        if key == "policy" and want in ALL_POLICIES:      # a policy of the other scope: _scope_notes says it
+            continue
         if want is not None and want != str(got):
             why = unavailable_kernels().get(want) if key == "kernel" else None
             out.append(f"The link's {key} '{escape_markdown(want[:40])}' is not one this app can use"
@@ -390,9 +400,10 @@ def sidebar(hint: bool = True) -> RunSpec:
 
 
 def _sidebar(hint: bool) -> RunSpec:
-    raw = {key: st.query_params.get(key) for key in (*URL_CHOICES, "density", "prompt", "model")}   # before the widgets take them
+    raw = {key: st.query_params.get(key) for key in (*URL_CHOICES, "density", "prompt", "model", "allocation")}   # before the widgets take them
     if st.session_state.get("_switched"):
         _follow_link(raw)
+        _follow_scope(raw)
     snapped = st.session_state.pop("_density_snap", None)       # a link's density, put on the slider's grid
     if snapped is not None:
         st.session_state["density"] = snapped[0]
@@ -411,11 +422,15 @@ def _sidebar(hint: bool) -> RunSpec:
                  placeholder="Pick a preset...")
     over = _cut_prompt(raw["prompt"])
     sb.text_area("Prompt", DEFAULT_PROMPT, key="prompt", bind="query-params", height=120)
-    sb.selectbox("Policy", list(POLICIES), index=POLICIES.index("topk"), key="policy",
-                 bind="query-params", help="topk: the k largest |h| per token (oracle). threshold: "
-                 "|act(gate)| above a per-layer value calibrated on sample prompts. dense: every neuron.")
+    scope = sb.selectbox("Scope", SCOPES, key="scope", bind="query-params", help=SCOPE_HELP)
+    policies = SCOPE_POLICIES[scope]
+    policy = sb.selectbox("Policy", policies, index=policies.index("topk"), key="policy",
+                          bind="query-params", help=POLICY_HELP[scope])
+    if policy in INPUT_CALIBRATED:
+        sb.selectbox("Allocation", ALLOCATIONS, index=ALLOCATIONS.index("greedy"), key="allocation",
+                     bind="query-params", help=ALLOCATION_HELP)
     sb.slider("Density", DENSITY_MIN, DENSITY_MAX, DENSITY_DEFAULT, DENSITY_STEP, key="density",
-              bind="query-params", help="Share of each MLP's neurons computed per token.")
+              bind="query-params", help=DENSITY_HELP[scope])
     kernels, missing = available_kernels(), unavailable_kernels()
     sb.selectbox("Kernel", kernels, index=kernels.index(default_kernel()), key="kernel", bind="query-params",
                  help="cpu: the compiled kernel that reads only the selected rows. reference: plain torch, "
@@ -427,7 +442,7 @@ def _sidebar(hint: bool) -> RunSpec:
     if over:
         st.warning(f"The prompt is {over:,} characters; the prompt box takes {MAX_PROMPT_CHARS:,}, so its first "
                    f"{MAX_PROMPT_CHARS:,} are analysed.")
-    for line in _url_not_taken(raw):
+    for line in _url_not_taken(raw) + _scope_notes(raw):
         st.warning(line)
     if fix and abs(st.session_state["density"] - fix[0]) > 1e-9:
         st.session_state["_density_snap"] = fix       # the slider took the link's value: give it ours
@@ -436,7 +451,53 @@ def _sidebar(hint: bool) -> RunSpec:
         st.warning((fix or snapped)[1])
     s = st.session_state
     return RunSpec(prompt=s["prompt"], model=s["model"] or DEFAULT_MODEL, policy=s["policy"],
-                   density=s["density"], kernel=s["kernel"])
+                   density=s["density"], kernel=s["kernel"], scope=s["scope"],
+                   allocation=s["allocation"] if s["policy"] in INPUT_CALIBRATED else RunSpec.allocation)
+
+
+POLICY_HELP = {
+    "mlp": "topk: the k largest |h| per token (oracle). threshold: |act(gate)| above a per-layer value calibrated "
+           "on sample prompts. predictor: a small network guesses them from the MLP input. static: the same "
+           "neurons for every token. dense: every neuron.",
+    "all": "topk: the k largest |x_i| of each projection's input per token (Q-Sparse). teal: |x_i| above a "
+           "threshold calibrated per layer and projection (TEAL). wina: |x_i| times the norm of W's column i above "
+           "one (WINA). dense: every entry.",
+}
+ALLOCATION_HELP = ("uniform: every projection at the target density. greedy (TEAL): per block, lower first the "
+                   "projections whose sparsity adds the least error to the block's output, weighted by their "
+                   "weight counts, until the block reads the target share of its weights.")
+DENSITY_HELP = {"mlp": "Share of each MLP's neurons computed per token.",
+                "all": "Share of each block's matrix weights read per token (whole-model density; embeddings and "
+                       "the unembedding, which stay dense, not counted)."}
+
+
+def _follow_scope(raw: dict[str, str | None]) -> None:
+    """_follow_link for the scope and allocation, and for a policy of the link's scope (which _follow_link,
+    knowing the default scope's policies only, leaves)."""
+    s = st.session_state
+    scope = raw.get("scope") if raw.get("scope") in SCOPES else None
+    if scope is not None and "scope" in s:
+        s["scope"] = scope
+    if raw.get("policy") in SCOPE_POLICIES[scope or s.get("scope") or "mlp"] and "policy" in s:
+        s["policy"] = raw["policy"]
+    if raw.get("allocation") in ALLOCATIONS and "allocation" in s:
+        s["allocation"] = raw["allocation"]
+
+
+def _scope_notes(raw: dict[str, str | None]) -> list[str]:
+    """One sentence per scope setting of the link that the sidebar could not take: a policy that has no
+    meaning under the scope shown, or an allocation that is not one."""
+    s, out = st.session_state, []
+    want = raw.get("policy")
+    if want in ALL_POLICIES and want != s.get("policy"):
+        other = next(sc for sc in SCOPES if want in SCOPE_POLICIES[sc])
+        out.append(f"Policy {want} runs under scope {other} only; under scope {s.get('scope')} this view shows "
+                   f"policy {s.get('policy')}.")
+    alloc = raw.get("allocation")
+    if alloc is not None and s.get("policy") in INPUT_CALIBRATED and alloc != s.get("allocation"):
+        out.append(f"The link's allocation '{escape_markdown(alloc[:40])}' is not one of uniform or greedy; "
+                   f"showing allocation {s.get('allocation')}.")
+    return out
 
 
 def resolve_context() -> Context | None:
@@ -501,8 +562,9 @@ def share_url(ctx: Context, page: str = "", run_id: str | None = None) -> str:
         params = {"run": run_id}
     else:
         s = ctx.spec
-        params = {"model": s.model, "prompt": s.prompt, "policy": s.policy, "density": f"{s.density:g}",
-                  "kernel": s.kernel}
+        params = {"model": s.model, "prompt": s.prompt, "scope": s.scope, "policy": s.policy,
+                  "density": f"{s.density:g}", "kernel": s.kernel,
+                  **({"allocation": s.allocation} if s.policy in INPUT_CALIBRATED else {})}
     params.update({k: v for k in PAGE_KEYS if (v := page_selection(k)) is not None})
     return f"{base}/{page}?{urlencode(params)}"
 
@@ -539,7 +601,7 @@ def explain(markdown: str) -> None:
 
 
 def show(plot, key: str | None = None) -> None:
-    """A sam_viz.plots.Plot: the figure, and what was reduced to fit the browser, if anything. The
+    """A sam_viz.figures.firing.Plot: the figure, and what was reduced to fit the browser, if anything. The
     modebar shows on hover only, in the band the figures keep free above their titles. A figure with
     no data (it says why in its middle) is only that sentence, once."""
     if not plot.fig.data and plot.note:

@@ -8,7 +8,7 @@ from pages._shared import explain, page_context, progress_bar, show
 from sam_viz import InputError
 from sam_viz.attribution import (MAX_QUERY_CHARS, MAX_STEPS, attribute, attribution_key, default_query,
                                  delta_text, likely_targets, recall, remember)
-from sam_viz.routing_plots import neuron_attribution_plot
+from sam_viz.figures.routing import neuron_attribution_plot
 from sam_viz.text import colored_tokens, escape_markdown
 
 METHOD_NAMES = {"ig": "integrated gradients", "ixg": "input x gradient"}

@@ -5,7 +5,7 @@ import streamlit as st
 
 from pages._shared import _legacy_router, explain, navigation, show
 from sam_viz import claims as cl
-from sam_viz.claims_plots import perplexity_curve
+from sam_viz.figures.claims import perplexity_curve
 from sam_viz.text import escape_markdown
 
 if _legacy_router():                       # a deep link on a fresh server: the app's navigation first

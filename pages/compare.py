@@ -2,7 +2,8 @@
 import streamlit as st
 
 from pages._shared import cost_delta, explain, page_context, show
-from sam_viz import greedy_continuation, quality_plots
+from sam_viz import greedy_continuation
+from sam_viz.figures import quality
 from sam_viz.analysis import describe_compare
 from sam_viz.cost import cost_sentence
 from sam_viz.text import continuation_html
@@ -36,9 +37,9 @@ if a.cost:
 
 c1, c2 = st.columns(2)
 with c1:
-    show(quality_plots.divergence_plot(a), key="divergence")
+    show(quality.divergence_plot(a), key="divergence")
 with c2:
-    show(quality_plots.next_token_plot(a), key="next_tokens")
+    show(quality.next_token_plot(a), key="next_tokens")
 
 if a.kind == "causal-lm":
     st.subheader("Greedy continuation")

@@ -6,7 +6,8 @@ import os
 import streamlit as st
 
 from pages._shared import explain, page_link, progress_bar, show, sidebar_only
-from sam_viz import InputError, corpus_plots
+from sam_viz import InputError
+from sam_viz.figures import corpus
 from sam_viz.profile import list_profiles, open_profile
 from sam_viz.profile.view import context_prompt, marked_pieces
 from sam_viz.text import continuation_html, escape_markdown
@@ -110,10 +111,10 @@ def overview(prof) -> None:
     c4.metric("Always on", f"{int(table['always_on'].sum()):,}", help="In the oracle top-k on every token they saw.")
     left, right = st.columns(2)
     with left:
-        show(corpus_plots.hot_curves(prof), key="hot_curves")
+        show(corpus.hot_curves(prof), key="hot_curves")
     with right:
-        show(corpus_plots.layer_quality(prof), key="layer_quality")
-    show(corpus_plots.firing_heatmap(prof), key="firing_matrix")
+        show(corpus.layer_quality(prof), key="layer_quality")
+    show(corpus.firing_heatmap(prof), key="firing_matrix")
     st.dataframe(table[["layer", "tokens", "density", "recall", "precision", "mass_kept", "dead", "always_on"]],
                  hide_index=True, column_config={
                      "density": st.column_config.NumberColumn("density", format="%.3f"),
@@ -148,9 +149,9 @@ def neuron_page(prof, layer: int, unit: int) -> None:
                 context_row(r.tokens, r.focus, r.value, f"doc {r.doc}, token {r.pos}", prof, layer, f"open_top_{r.Index}")
     left, right = st.columns(2)
     with left:
-        show_or_say(corpus_plots.neuron_histogram(v), key="neuron_histogram")
+        show_or_say(corpus.neuron_histogram(v), key="neuron_histogram")
     with right:
-        if show_or_say(corpus_plots.logit_effects(v), key="logit_effects") and prof.manifest.get("logit_effect"):
+        if show_or_say(corpus.logit_effects(v), key="logit_effects") and prof.manifest.get("logit_effect"):
             st.caption(f"Final norm: {escape_markdown(prof.manifest['logit_effect'])}")
     st.subheader("Neurons that fire with it")
     st.caption(escape_markdown(v.cofire_note))

@@ -3,7 +3,8 @@ quality each density buys."""
 import streamlit as st
 
 from pages._shared import explain, page_context, progress_bar, show
-from sam_viz import SWEEP_DENSITIES, SWEEP_POLICIES, InputError, density_sweep, mass_curve, plots, quality_plots
+from sam_viz import SWEEP_DENSITIES, SWEEP_POLICIES, InputError, density_sweep, mass_curve
+from sam_viz.figures import firing, quality
 from sam_viz.text import escape_markdown
 from sam_viz.sparse_ops import get_calibration
 
@@ -24,14 +25,14 @@ explain("""
 
 c1, c2 = st.columns(2)
 with c1:
-    show(quality_plots.density_per_layer(a), key="density_per_layer")
+    show(quality.density_per_layer(a), key="density_per_layer")
 with c2:
     if a.has_activations:
-        show(quality_plots.activation_histogram(a), key="activation_histogram")
+        show(quality.activation_histogram(a), key="activation_histogram")
     else:
         st.info("This run is too large to keep every activation, so the distribution is not shown.")
 if a.has_activations:
-    show(quality_plots.mass_curve_plot(mass_curve(a, SWEEP_DENSITIES), SWEEP_DENSITIES), key="mass_curve")
+    show(quality.mass_curve_plot(mass_curve(a, SWEEP_DENSITIES), SWEEP_DENSITIES), key="mass_curve")
 
 st.subheader("Density sweep")
 if a.sweep is None and ctx.run_id is None:
@@ -46,6 +47,6 @@ if a.sweep is None and ctx.run_id is None:
         except InputError as exc:
             st.error(escape_markdown(str(exc)))
 if a.sweep:
-    show(quality_plots.sweep_plot(a.sweep, current=plots.target_density(a)), key="sweep")
+    show(quality.sweep_plot(a.sweep, current=firing.target_density(a)), key="sweep")
 elif ctx.run_id:
     st.info("This saved run has no sweep. A sweep runs the model: choose **Analyse live** above to run one.")

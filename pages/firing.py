@@ -5,7 +5,7 @@ from functools import partial
 import streamlit as st
 
 from pages._shared import page_context, explain, layer_picker, page_link, show, token_picker
-from sam_viz import plots
+from sam_viz.figures import firing
 from sam_viz.profile.view import profile_of_model, strongest_unit
 from sam_viz.text import escape_markdown
 
@@ -42,7 +42,7 @@ with right:
 
 def _remember_click(shown: dict) -> None:
     """on_select: keep the clicked cell (the run and layer shown, token, neuron) for the link below."""
-    cell = plots.clicked_cell(st.session_state["firing_heatmap"].get("selection"))
+    cell = firing.clicked_cell(st.session_state["firing_heatmap"].get("selection"))
     st.session_state["firing_cell"] = None if cell is None else dict(shown, token=cell[0], neuron=cell[1])
 
 
@@ -53,7 +53,7 @@ def corpus_link(profile: dict, unit: int, label: str) -> None:
 
 
 profile, cell = profile_of_model(a.spec.model), st.session_state.get("firing_cell")
-heat = plots.firing_heatmap(a, layer, order=order, clickable=profile is not None)   # a click leads to the profile
+heat = firing.firing_heatmap(a, layer, order=order, clickable=profile is not None)   # a click leads to the profile
 shown = dict(model=a.spec.model, prompt=a.spec.prompt, layer=layer)
 st.plotly_chart(heat.fig, width="stretch", key="firing_heatmap", on_select=partial(_remember_click, shown),
                 selection_mode="points", config={"displayModeBar": "hover", "displaylogo": False})
@@ -71,11 +71,11 @@ if cell and all(cell.get(k) == v for k, v in shown.items()) and 0 <= cell.get("n
                    "Make one on the Corpus page or with `python -m sam_viz profile`.")
 c1, c2 = st.columns(2)
 with c1:
-    show(plots.token_neurons(a, layer, token), key="token_neurons")
+    show(firing.token_neurons(a, layer, token), key="token_neurons")
     unit = strongest_unit(a, layer, token)
     if profile and unit is not None:
         corpus_link(profile, unit, f"This neuron over a corpus (neuron {unit}, the token's strongest)")
 with c2:
-    show(plots.density_tokens_layers(a), key="density_tokens_layers")
+    show(firing.density_tokens_layers(a), key="density_tokens_layers")
 if a.n_experts:
-    show(plots.expert_heatmap(a, layer), key="expert_heatmap")
+    show(firing.expert_heatmap(a, layer), key="expert_heatmap")

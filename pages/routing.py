@@ -5,7 +5,8 @@ from dataclasses import replace
 import streamlit as st
 
 from pages._shared import cached_analysis, explain, layer_picker, page_context, show, work_button
-from sam_viz import calibration_counts, firing_counts, plots, routing_plots
+from sam_viz import calibration_counts, firing_counts
+from sam_viz.figures import firing, routing
 from sam_viz.text import escape_markdown
 from sam_viz.sparse_ops import get_calibration
 
@@ -33,7 +34,7 @@ st.subheader(f"Policies side by side at density {a.spec.density:g}")
 if ctx.run_id:
     st.info("This is a saved run: only its own policy is shown. Comparing policies runs the model: choose "
             "**Analyse live** above.")
-    show(routing_plots.recall_by_policy({a.spec.policy: a}), key="recall")
+    show(routing.recall_by_policy({a.spec.policy: a}), key="recall")
 else:
     trained = get_calibration(ctx.model(), train=False) is not None
     if not trained and not work_button(f"Train the predictor and static sets for {escape_markdown(ctx.spec.model)}",
@@ -45,9 +46,9 @@ else:
     analyses = {p: cached_analysis(replace(ctx.spec, policy=p)) for p in policies}
     c1, c2 = st.columns(2)
     with c1:
-        show(routing_plots.recall_by_policy(analyses), key="recall")
+        show(routing.recall_by_policy(analyses), key="recall")
     with c2:
-        show(routing_plots.policy_summary(analyses), key="policy_summary")
+        show(routing.policy_summary(analyses), key="policy_summary")
 
 st.subheader("Hot and cold neurons")
 source = st.radio("Firing frequency over", ["this prompt", "calibration text"], horizontal=True, key="freq",
@@ -57,17 +58,17 @@ c1, c2 = st.columns(2)
 with c1:
     if calibrated is not None:
         counts, n = calibrated
-        show(routing_plots.firing_frequency(counts, n, layer, "in the oracle top-k on calibration text"),
+        show(routing.firing_frequency(counts, n, layer, "in the oracle top-k on calibration text"),
              key="frequency")
     else:
         if source == "calibration text":
             st.caption("A saved run is shown without the model, so its firing over the calibration text is not "
                        "known; showing this prompt." if ctx.run_id else
                        "No calibration is stored for this model yet; showing this prompt.")
-        show(routing_plots.firing_frequency(firing_counts(a, layer), len(a.tokens), layer,
+        show(routing.firing_frequency(firing_counts(a, layer), len(a.tokens), layer,
                                             f"selected by the {a.spec.policy} policy on this prompt"), key="frequency")
 with c2:
-    show(routing_plots.cofiring(a, layer), key="cofiring")
+    show(routing.cofiring(a, layer), key="cofiring")
 
 if a.n_experts:
     st.subheader("Experts")
@@ -76,9 +77,9 @@ if a.n_experts:
                    "router picks. Their neurons are MLP neurons like any other: the policy sparsifies them, and "
                    "density counts them (neuron ids after the routed experts'). They show as the column "
                    "**shared**.")
-    show(plots.expert_heatmap(a, layer), key="experts")
+    show(firing.expert_heatmap(a, layer), key="experts")
     c1, c2 = st.columns(2)
     with c1:
-        show(routing_plots.router_entropy(a), key="entropy")
+        show(routing.router_entropy(a), key="entropy")
     with c2:
-        show(routing_plots.expert_load(a), key="load")
+        show(routing.expert_load(a), key="load")

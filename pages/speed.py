@@ -6,7 +6,8 @@ import threading
 import streamlit as st
 
 from pages._shared import cost_delta, explain, page_context, progress_bar, show
-from sam_viz import InputError, speed, speed_plots
+from sam_viz import InputError, speed
+from sam_viz.figures import speed as speed_figures
 from sam_viz.benchmarks import decode, kernels
 
 ctx = page_context()
@@ -90,7 +91,7 @@ if summary:
                "compute." + ("" if moved != 1 else f" This run was measured slower than dense ({timing['speedup']:.2f}x), "
                              "so their arrows are grey: reading fewer weights did not make it faster here."))
 if timing is not None:
-    show(speed_plots.forward_bars(timing, summary), key="forward_bars")
+    show(speed_figures.forward_bars(timing, summary), key="forward_bars")
 
 st.subheader("Benchmarks")
 results, lock = _bench_results()
@@ -127,12 +128,12 @@ if not kernel_rows and not decode_rows:
 if kernel_rows:
     c1, c2 = st.columns(2)
     with c1:
-        show(speed_plots.kernel_ms(kernel_rows), key="kernel_ms")
+        show(speed_figures.kernel_ms(kernel_rows), key="kernel_ms")
     with c2:
-        show(speed_plots.kernel_speedup(kernel_rows), key="kernel_speedup")
+        show(speed_figures.kernel_speedup(kernel_rows), key="kernel_speedup")
     st.markdown(speed.beyond_ideal_note(kernel_rows))
 if decode_rows:
-    show(speed_plots.decode_tokens(decode_rows), key="decode_tokens")
+    show(speed_figures.decode_tokens(decode_rows), key="decode_tokens")
     r = min(decode_rows, key=lambda row: abs(row["density"] - 0.1))
     st.caption(f"At density {r['density']:g}: {r['sparse_tok_s']:.1f} vs {r['dense_tok_s']:.1f} tokens/s, "
                f"{r['speedup']:.2f}x of an ideal {r['ideal_speedup']:.2f}x ({r['share_of_ideal']:.0%}). The ideal is "
@@ -144,7 +145,7 @@ if gpu_rows:
         st.caption(f"Measured on {gpu_info.get('device', 'a lent GPU')} (torch {gpu_info.get('torch', '?')}, "
                    f"triton {gpu_info.get('triton', '?')}) by `bash bench/gpu_check.sh`: batch 1, calls replayed from "
                    "a CUDA graph (eager calls at batch 1 are launch-bound and slower than dense).")
-        show(speed_plots.kernel_speedup(gpu_rows), key="gpu_speedup")
+        show(speed_figures.kernel_speedup(gpu_rows), key="gpu_speedup")
 for kind, rows in (("kernels", kernel_rows), ("decode", decode_rows)):
     if rows:
         st.download_button(f"Download the {kind} results (JSON)", json.dumps(rows, indent=1),

@@ -1,7 +1,7 @@
-"""Classroom tour: eight steps on demo-lm (models/demo) for a teacher in front of a class, from what
-a neuron is to dynamic vs static sparsity. Each step shows the app's own figure with its settings
-applied, computed from RunSpecs the tour builds (the user's sidebar stays as it was until "Open
-this in the app", and says it is not in use). The step lives in the URL (?step=4); a bad value
+"""Classroom tour: nine steps on demo-lm (models/demo) for a teacher in front of a class, from what
+a neuron is to dynamic vs static sparsity and sparsity on every projection. Each step shows the app's
+own figure with its settings applied, computed from RunSpecs the tour builds (the user's sidebar stays
+as it was until "Open this in the app", and says it is not in use). The step lives in the URL (?step=4); a bad value
 shows step 1, past the end the last step. Every comparative sentence is computed from the numbers
 it states (sam_viz.tour_text): the step's own runs, or the held-out measurements of the claim page
 (models/demo/claims.json)."""
@@ -12,9 +12,13 @@ import streamlit as st
 
 from pages._shared import (DEMO_MODEL, DEMO_PRESET, DOC_PRESETS, PRESETS, cached_analysis, cached_model, show,
                            sidebar_only, use_settings, work_button)
-from sam_viz import SWEEP_DENSITIES, RunSpec, greedy_continuation, mass_curve, plots, quality_plots, routing_plots
+from sam_viz import SWEEP_DENSITIES, RunSpec, greedy_continuation, mass_curve
 from sam_viz import claims as cl
 from sam_viz import tour_text as tt
+from sam_viz import whole_model as wm
+from sam_viz.figures import quality, routing
+from sam_viz.figures import whole_model as wm_figs
+from sam_viz.figures.firing import firing_heatmap, token_neurons
 from sam_viz.text import continuation_html, escape_html, escape_markdown
 from sam_viz.sparse_ops import get_calibration
 
@@ -36,8 +40,8 @@ class Step:
 
 
 def spec(policy: str = "topk", density: float = TRAINED, model: str = DEMO_MODEL,
-         prompt: str = PRESETS[DEMO_PRESET]) -> RunSpec:
-    return RunSpec(prompt=prompt, model=model, policy=policy, density=density)
+         prompt: str = PRESETS[DEMO_PRESET], scope: str = "mlp") -> RunSpec:
+    return RunSpec(prompt=prompt, model=model, policy=policy, density=density, scope=scope)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -106,15 +110,15 @@ def neuron() -> tuple[str, RunSpec]:
     run = spec("dense", 1.0)
     a = cached_analysis(run)
     layer, _ = layer_and_token(a)
-    show(plots.firing_heatmap(a, layer), key="tour_heatmap_dense")
+    show(firing_heatmap(a, layer), key="tour_heatmap_dense")
     return "pages/firing.py", run
 
 
 def firing() -> tuple[str, RunSpec]:
     a = cached_analysis(spec())
     layer, token = layer_and_token(a)
-    show(plots.firing_heatmap(a, layer), key="tour_heatmap")
-    show(plots.token_neurons(a, layer, token), key="tour_token_neurons")
+    show(firing_heatmap(a, layer), key="tour_heatmap")
+    show(token_neurons(a, layer, token), key="tour_token_neurons")
     st.caption("In layer 0 a kept neuron's orange bar equals its blue one: both runs read the same input. "
                if layer == 0 else
                f"An orange bar need not match its blue one: layers 0 to {layer - 1} before this one "
@@ -130,15 +134,15 @@ def density() -> tuple[str, RunSpec]:
     st.markdown(tt.mass(kept, TRAINED))
     c1, c2 = st.columns(2)
     with c1:
-        show(quality_plots.density_per_layer(a), key="tour_density_layers")
+        show(quality.density_per_layer(a), key="tour_density_layers")
     with c2:
-        show(quality_plots.mass_curve_plot(mass_curve(a, SWEEP_DENSITIES), SWEEP_DENSITIES), key="tour_mass_curve")
+        show(quality.mass_curve_plot(mass_curve(a, SWEEP_DENSITIES), SWEEP_DENSITIES), key="tour_mass_curve")
     return "pages/density.py", a.spec
 
 
 def next_token() -> tuple[str, RunSpec]:
     a = cached_analysis(spec(density=density_choice()))
-    show(quality_plots.next_token_plot(a, labels(a.spec.density), x_max(a)), key="tour_next_tokens")
+    show(quality.next_token_plot(a, labels(a.spec.density), x_max(a)), key="tour_next_tokens")
     agreement(a)
     st.caption(tt.baseline(claims(), TRAINED))
     return "pages/compare.py", a.spec
@@ -191,7 +195,7 @@ def twin() -> tuple[str, RunSpec]:
     for col, a in zip(cols, analyses):
         with col:
             st.markdown(f"**{a.spec.model}**")
-            show(quality_plots.next_token_plot(a, labels(TRAINED), x_max(*analyses)), key=f"tour_twin_{a.spec.model}")
+            show(quality.next_token_plot(a, labels(TRAINED), x_max(*analyses)), key=f"tour_twin_{a.spec.model}")
     return "pages/compare.py", spec(model=TWIN)
 
 
@@ -219,15 +223,52 @@ def static() -> tuple[str, RunSpec]:
     analyses = {p: cached_analysis(spec(policy=p)) for p in policies}
     c1, c2 = st.columns(2)
     with c1:
-        show(routing_plots.recall_by_policy(analyses), key="tour_recall")
+        show(routing.recall_by_policy(analyses), key="tour_recall")
         st.caption("*Oracle top-k* is, for each token, the set of its strongest neurons, found by computing every "
                    "one of them: what a perfect chooser would keep. topk's recall is 1 by definition: it is that set.")
     with c2:
         if "static" in analyses:
             a = analyses["static"]
-            show(quality_plots.next_token_plot(a, ("all neurons", f"static: the same {TRAINED:.0%} for every token"),
+            show(quality.next_token_plot(a, ("all neurons", f"static: the same {TRAINED:.0%} for every token"),
                                                x_max(a)), key="tour_static_next")
     return "pages/routing.py", run
+
+
+WHOLE = 0.5                           # step 8: the whole-model density of scope all
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def layer_inputs(run: RunSpec, layer: int) -> dict:
+    return wm.layer_inputs(cached_model(run.model), run, layer)
+
+
+def whole_model() -> tuple[str, RunSpec]:
+    mlp_run, all_run = spec(), spec(density=WHOLE, scope="all")
+    mlp, every = cached_analysis(mlp_run), cached_analysis(all_run)
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Weights read: MLP only", f"{mlp.model_density:.0%}", help=f"{TRAINED:.0%} of the MLP's neurons, "
+              "attention whole: the share of all the layers' weights read per token (embeddings not counted).")
+    c2.metric("Weights read: every projection", f"{every.model_density:.0%}", help="Density 0.5 on every "
+              "projection's input (embeddings not counted).")
+    c3.metric("How far the guesses moved (KL), every projection", f"{every.compare['kl']:.3f}",
+              help="KL divergence, in plain words: how far the probabilities of every possible next token moved "
+              "from those of the whole model, averaged over the prompt. 0 = not at all.")
+    st.markdown(tt.whole_model(mlp.model_density, TRAINED, every.model_density, WHOLE))
+    layer = every.n_layers // 2
+    x, mask = layer_inputs(all_run, layer)["q"], wm.recorded_masks(every, layer)["q"]
+    show(wm_figs.kept_map(x, mask, every.tokens, layer, "q", f"every projection at density {WHOLE:g}"),
+         key="tour_kept_map")
+    cal = wm.input_calibration(cached_model(DEMO_MODEL))
+    if cal is None:
+        show(wm_figs.allocation_heatmap(wm.measured_grid(every), WHOLE, "topk"), key="tour_allocation")
+        st.caption("topk gives every projection the same share. Greedy allocation needs teal's calibration of "
+                   "demo-lm: choose teal under scope all on the Whole model page once to make it.")
+    else:
+        grids = wm.allocation_grids(cal, WHOLE, "teal")
+        show(wm_figs.allocation_heatmap(grids, WHOLE, "teal"), key="tour_allocation")
+        mean = {k: sum(v) / len(v) for k, v in grids["error"].items()}
+        st.markdown(tt.greedy(mean["uniform"], mean["greedy"]))
+    return "pages/whole_model.py", all_run
 
 
 NEXT_PAGES = (
@@ -235,6 +276,7 @@ NEXT_PAGES = (
     ("pages/density.py", "Density", "a sweep over all densities and policies"),
     ("pages/compare.py", "Dense vs sparse", "longer continuations, the cost in bytes and FLOPs"),
     ("pages/routing.py", "Routing", "all four policies, hot and cold neurons"),
+    ("pages/whole_model.py", "Whole model", "every projection's input, not only the MLP's neurons"),
     ("pages/attribution.py", "Attribution", "which prompt tokens drive the next token"),
     ("pages/speed.py", "Speed", "what skipping neurons saves in time"),
 )
@@ -276,6 +318,16 @@ STEPS = (
          "*Dynamic* sparsity picks new neurons for every token (topk: the strongest ones). *Static* keeps the "
          "same neurons for all tokens, those most often useful on sample text: plain pruning. *Recall* is the "
          "share of each token's strongest neurons a policy kept (1 = all).", static),
+    Step("Every projection, not only the MLP",
+         "So far only the MLP's neurons were skipped; the attention part of each layer read everything. A layer "
+         "is made of *projections*: weight matrices that each turn a token's vector into another (q, k and v "
+         "for attention's queries, keys and values, o for its output, gate, up and down in the MLP). Under *scope "
+         "all*, every projection of every layer reads only the largest entries of its input for each token, "
+         "and so only the matching columns of its weights. The density then counts all the weights of the layers' "
+         "matrices read per token; the embeddings, which turn tokens into vectors and back, always stay whole and "
+         "are not counted. *Greedy allocation* gives each projection its own share, less where skipping changes "
+         "the layer's output least, so that the layer as a whole still reads the same share of its weights. "
+         "Below, one projection's input: warm = kept, blue-grey = skipped.", whole_model),
     Step("Where to go next",
          "Every page of the app works on demo-lm and on your own prompts. Each button opens a page with the "
          f"tour's model, prompt and density {TRAINED:g} in the sidebar.", next_steps),
@@ -302,7 +354,7 @@ def go(step: int) -> None:
 def open_in_app(page: str, run: RunSpec) -> None:
     preset = next(name for name, text in PRESETS.items() if text == run.prompt)
     if st.button("Open this in the app", icon=":material/open_in_new:", key="tour_open",
-                 on_click=use_settings, args=(run.model, preset, run.policy, run.density),
+                 on_click=use_settings, args=(run.model, preset, run.policy, run.density, run.scope),
                  help="Put this step's model, prompt, policy and density in the sidebar and open the page."):
         st.switch_page(page, query_params={})
 

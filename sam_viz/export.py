@@ -11,10 +11,13 @@ import json
 import math
 from dataclasses import asdict
 
+from sam_viz.sparse_ops import INPUT_CALIBRATED
+
 from .analysis import Analysis
 
 EXPORT_FORMAT, EXPORT_VERSION = "sam-viz-export", 1
-CSV_COLUMNS = ("layer", "token_index", "token", "selected", "possible", "density", "mass_kept_share")
+CSV_COLUMNS = ("layer", "token_index", "token", "selected", "possible", "density", "mass_kept_share", "scope",
+               "allocation")   # density: of the MLP's neurons; scope, allocation: the run's (allocation: teal, wina)
 
 
 def firing_ids(layer) -> list[list[int]] | None:
@@ -32,9 +35,10 @@ def to_json(a: Analysis) -> str:
     doc = {
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "spec": asdict(a.spec), "kind": a.kind,
         "model_type": a.model_type, "tokens": a.tokens, "d_ff": a.d_ff, "n_experts": a.n_experts,
-        "density": a.density,
+        "density": a.density, "model_density": a.model_density,
         "layers": [{"layer": i, "density": l.density, "mass_kept": l.mass_kept_share,
-                    "divergence": div[i] if i < len(div) else None} for i, l in enumerate(a.layers)],
+                    "divergence": div[i] if i < len(div) else None,
+                    "projections": a.projections[i] if a.projections else None} for i, l in enumerate(a.layers)],
         "compare": a.compare, "next_tokens": a.next_tokens, "sentence_cosines": a.sentence_cosines,
         "continuation": a.continuation, "sweep": a.sweep, "timings_ms": a.timings_ms,
         "firing": [firing_ids(l) for l in a.layers],
@@ -55,15 +59,17 @@ def _finite(x):
 
 
 def to_csv(a: Analysis) -> str:
-    """Long format: one row per (layer, token) of the sparse pass, with a header row."""
+    """Long format: one row per (layer, token) of the sparse pass, with a header row; every row names the
+    run's scope and (teal, wina) allocation."""
     out = io.StringIO()
+    scope, allocation = a.spec.scope, allocation_of(a.spec)
     w = csv.writer(out, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for i, l in enumerate(a.layers):
         cols = zip(l.selected.tolist(), l.possible.tolist(), l.mass_kept.tolist(), l.mass_total.tolist())
         for t, (sel, pos, kept, total) in enumerate(cols):
             share = kept / total if total > 0 else 1.0
-            w.writerow((i, t, csv_text(a.tokens[t]), sel, pos, sel / pos if pos else 1.0, share))
+            w.writerow((i, t, csv_text(a.tokens[t]), sel, pos, sel / pos if pos else 1.0, share, scope, allocation))
     return out.getvalue()
 
 
@@ -89,11 +95,13 @@ text-align:left}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:.6em}}.not
 
 def to_html(a: Analysis, figures) -> str:
     """One standalone HTML file that works offline. figures: (title, figure) pairs or bare figures,
-    where a figure is a plotly Figure or a sam_viz.plots.Plot (its `.note` is shown under it)."""
+    where a figure is a plotly Figure or a sam_viz.figures.firing.Plot (its `.note` is shown under it)."""
     s = a.spec
     body = [f"<h1>sam-viz run: {_e(s.model)}</h1>",
-            _table(("model", "policy", "density", "kernel", "tokens", "density achieved"),
-                   [(s.model, s.policy, _num(s.density), s.kernel, len(a.tokens), _num(a.density))]),
+            _table(("model", "scope", "policy", "allocation", "density", "kernel", "tokens",
+                    "MLP density achieved", "whole-model density (embeddings excluded)"),
+                   [(s.model, s.scope, s.policy, allocation_of(s), _num(s.density), s.kernel, len(a.tokens),
+                     _num(a.density), _num(a.model_density) if a.model_density is not None else "n/a")]),
             f"<h2>Prompt</h2><pre>{_e(s.prompt)}</pre>",
             "<h2>Dense vs sparse</h2>", _table(("metric", "value"), [(k, _num(v)) for k, v in a.compare.items()]),
             "<h2>Per layer</h2>",
@@ -108,6 +116,11 @@ def to_html(a: Analysis, figures) -> str:
                                 config={"displaylogo": False}))
         body.append(f'<p class="note">{_e(note)}</p>' if note else "")
     return PAGE.format(title=_e(f"{s.model}, {s.policy} at {s.density:g}"), body="\n".join(body))
+
+
+def allocation_of(spec) -> str:
+    """The run's allocation where it means something (teal, wina), else ""."""
+    return spec.allocation if spec.policy in INPUT_CALIBRATED else ""
 
 
 def _unpack(item):

@@ -1,12 +1,12 @@
 """The figures of a standalone HTML report of one analysis, in page order (firing map, density,
-dense vs sparse), all bounded by sam_viz.plots' cell budget."""
+dense vs sparse), all bounded by the figures' cell budget (sam_viz.figures.firing.MAX_CELLS)."""
 from __future__ import annotations
 
 from .analysis import Analysis
 from .explore import SWEEP_DENSITIES, mass_curve
-from .plots import Plot, density_tokens_layers, expert_heatmap, firing_heatmap
-from .quality_plots import (activation_histogram, density_per_layer, divergence_plot, mass_curve_plot, next_token_plot,
-                            sweep_plot)
+from .figures.firing import Plot, density_tokens_layers, expert_heatmap, firing_heatmap
+from .figures.quality import (activation_histogram, density_per_layer, divergence_plot, mass_curve_plot,
+                              next_token_plot, sweep_plot)
 
 
 def report_plots(a: Analysis, layer: int = 0) -> list[tuple[str, Plot]]:

@@ -120,6 +120,20 @@ def prompt_by_prompt(pairs: list[tuple[str, str]], names: tuple[str, str]) -> st
     return (f"Prompt by prompt it is mixed: {counts}." if all(wins) else f"Prompt by prompt: {counts}.")
 
 
+def whole_model(mlp_work: float, mlp_density: float, all_work: float, all_density: float) -> str:
+    """Step 8: the share of all the layers' weights read per token, MLP-only against every projection."""
+    return compare(f"Skipping neurons in the MLP only, at {mlp_density:.0%} of them, still reads", pct(mlp_work),
+                   f"every projection at density {all_density:g} reads,", pct(all_work),
+                   after=" of all the layers' weights", up="more than", down="less than") + "."
+
+
+def greedy(uniform_error: float, greedy_error: float) -> str:
+    """Step 8: the layers' output error (mean over layers) under greedy against uniform allocation."""
+    return compare("On sample text, with greedy allocation, a layer's output moves on average by", pct(greedy_error),
+                   "with every projection at the same density,", pct(uniform_error),
+                   up="more than", down="less than") + " (measured on teal's calibration)."
+
+
 def static(claims: dict | None, density: float) -> str:
     """Step 7: static pruning against dynamic topk on held-out text."""
     rows = [cl.find(claims, cl.SPARSE, p, density) if claims else None for p in ("static", "topk")]

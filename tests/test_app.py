@@ -190,8 +190,8 @@ def test_saved_run_reopens_after_restart_without_a_forward_pass(run_db):
 
 
 def test_library_still_imports_no_streamlit():
-    code = ("import sys, sam_viz, sam_viz.plots, sam_viz.quality_plots, sam_viz.store, sam_viz.export, sam_viz.speed, "
-            "sam_viz.speed_plots, "
+    code = ("import sys, sam_viz, sam_viz.figures.firing, sam_viz.figures.quality, sam_viz.store, sam_viz.export, sam_viz.speed, "
+            "sam_viz.figures.speed, sam_viz.figures.routing, sam_viz.figures.corpus, sam_viz.figures.claims, "
             "sam_viz.models, sam_viz.sparse_ops; "
             "assert 'streamlit' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

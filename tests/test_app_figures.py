@@ -125,12 +125,12 @@ def test_a_figure_without_data_says_why_once():
 
     def page():
         from pages._shared import show
-        from sam_viz.plots import NO_ACTIVATIONS, _empty
+        from sam_viz.figures.firing import NO_ACTIVATIONS, _empty
         show(_empty(NO_ACTIVATIONS), key="empty")
 
     at = AppTest.from_function(page, default_timeout=60).run()
     assert not at.exception
-    from sam_viz.plots import NO_ACTIVATIONS
+    from sam_viz.figures.firing import NO_ACTIVATIONS
     said = [e.value for e in (*at.info, *at.caption, *at.markdown)]
     assert sum(NO_ACTIVATIONS[:40] in text for text in said) == 1, said
     assert not charts(at)

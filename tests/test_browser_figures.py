@@ -40,3 +40,16 @@ def test_titles_are_whole_and_clear_of_the_modebar(server, browser, page, params
         assert title["t"] >= bar["b"] - 1, g                                   # below the modebar
         assert (sub or title)["b"] <= g["plot"]["t"] + 1, g                    # above the plot area
     tab.close()
+
+
+def test_whole_model_page_draws_the_kept_map(server, browser):   # noqa: F811
+    """A link straight to the Whole model page under scope all: the kept map is drawn, no exception."""
+    query = urlencode({"model": "tiny-llama", "scope": "all", "policy": "topk", "density": "0.5"})
+    tab = _open(browser, f"{server}/whole_model?{query}")
+    tab.wait_for_selector(".js-plotly-plot .gtitle", timeout=180_000)
+    tab.wait_for_timeout(3000)
+    titles = [t.text_content() for t in tab.locator(".js-plotly-plot .gtitle").all()]
+    assert any("which input channels each token kept" in t for t in titles), titles
+    assert tab.locator(".js-plotly-plot .heatmaplayer").count() >= 1
+    assert tab.locator("[data-testid='stException']").count() == 0
+    tab.close()

@@ -21,7 +21,7 @@ from streamlit.testing.v1 import AppTest
 import sam_viz.sparse_ops.mlp
 from conftest import HELD_OUT, shared
 from sam_viz import claims as cl
-from sam_viz.claims_plots import perplexity_curve
+from sam_viz.figures.claims import perplexity_curve
 from sam_viz.sparse_ops import Policy, Recorder, sparsified
 from sam_viz.sparse_ops.recorder import DensityCounter
 from test_eval import demo_ids, hand_perplexity, plain
@@ -313,7 +313,7 @@ def test_summary_leads_with_three_short_lines_from_the_verdicts_numbers():
 def test_perplexity_axis_labels_every_tick_with_its_whole_value():
     """Plotly's own log ticks wrote 30 and 50 as "3" and "5" beside "100"; every tick now reads as the
     number it marks, and the shipped claims' range (28 to 689) gets ticks inside it."""
-    from sam_viz.claims_plots import log_ticks
+    from sam_viz.figures.claims import log_ticks
 
     for claims in (cl.parse_claims(json.dumps(made_up())), cl.read_claims()):
         y = perplexity_curve(claims).fig.layout.yaxis

@@ -140,7 +140,7 @@ def test_every_model_loaded_at_once_in_a_fresh_server_has_the_weights_of_one_loa
 RACE = textwrap.dedent("""
     import threading
     import pages._shared                        # what every page imports first
-    from sam_viz import plots
+    from sam_viz.figures import firing as plots
     import torch
     errors = []
 

@@ -77,7 +77,8 @@ def test_csv_long_format(llama):
     rows = list(csv.DictReader(io.StringIO(to_csv(llama))))
     assert len(rows) == llama.n_layers * len(llama.tokens)
     assert list(rows[0]) == ["layer", "token_index", "token", "selected", "possible", "density",
-                             "mass_kept_share"]
+                             "mass_kept_share", "scope", "allocation"]
+    assert {(r["scope"], r["allocation"]) for r in rows} == {("mlp", "")}
     for r in rows:
         layer, t = llama.layers[int(r["layer"])], int(r["token_index"])
         assert r["token"] == llama.tokens[t]

@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import shared
 from sam_viz import RunSpec, analyze
-from sam_viz import plots as P
+from sam_viz.figures import firing as P
 from test_app import run_db  # noqa: F401 - autouse: a fresh run store per test
 from test_browser import CHROMIUM, _open, browser, profile_dir, server  # noqa: F401 - fixtures
 from test_profile_view import PID, write_profile

@@ -8,7 +8,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import sam_viz.plots as P
+import sam_viz.figures.firing as P
 from sam_viz.models import load_model
 from sam_viz.models.loading import MAX_TOKENS, minilm_path
 from sam_viz import RunSpec, analyze

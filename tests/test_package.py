@@ -114,7 +114,8 @@ def test_the_wheel_holds_one_package_with_its_data(wheel):
     demo = "sam_viz/models/demo/"
     for needed in ("sam_viz/sparse_ops/csrc/sparse_mlp.cpp", "sam_viz/sparse_ops/csrc/sparse_mlp_kernel.h",
                    "sam_viz/sparse_ops/data/calibration.json", "sam_viz/data/triton_h200.json",
-                   "sam_viz/benchmarks/kernels.py", "sam_viz/profile/view.py", "sam_viz/models/tiny.py",
+                   "sam_viz/benchmarks/kernels.py", "sam_viz/figures/firing.py", "sam_viz/profile/view.py",
+                   "sam_viz/models/tiny.py",
                    *(f"{demo}{f}" for f in ("heldout.txt", "claims.json", "LICENSE-DATA.txt", "README.md")),
                    *(f"{demo}{m}/{f}" for m in ("demo-lm", "demo-lm-dense")
                      for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"))):

@@ -1,4 +1,4 @@
-"""sam_viz.plots: every figure on a causal LM, an encoder and an MoE model; the cell budget counted
+"""sam_viz.figures: every figure on a causal LM, an encoder and an MoE model; the cell budget counted
 on the serialised figure; the firing heatmap's marking and orders checked against the recorded trace;
 titles that fit a half-width column, true and distinct ticks, axes and colour scales fit to the data."""
 import base64
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from sam_viz import RunSpec, analyze, density_sweep, firing_counts, mass_curve
-from sam_viz import plots as P
-from sam_viz import quality_plots as Q
-from sam_viz import routing_plots as R
-from sam_viz import speed_plots as S
+from sam_viz.figures import firing as P
+from sam_viz.figures import quality as Q
+from sam_viz.figures import routing as R
+from sam_viz.figures import speed as S
 
 from conftest import shared
 
@@ -270,7 +270,7 @@ def test_bad_input(runs):
 
 
 def test_no_streamlit_import():
-    code = "import sam_viz.plots, sys; assert 'streamlit' not in sys.modules"
+    code = "import sam_viz.figures, sam_viz.figures.firing, sys; assert 'streamlit' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -297,7 +297,7 @@ def drawn(text: str) -> list[str]:
 
 
 def every_figure(a, sweep_rows):
-    """Every figure function of plots, quality_plots, routing_plots and speed_plots, drawn for analysis a."""
+    """Every figure function of figures.firing, .quality, .routing and .speed, drawn for analysis a."""
     yield from all_plots(a, sweep_rows)
     yield Q.sweep_plot(sweep_rows, current=0.3)
     yield P.token_neurons(a, a.n_layers - 1, len(a.tokens) - 1, top=40)

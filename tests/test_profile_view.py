@@ -216,30 +216,30 @@ def test_contexts_become_text_and_prompts():
 
 
 def test_figures_bound_what_they_send_and_say_so(tmp_path):
-    from sam_viz import corpus_plots
+    from sam_viz.figures import corpus as corpus_figures
 
     units = 1024
     rows = pd.DataFrame([dict(layer=l, neuron=j, tokens=units, fire_count=j, select_count=0, sum_abs=0.0, max_abs=0.0,
                               hist=[0] * 5) for l in range(3) for j in range(units)])
     write_profile(tmp_path, n_layers=3, units=units, neurons=rows)
     p = open_profile(PID, tmp_path)
-    hot = corpus_plots.hot_curves(p, max_points=100)
+    hot = corpus_figures.hot_curves(p, max_points=100)
     lines = [t for t in hot.fig.data if t.name != "every neuron alike"]
     assert len(lines) == 4 and all(len(t.x) <= 100 for t in lines) and "at most 100" in hot.note
     assert all(t.x[0] == 0 and t.x[-1] == 1 and t.y[-1] == 1 for t in lines)     # ends kept
-    heat = corpus_plots.firing_heatmap(p)
+    heat = corpus_figures.firing_heatmap(p)
     assert np.asarray(heat.fig.data[0].z).shape == (3, 512) and "mean of 2 neighbouring ranks" in heat.note
 
 
 def test_histogram_bars_sit_on_the_profile_bins_and_logits_are_ordered(root):
-    from sam_viz import corpus_plots
+    from sam_viz.figures import corpus as corpus_figures
 
     v = open_profile(PID, root).neuron(0, 0)
-    bar = corpus_plots.neuron_histogram(v).fig.data[0]
+    bar = corpus_figures.neuron_histogram(v).fig.data[0]
     # edges -1 0 1 2 (width 1): open bins drawn as [-2, -1) and [2, 3)
     assert list(bar.x) == [-1.5, -0.5, 0.5, 1.5, 2.5] and list(bar.y) == [0, 0, 0, 10, 0]
     assert bar.customdata[0] == "< -1" and bar.customdata[-1] == "≥ 2"
-    logit = corpus_plots.logit_effects(v).fig.data[0]
+    logit = corpus_figures.logit_effects(v).fig.data[0]
     assert list(logit.x) == [3, 2, 1, -1, -2, -3]
     assert logit.y[0] == "+1 b0&lt;$&gt;"                      # plotly reads labels as HTML: escaped
 
@@ -283,14 +283,14 @@ def _with_manifest(path, **change):
 def test_histogram_axis_spans_the_bins_that_hold_data_not_the_fixed_range(tmp_path):
     """The profile's real bins (0 and ±2^j up to ±128); a neuron whose |h| stays at or below 2.25 is
     drawn on an axis around its data's bins [-4, -2) .. [2, 4), not on ±128 and the open bins."""
-    from sam_viz import corpus_plots
+    from sam_viz.figures import corpus as corpus_figures
     from sam_viz.profile.stats import HIST_EDGES
 
     h = np.array([-2.25, -0.3, 0.1, 0.7, 1.5, 2.25])
     counts = np.bincount(np.searchsorted(HIST_EDGES, h, side="right"), minlength=len(HIST_EDGES) + 1)
     rows = _neurons().assign(hist=[counts.tolist()] * 16, max_abs=2.25)
     _with_manifest(write_profile(tmp_path, neurons=rows), hist_edges=list(HIST_EDGES))
-    fig = corpus_plots.neuron_histogram(open_profile(PID, tmp_path).neuron(0, 0)).fig
+    fig = corpus_figures.neuron_histogram(open_profile(PID, tmp_path).neuron(0, 0)).fig
     assert fig.layout.xaxis.range is not None                        # not autoranged over every bin
     left, right = fig.layout.xaxis.range
     assert -4 * 1.2 <= left <= -4 and 4 <= right <= 4 * 1.2         # the data's outer bins, and a margin
@@ -298,24 +298,24 @@ def test_histogram_axis_spans_the_bins_that_hold_data_not_the_fixed_range(tmp_pa
 
 
 def test_under_topk_recall_and_precision_are_said_to_be_1_not_drawn(tmp_path):
-    from sam_viz import corpus_plots
+    from sam_viz.figures import corpus as corpus_figures
 
     path = write_profile(tmp_path)
-    plot = corpus_plots.layer_quality(open_profile(PID, tmp_path))
+    plot = corpus_figures.layer_quality(open_profile(PID, tmp_path))
     assert [t.name for t in plot.fig.data] == ["recall", "precision", "mass kept"] and plot.note == ""
     _with_manifest(path, settings={"policy": "topk", "density": 0.25})
-    plot = corpus_plots.layer_quality(open_profile(PID, tmp_path))
+    plot = corpus_figures.layer_quality(open_profile(PID, tmp_path))
     assert [t.name for t in plot.fig.data] == ["mass kept"]
     assert "topk" in plot.note and "1 by construction" in plot.note
 
 
 def test_firing_heatmap_colours_span_the_data_and_say_so(tmp_path):
     """Every unit fires on 2 to 5 of its 10 tokens: the colour scale is 20% to 50%, not 0 to 100%."""
-    from sam_viz import corpus_plots
+    from sam_viz.figures import corpus as corpus_figures
 
     rows = _neurons().assign(fire_count=[2 + j % 4 for j in range(16)])
     write_profile(tmp_path, neurons=rows)
-    plot = corpus_plots.firing_heatmap(open_profile(PID, tmp_path))
+    plot = corpus_figures.firing_heatmap(open_profile(PID, tmp_path))
     heat = plot.fig.data[0]
     assert (heat.zmin, heat.zmax) == pytest.approx((0.2, 0.5))
     assert "20.0% to 50.0%" in plot.note and "not 0 to 100%" in plot.note

@@ -8,9 +8,10 @@ import pytest
 
 from conftest import shared
 from sam_viz.models import InputError
-from sam_viz import RunSpec, analyze, speed, speed_plots
+from sam_viz import RunSpec, analyze, speed
+from sam_viz.figures import speed as speed_figures
 from sam_viz.benchmarks import kernels
-from sam_viz.speed_plots import MAX_ROWS
+from sam_viz.figures.speed import MAX_ROWS
 
 PROMPT = "The lighthouse keeper counted ships."
 
@@ -131,37 +132,37 @@ def values(fig) -> int:
 def test_forward_bars():
     timing = {"dense_ms": 5.0, "sparse_ms": 4.0, "speedup": 1.25, "tokens": 7, "repeats": 3}
     summary = {"dense_floor_ms": 0.2, "sparse_floor_ms": 0.05}
-    plot = speed_plots.forward_bars(timing, summary)
+    plot = speed_figures.forward_bars(timing, summary)
     assert [list(t.y) for t in plot.fig.data] == [[5.0, 4.0], [0.2, 0.05]] and plot.note == ""
-    assert len(speed_plots.forward_bars(timing, None).fig.data) == 1
+    assert len(speed_figures.forward_bars(timing, None).fig.data) == 1
 
 
 def test_kernel_figures():
     rows = kernel_rows()
-    ms = speed_plots.kernel_ms(rows)
+    ms = speed_figures.kernel_ms(rows)
     assert len(ms.fig.data) == 2 * 3                                     # 2 panels x dense / cpu / floor
     cpu = [t for t in ms.fig.data if t.name == "cpu kernel"][0]
     assert list(cpu.x) == [0.05, 0.1, 0.25, 0.5] and list(cpu.y) == pytest.approx([1.5, 2, 3.5, 6])
-    sp = speed_plots.kernel_speedup(rows)
+    sp = speed_figures.kernel_speedup(rows)
     ideal = [t for t in sp.fig.data if t.name == "ideal 1/density"][0]
     assert list(ideal.y) == pytest.approx([20, 10, 4, 2])
-    assert "No kernel benchmark" in speed_plots.kernel_ms([]).note
+    assert "No kernel benchmark" in speed_figures.kernel_ms([]).note
 
 
 def test_decode_figure_draws_the_amdahl_ideal():
-    plot = speed_plots.decode_tokens(decode_rows())
+    plot = speed_figures.decode_tokens(decode_rows())
     ideal = [t for t in plot.fig.data if t.name.startswith("ideal")][0]
     assert list(ideal.y) == pytest.approx([20 / (0.4 + 0.6 * d) for d in (0.05, 0.1, 0.25, 0.5)])
     assert "60%" in plot.fig.layout.title.text
-    assert "No decode benchmark" in speed_plots.decode_tokens([]).note
+    assert "No decode benchmark" in speed_figures.decode_tokens([]).note
 
 
 def test_figures_are_bounded():
     many = kernel_rows(shapes=[(f"s{i}", "fp32") for i in range(40)], densities=[0.01 * i for i in range(1, 51)])
-    for fn in (speed_plots.kernel_ms, speed_plots.kernel_speedup):
+    for fn in (speed_figures.kernel_ms, speed_figures.kernel_speedup):
         plot = fn(many)
         assert values(plot.fig) <= 8 * MAX_ROWS and plot.note
-    plot = speed_plots.decode_tokens(decode_rows(densities=[i / 5000 for i in range(1, 5001)]))
+    plot = speed_figures.decode_tokens(decode_rows(densities=[i / 5000 for i in range(1, 5001)]))
     assert values(plot.fig) <= 3 * 2 * MAX_ROWS and str(MAX_ROWS) in plot.note
 
 

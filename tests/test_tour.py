@@ -17,7 +17,7 @@ from test_app import open_app
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
-N_STEPS = 8
+N_STEPS = 9
 DOC_PROMPT = "The :func:`open` function returns a file object, which"
 # the figures each step shows before any click (step 7: topk's recall until static is calibrated)
 CHARTS = {1: ["every neuron computed"],
@@ -27,7 +27,8 @@ CHARTS = {1: ["every neuron computed"],
           5: [],
           6: ["Next token at the last position"] * 2,
           7: ["Recall of the oracle top-k per layer"],
-          8: []}
+          8: ["which input channels each token kept", "spread over layers and projections"],
+          9: []}
 
 
 @pytest.fixture(autouse=True)
@@ -318,3 +319,15 @@ def test_sentences_take_their_direction_from_the_numbers_as_shown():
         "Both measures favour demo-lm-dense, on average: not on every prompt.")
     assert tt.prompt_by_prompt([("79%", "79%"), ("83%", "67%"), ("50%", "88%")], names) == (
         "Prompt by prompt it is mixed: demo-lm keeps more on 1 of the 3 prompts, demo-lm-dense on 1, 1 tie.")
+
+
+def test_step_eight_states_the_work_it_compares():
+    """The whole-model step: its sentence compares the two shares of weights its metrics show."""
+    at = open_tour(step="8")
+    assert not at.exception and not at.error
+    shown = {m.label: m.value for m in at.metric}
+    said = " ".join(texts(at))
+    mlp, every = shown["Weights read: MLP only"], shown["Weights read: every projection"]
+    word = "less than" if number(mlp) < number(every) else "more than" if number(mlp) > number(every) else "the same as"
+    assert f"**{mlp}** of all the layers' weights, {word} every projection" in said and f"**{every}**" in said
+    assert "embeddings" in said and "not counted" in said

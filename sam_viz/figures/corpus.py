@@ -10,9 +10,9 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 
-from .fig_layout import short, titled
-from .plots import Plot, _empty, _text
-from .profile.view import MAX_COLUMNS, NeuronView, Profile
+from ..profile.view import MAX_COLUMNS, NeuronView, Profile
+from .firing import Plot, _empty, _text
+from .layout import short, titled
 
 MAX_POINTS = 400          # points per hot-neuron curve
 MODEL_WIDE = "#222222"

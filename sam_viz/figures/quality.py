@@ -1,7 +1,7 @@
 """Figures of quality and distribution for the pages: density per layer, the distribution of |h|,
 mass kept vs density, the density sweep, divergence per layer and the next-token lists (TEAL's and
 CATS' magnitude views, quality-vs-sparsity curves). Pure functions, an Analysis (or plain rows) in,
-a `sam_viz.plots.Plot` out; the firing views and shared helpers live in sam_viz.plots.
+a `sam_viz.figures.firing.Plot` out; the firing views and shared helpers live in sam_viz.figures.firing.
 """
 from __future__ import annotations
 
@@ -9,23 +9,23 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from .fig_layout import percent_axis
-from .plots import (DENSE, DROPPED, METRIC_LABELS, NO_ACTIVATIONS, SPARSE, Plot, _empty, _routed, _run_label,
+from .firing import (DENSE, DROPPED, METRIC_LABELS, NO_ACTIVATIONS, SPARSE, Plot, _empty, _routed, _run_label,
                     _style, _text, target_density)
+from .layout import percent_axis
 
 
 def density_per_layer(analysis) -> Plot:
     """Per layer: achieved density and mass kept (bars) against the target density (line)."""
     x = list(range(analysis.n_layers))
     fig = go.Figure([
-        go.Bar(name="achieved density", x=x, y=[lf.density for lf in analysis.layers], marker_color=SPARSE,
-               hovertemplate="layer %{x}<br>achieved density %{y:.3f}<extra></extra>"),
+        go.Bar(name="MLP neuron density achieved", x=x, y=[lf.density for lf in analysis.layers], marker_color=SPARSE,
+               hovertemplate="layer %{x}<br>MLP neuron density %{y:.3f}<extra></extra>"),
         go.Bar(name="mass kept (share of Σ|h|)", x=x, y=[lf.mass_kept_share for lf in analysis.layers],
                marker_color=DENSE, hovertemplate="layer %{x}<br>mass kept %{y:.3f}<extra></extra>"),
         go.Scatter(name=f"target density {target_density(analysis):g}", x=x, y=[target_density(analysis)] * len(x),
                    mode="lines+markers", line=dict(color="black", dash="dash")),
     ])
-    return Plot(_style(fig, "Density and mass kept per layer", "layer", "share (0 to 1)", sub=_run_label(analysis),
+    return Plot(_style(fig, "Density and mass kept per layer", "layer", "share of the MLP (embeddings not counted)", sub=_run_label(analysis),
                        barmode="group", yaxis_range=[0, 1.05], xaxis_dtick=1))
 
 
@@ -99,7 +99,7 @@ def sweep_plot(rows: list[dict], current: float | None = None) -> Plot:
                       annotation_text=f"this run: {current:g}", annotation_position="top left")
     sub = ("lower" if metric == "kl" else "higher") + " is better"
     sub += "; dotted line: this run's density" if current is not None else ""
-    return Plot(_style(fig, "Output quality vs density", "target density", METRIC_LABELS.get(metric, metric), sub=sub))
+    return Plot(_style(fig, "Output quality vs density", "target MLP neuron density (embeddings not counted)", METRIC_LABELS.get(metric, metric), sub=sub))
 
 
 def divergence_plot(analysis) -> Plot:

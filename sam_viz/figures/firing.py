@@ -5,7 +5,7 @@ contextual-sparsity plots, the magnitude distribution of h and mass kept vs dens
 TEAL's and CATS' thresholds, and quality-vs-sparsity curves. Every figure keeps to a cell
 budget (`max_cells` array values across all its traces: past it, heatmaps keep the most active
 neurons, then every n-th token) and its `note` says in one sentence what it left out. Titles,
-subtitles and margins come from sam_viz.fig_layout (they fit a half-width column).
+subtitles and margins come from sam_viz.figures.layout (they fit a half-width column).
 plotly.graph_objects only; no Streamlit.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from .fig_layout import short, titled
+from .layout import short, titled
 
 MAX_CELLS = 200_000
 STYLE_CELLS = 32        # array values a figure may spend on styling (colorscale stops), not data
@@ -372,7 +372,7 @@ def density_tokens_layers(analysis, max_cells: int = MAX_CELLS) -> Plot:
     else:
         zrange, span = (lo, hi), f"colours span {lo:.3g} to {hi:.3g}, this run's range"
     trace, note = _token_grid(analysis, dens, "layers", max_cells, colorscale="Viridis", zmin=zrange[0],
-                              zmax=zrange[1], colorbar=dict(title="density"),
+                              zmax=zrange[1], colorbar=dict(title="MLP<br>neuron<br>density"),
                               hovertemplate="token %{y}<br>layer %{x}<br>density %{z:.3f}<extra></extra>")
     fig = _style(go.Figure(trace), "Share of neurons computed per token and layer", "layer", "token",
                  sub=f"target {target_density(analysis):g} · {span}", **_grid_layout(len(trace.y)))

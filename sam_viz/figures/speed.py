@@ -1,15 +1,15 @@
 """Figures of speed: the current run's forward times and per-token MLP read floors, the kernel
 benchmark (ms and speedup vs density against the bandwidth floor and the ideal 1/density, as
 TEAL and Deja Vu plot kernel speedups), and decode tokens/s dense vs sparse against the Amdahl
-ideal 1 / (f_other + f_mlp * density). Pure functions, bounded like sam_viz.plots: rows in, Plot out.
+ideal 1 / (f_other + f_mlp * density). Pure functions, bounded like sam_viz.figures.firing: rows in, Plot out.
 """
 from __future__ import annotations
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .fig_layout import titled
-from .plots import DENSE, SPARSE, Plot, _empty, _text
+from .firing import DENSE, SPARSE, Plot, _empty, _text
+from .layout import titled
 
 FLOOR, IDEAL = "#2ca02c", "#7f7f7f"
 MAX_ROWS = 500            # benchmark rows drawn; each becomes a handful of values

@@ -1,6 +1,6 @@
 """Figures of how well neurons are routed: recall of each policy against the oracle top-k, hot and
 cold neurons, co-firing of the top neurons, and for MoE models router entropy and expert load.
-Pure functions, bounded like sam_viz.plots (data in, Plot out)."""
+Pure functions, bounded like sam_viz.figures.firing (data in, Plot out)."""
 from __future__ import annotations
 
 import html
@@ -10,9 +10,9 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from .analysis import Analysis
-from .fig_layout import titled
-from .plots import MAX_CELLS, Plot, _empty
+from ..analysis import Analysis
+from .firing import MAX_CELLS, Plot, _empty
+from .layout import titled
 
 POLICY_COLORS = {"topk": "#636efa", "threshold": "#ef553b", "predictor": "#00cc96", "static": "#ab63fa",
                  "dense": "#7f7f7f"}

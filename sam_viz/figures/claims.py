@@ -9,9 +9,9 @@ import math
 
 import plotly.graph_objects as go
 
-from .claims import BAR_RATIO, DENSE, SPARSE, find
-from .fig_layout import titled
-from .plots import DENSE as DENSE_COLOUR, SPARSE as SPARSE_COLOUR, Plot, _empty
+from ..claims import BAR_RATIO, DENSE, SPARSE, find
+from .firing import DENSE as DENSE_COLOUR, SPARSE as SPARSE_COLOUR, Plot, _empty
+from .layout import titled
 
 COLOURS = {SPARSE: SPARSE_COLOUR, DENSE: DENSE_COLOUR}
 SYMBOLS = {"threshold": "diamond", "predictor": "star", "static": "x"}
