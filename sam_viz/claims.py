@@ -203,7 +203,7 @@ def measure_claims(load: Callable[[str], LoadedModel], max_tokens: int | None = 
 def resume(raw: dict, load: Callable[[str], LoadedModel], save: Callable[[dict], None],
            progress: Progress | None = None, first: Callable[[Setting], object] | None = None) -> dict:
     """claims.json's `raw` completed: its model facts and its rows' computed columns brought up to date
-    (nothing measured again), then every setting of plan() (or `settings`) it lacks measured, in plan
+    (nothing measured again), then every setting of plan() it lacks measured, in plan
     order (`first`: a sort key that measures some first), each saved as it arrives (a cut-off run
     resumes where it stopped). The measured rows keep the file's token limit."""
     settings = plan()

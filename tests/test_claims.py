@@ -129,6 +129,33 @@ def test_a_rows_command_reproduces_its_perplexity_in_a_real_process():
     assert row["perplexity"] == pytest.approx(hand_perplexity(model, demo_ids(tok, 257), 128), rel=1e-5)
 
 
+def test_resume_measures_only_the_missing_rows_and_saves_after_each(monkeypatch):
+    """A cut-off run resumes: the rows the file has are kept (their computed columns filled in), the
+    others measured one at a time in `first` order, the file saved after each; stored in plan order."""
+    measured, saved = [], []
+
+    def fake(loaded, setting, max_tokens, text=None, progress=None):
+        measured.append(setting.key)
+        return {**vars(setting), "groups": list(setting.groups), "perplexity": 30.0, "loss": math.log(30.0),
+                "tokens": 256, "mlp_density": setting.density, "model_density": setting.density,
+                "model_work": setting.density}
+
+    monkeypatch.setattr(cl, "measure", fake)
+    old = {k: v for k, v in cl.find(cl.read_claims(), "demo-lm", "static", 0.1).items()
+           if k not in ("scope", "allocation", "model_density", "model_work")}          # as measured before
+    whole = [s for s in cl.plan() if s.scope == "all"]
+    have = [fake(None, s, None) for s in whole[:3]]
+    measured.clear()
+    raw = {"format": cl.FORMAT, "max_tokens": 256, "rows": [old, *have]}
+    out = cl.resume(raw, shared, lambda r: saved.append(len(r["rows"])), first=lambda s: s.density != 0.65)
+    assert len(measured) == len(cl.plan()) - 4 and whole[0].key not in measured
+    assert [k[4] for k in measured if k[2] == "all"][:8] == [0.65] * 8                    # `first` order
+    assert saved[:3] == [5, 6, 7] and saved[-1] == len(cl.plan())
+    assert [cl.row_key(r) for r in out["rows"]] == [s.key for s in cl.plan()]
+    static = next(r for r in out["rows"] if cl.row_key(r) == cl.row_key(old))
+    assert static["model_work"] == pytest.approx((ATTENTION + old["mlp_bytes"] / 4) / (ATTENTION + MLP))
+
+
 # ------------------------------------------------------------------------------ reading and verdict
 
 @pytest.mark.parametrize("setting", [cl.Setting("demo-lm", "topk", 0.4, ("whole-model",), "all"),
