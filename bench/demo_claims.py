@@ -125,7 +125,11 @@ def draw_png(claims: dict, path: Path = PNG) -> None:
         ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     axes[0].set_ylabel("held-out perplexity (lower is better)")
     axes[0].set_ylim(top=top * 1.02 if base is not None else None)
-    axes[1].legend(fontsize=7, loc="upper right")
+    handles = {}
+    for ax in axes:                                           # every series once, from whichever panel has it
+        for h, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, h)
+    axes[1].legend(handles.values(), handles.keys(), fontsize=7, loc="upper right")
     fig.suptitle("Held-out perplexity vs whole-model matrix work (points at the top edge: worse, value written)")
     fig.tight_layout()
     fig.savefig(path)
