@@ -17,6 +17,8 @@ W_down are saved.
     python -m bench.demo_claims [--max-tokens N] [--no-decode]   # measure: 16 evals of the held-out split
     python -m bench.demo_claims --render                         # PNG and README from claims.json
     python -m bench.demo_claims --add-decode threshold           # measure decode rows only, into claims.json
+    python -m bench.demo_claims --resume --threads 1             # only the rows claims.json lacks, each saved
+                                                                 # as it arrives (a cut-off run resumes)
 
 Each row's time is in claims.json (`seconds`), and the whole run's (`seconds`, `threads`).
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import statistics
 import sys
 import time
@@ -85,34 +88,49 @@ def decode_rows(loaded, density: float = cl.TRAINED_DENSITY, policies=DECODE_POL
 
 
 def draw_png(claims: dict, path: Path = PNG) -> None:
-    """The perplexity-vs-density curve as a PNG (the same data as sam_viz.figures.claims)."""
+    """Held-out perplexity against whole-model matrix work, one panel per model, a line per policy
+    (label()) through its densities; the dense twin's perplexity and the claim's bar."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from sam_viz.figures.claims import COLOURS, SYMBOLS, topk_curve
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for model in (cl.SPARSE, cl.DENSE):
-        pts = topk_curve(claims, model)
-        ax.plot([d for d, _ in pts], [p for _, p in pts], "o-", color=COLOURS[model], label=f"{model}, topk")
-        for policy, symbol in SYMBOLS.items():
-            rows = [r for r in claims["rows"] if r["model"] == model and r["policy"] == policy]
-            ax.scatter([r["density"] for r in rows], [r["perplexity"] for r in rows], s=60, color=COLOURS[model],
-                       marker={"diamond": "D", "star": "*", "x": "x"}[symbol], label=f"{model}, {policy}")
     base = cl.find(claims, cl.DENSE, "dense")
-    if base is not None:
-        ax.axhline(base["perplexity"], color="#2ca02c", ls=":", lw=1, label="dense twin")
-        ax.axhline(base["perplexity"] * cl.BAR_RATIO, color="#2ca02c", ls="--", lw=1,
-                   label=f"bar: dense twin +{cl.BAR_RATIO - 1:.0%}")
-    ax.set(xscale="log", yscale="log", xlabel="MLP density (share of neurons computed per token)",
-           ylabel="held-out perplexity", title="Held-out perplexity vs MLP density (lower is better)")
-    ticks = sorted({r["density"] for r in claims["rows"]} | {1.0})
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.legend(fontsize=7, ncol=2)
+    top = base["perplexity"] * 1.6 if base is not None else math.inf
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), dpi=110, sharey=True)
+    names = list(dict.fromkeys(cl.label(r) for r in claims["rows"] if r["policy"] != "dense"))
+    colours = dict(zip(names, plt.get_cmap("tab10").colors))
+    for ax, model in zip(axes, (cl.SPARSE, cl.DENSE)):
+        full = cl.find(claims, model, "dense")
+        for name in names:
+            rows = sorted((r for r in claims["rows"] if r["model"] == model and r["policy"] != "dense"
+                           and cl.label(r) == name), key=lambda r: r["model_work"])
+            if rows:
+                style = "o-" if "every projection" in name else "s--"
+                ax.plot([r["model_work"] for r in rows], [min(r["perplexity"], top) for r in rows], style, ms=4,
+                        color=colours[name], label=name)
+                for r in (r for r in rows if r["perplexity"] > top):          # off the top: at the edge, with its value
+                    ax.annotate(f"{r['perplexity']:.0f}", (r["model_work"], top), xytext=(3, -12),
+                                textcoords="offset points", fontsize=7, color=colours[name])
+        if full is not None:
+            ax.plot([1.0], [full["perplexity"]], "k*", ms=9, label="every weight (dense)")
+        if base is not None:
+            ax.axhline(base["perplexity"], color="#2ca02c", ls=":", lw=1, label="dense twin")
+            ax.axhline(base["perplexity"] * cl.BAR_RATIO, color="#2ca02c", ls="--", lw=1,
+                       label=f"bar: dense twin +{cl.BAR_RATIO - 1:.0%}")
+        ax.axvline(cl.BAR_WORK, color="grey", ls="--", lw=1, label=f"{cl.BAR_WORK:.0%} of the work")
+        ax.set(xlabel="whole-model matrix work (share of the blocks' weights read per token)", title=model,
+               yscale="log", xlim=(0.2, 1.02))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[0].set_ylabel("held-out perplexity (lower is better)")
+    axes[0].set_ylim(top=top * 1.02 if base is not None else None)
+    handles = {}
+    for ax in axes:                                           # every series once, from whichever panel has it
+        for h, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, h)
+    axes[1].legend(handles.values(), handles.keys(), fontsize=7, loc="upper right")
+    fig.suptitle("Held-out perplexity vs whole-model matrix work (points at the top edge: worse, value written)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -151,6 +169,24 @@ def add_decode(policies: list[str], path: Path = cl.CLAIMS) -> None:
     path.write_text(json.dumps(raw, indent=1) + "\n")
 
 
+def first(setting: cl.Setting) -> tuple:
+    """--resume's order: the whole-model rows at 0.4 and 0.5 first (the verdict's), then the rest."""
+    return setting.scope == "mlp", {0.4: 0, 0.5: 1}.get(setting.density, 2)
+
+
+def write(raw: dict, path: Path = cl.CLAIMS) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(raw, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def resume(path: Path = cl.CLAIMS) -> None:
+    """The rows of sam_viz.claims.plan() that claims.json lacks, measured one at a time and saved as each
+    arrives; the computed columns of the rows it has brought up to date (sam_viz.claims.resume)."""
+    load = functools.lru_cache(maxsize=None)(load_model)
+    cl.resume(json.loads(path.read_text()), load, lambda raw: write(raw, path), progress=say, first=first)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.demo_claims", description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first whole windows "
@@ -160,9 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--add-decode", nargs="+", choices=DECODE_POLICIES, metavar="POLICY",
                     help="measure only these policies' decode rows (with their own dense runs) and put them in "
                     "claims.json in place of any earlier ones")
+    ap.add_argument("--resume", action="store_true", help="measure only the rows claims.json lacks (saving it after "
+                    "each) and bring the computed columns of the others up to date")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     transformers.logging.set_verbosity_error()
-    if args.add_decode:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.resume:
+        resume()
+    elif args.add_decode:
         add_decode(args.add_decode)
     elif not args.render:
         t0 = time.perf_counter()
@@ -171,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_decode:
             claims["decode"] = decode_rows(load(cl.SPARSE))
         claims["threads"], claims["seconds"] = torch.get_num_threads(), round(time.perf_counter() - t0)
-        cl.CLAIMS.write_text(json.dumps(claims, indent=1) + "\n")
+        write(claims)
         say(f"wrote {cl.CLAIMS} in {claims['seconds']} s")
     render()
     return 0

@@ -57,7 +57,7 @@ st.caption(f"Every row scores {scope} (`models/demo/heldout.txt`); density is th
 st.dataframe(cl.table_rows(claims), hide_index=True, column_order=cl.PAGE_COLUMNS,
              column_config={"part": st.column_config.TextColumn("part", width="medium"),
                             "command": st.column_config.TextColumn("command", width="medium")})
-show(perplexity_curve(claims), key="claims_curve")
+show(perplexity_curve(cl.scoped(claims, "mlp")), key="claims_curve")   # the MLP-density curve
 
 st.subheader("Decode speed")
 decode = cl.decode_table(claims)

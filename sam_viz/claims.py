@@ -21,53 +21,72 @@ from typing import Callable
 
 from sam_viz.models import LoadedModel
 from sam_viz.models.loading import DEMO_DIR
-from sam_viz.sparse_ops import POLICIES, get_calibration
+from sam_viz.sparse_ops import POLICIES, attention_weights, default_kernel, get_calibration
 from sam_viz.sparse_ops.mlp import install
 
-from .cost import neuron_cost
+from .cost import mlp_scope_model_density, neuron_cost
 from .evaluate import EvalSpec, Evaluation, evaluate
 
 SPARSE, DENSE = "demo-lm", "demo-lm-dense"
 TRAINED_DENSITY = 0.1
 CURVE = (0.05, 0.1, 0.25, 0.5)
 SPARSE_POLICIES = ("topk", "threshold", "predictor", "static")
+WHOLE_MODEL = (0.25, 0.4, 0.5, 0.65)     # whole-model densities of the scope-all rows
+WHOLE_POLICIES = (("topk", None), ("teal", "uniform"), ("teal", "greedy"), ("wina", "greedy"))
 SAVES_WORK = {                            # policies that read fewer MLP weights than dense (topk needs all of h)
     "threshold": "reads every gate row to choose, then only the chosen rows of up and down",
     "predictor": "chooses before reading any MLP weight",
     "static": "chooses before reading any MLP weight",
 }
-BAR_RATIO, BAR_DENSITY = 1.15, 0.15      # the issue's bar: within 15% of dense at <= 15% of neurons
+BAR_RATIO, BAR_WORK = 1.05, 0.5         # "comparable accuracy at under half the compute": within 5% of the dense
+                                         # twin's perplexity at under half the whole-model matrix work
 CLAIMS = DEMO_DIR / "claims.json"
 FORMAT = "sam-viz-claims/1"
 MAX_BYTES, MAX_ROWS = 1 << 20, 200
 GROUPS = {"baseline": "dense twin", "all-neurons": "demo-lm, every neuron",
           "trained": "demo-lm at its trained density", "post-hoc": "dense twin, post-hoc",
-          "curve": "curve (topk)"}
-ROW_NUMBERS = ("density", "perplexity", "loss", "mlp_density", "mlp_flops", "mlp_bytes",
-               "dense_mlp_flops", "dense_mlp_bytes", "model_ratio")
-FACTS = ("d_model", "d_ff", "layers", "bytes_per_param", "other_params")
-PAGE_COLUMNS = ("part", "model", "policy", "density", "perplexity", "vs dense twin", "MLP FLOPs vs dense",
-                "MLP neurons computed", "MLP MFLOPs/token", "MLP weight MB/token", "command")   # the page's order
+          "curve": "curve (topk)", "whole-model": "whole model"}
+ROW_NUMBERS = ("density", "perplexity", "loss", "mlp_density", "model_density", "model_work")
+MLP_NUMBERS = ("mlp_flops", "mlp_bytes", "dense_mlp_flops", "dense_mlp_bytes", "model_ratio")   # scope mlp only
+FACTS = ("d_model", "d_ff", "layers", "bytes_per_param", "other_params", "attention_params")
+PAGE_COLUMNS = ("part", "model", "policy", "scope", "allocation", "density", "perplexity", "vs dense twin",
+                "whole-model matrix work", "MLP FLOPs vs dense", "MLP neurons computed", "MLP MFLOPs/token",
+                "MLP weight MB/token", "command")   # the page's order
 DECODE_NUMBERS = ("density", "dense_tok_s", "sparse_tok_s", "speedup", "ideal_speedup", "share_of_ideal", "f_mlp")
 Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One measured row: a model under a policy at a density, and the parts of the claim it serves."""
+    """One measured row: a model under a policy at a density, and the parts of the claim it serves;
+    scope `all` sparsifies every projection's input (allocation: teal's and wina's, else None)."""
     model: str
     policy: str
     density: float
     groups: tuple[str, ...]
+    scope: str = "mlp"
+    allocation: str | None = None
 
     def command(self, max_tokens: int | None) -> str:
         """The one line that reproduces this row's perplexity."""
+        scope = "" if self.scope == "mlp" else f" --scope {self.scope}"
+        allocation = "" if self.allocation is None else f" --allocation {self.allocation}"
         density = "" if self.policy == "dense" else f" --density {self.density:g}"
         limit = "" if max_tokens is None else f" --max-tokens {max_tokens}"
-        return f"python -m sam_viz eval --model {self.model} --policy {self.policy}{density}{limit} --json"
+        return (f"python -m sam_viz eval --model {self.model}{scope} --policy {self.policy}{allocation}{density}"
+                f"{limit} --json")
+
+    @property
+    def key(self) -> tuple:
+        return row_key(vars(self))
 
 
-def plan(trained: float = TRAINED_DENSITY, curve=CURVE) -> list[Setting]:
+def row_key(row: dict) -> tuple:
+    """What tells one row from another: model, policy, scope, allocation and density."""
+    return (row["model"], row["policy"], row.get("scope") or "mlp", row.get("allocation"), round(row["density"], 9))
+
+
+def plan(trained: float = TRAINED_DENSITY, curve=CURVE, whole=WHOLE_MODEL) -> list[Setting]:
     """Every setting the claim needs, each once (a setting in two parts of the claim lists both)."""
     wanted = [(DENSE, "dense", 1.0, "baseline"), (SPARSE, "dense", 1.0, "all-neurons")]
     wanted += [(SPARSE, p, trained, "trained") for p in SPARSE_POLICIES]
@@ -76,19 +95,24 @@ def plan(trained: float = TRAINED_DENSITY, curve=CURVE) -> list[Setting]:
     groups: dict[tuple, list[str]] = {}
     for model, policy, density, group in wanted:
         groups.setdefault((model, policy, density), []).append(group)
-    return [Setting(*key, tuple(g)) for key, g in groups.items()]
+    out = [Setting(*key, tuple(g)) for key, g in groups.items()]
+    return out + [Setting(m, p, d, ("whole-model",), "all", a) for m in (SPARSE, DENSE) for p, a in WHOLE_POLICIES
+                  for d in whole]
 
 
 def model_facts(loaded: LoadedModel) -> dict:
     """What the cost model needs of an architecture: widths, GLU or not, bytes per weight as
-    loaded, and the other matrix weights a token reads (attention projections, the LM head)."""
+    loaded, the other matrix weights a token reads (attention projections, the LM head) and of
+    those the attention projections' (the blocks' matrix weights outside the MLP)."""
     mlp = {id(p) for w in install(loaded) for p in w.parameters()}
     params = list(loaded.model.parameters())
     adapter = loaded.adapter
+    attention = attention_weights(loaded)
     return {"d_model": loaded.model.config.hidden_size, "d_ff": loaded.d_ff, "layers": loaded.n_layers,
             "glu": adapter.up is not None or adapter.gate_up is not None or adapter.is_moe,
             "bytes_per_param": params[0].element_size(),
-            "other_params": sum(p.numel() for p in params if p.dim() == 2 and id(p) not in mlp)}
+            "other_params": sum(p.numel() for p in params if p.dim() == 2 and id(p) not in mlp),
+            "attention_params": 0 if attention is None else sum(sum(a.values()) for a in attention)}
 
 
 def row_cost(loaded: LoadedModel, result: Evaluation, facts: dict) -> dict:
@@ -108,20 +132,53 @@ def row_cost(loaded: LoadedModel, result: Evaluation, facts: dict) -> dict:
             "model_ratio": (other + c["sparse_params"]) / (other + c["dense_params"])}
 
 
+def model_work(row: dict, facts: dict) -> float:
+    """The share of the blocks' matrix weights read per token (embeddings and LM head excluded), counting
+    what the policy reads to choose. Scope all: eval's model_density (topk, teal and wina choose from x
+    itself). Scope mlp: the attention projections dense, and the MLP weights sam_viz.cost counts (topk:
+    gate and up of every neuron; threshold: the gate of every neuron; predictor: its own weights too)."""
+    if row.get("scope", "mlp") == "all":
+        return row["model_density"]
+    attention, per_byte = facts["attention_params"], facts["bytes_per_param"]
+    return (attention + row["mlp_bytes"] / per_byte) / (attention + row["dense_mlp_bytes"] / per_byte)
+
+
+def mlp_model_density(row: dict, facts: dict) -> float:
+    """Scope mlp: eval's model_density from a row's numbers (attention dense, the MLP's weights at its
+    neuron density: sam_viz.cost.mlp_scope_model_density), for rows measured before eval reported it."""
+    neurons = facts["layers"] * facts["d_ff"]
+    return mlp_scope_model_density(facts["attention_params"], neurons, row["mlp_density"] * neurons,
+                                   facts["d_model"], facts["glu"])
+
+
+def complete(row: dict, facts: dict) -> dict:
+    """A scope-mlp row measured before the whole-model columns, with them computed (not measured again)."""
+    row = {"scope": "mlp", "allocation": None, **row}
+    if row.get("model_density") is None:
+        row["model_density"] = mlp_model_density(row, facts)
+    return {**row, "model_work": model_work(row, facts)}
+
+
 def measure(loaded: LoadedModel, setting: Setting, max_tokens: int | None, text: str | None = None,
             progress: Progress | None = None) -> dict:
-    """One row: `eval` of the setting on the held-out split (or `text`), with its cost and command."""
+    """One row: `eval` of the setting on the held-out split (or `text`), with its cost and command;
+    the kernel is the one `eval` picks by default, so the command reproduces the row."""
     say = progress or (lambda line: None)
-    spec = EvalSpec(model=setting.model, policy=setting.policy, density=setting.density, max_tokens=max_tokens)
+    spec = EvalSpec(model=setting.model, policy=setting.policy, density=setting.density, max_tokens=max_tokens,
+                    kernel=default_kernel(), scope=setting.scope, allocation=setting.allocation or "greedy")
     t0 = time.perf_counter()
     result = evaluate(loaded, spec, text,
                       calibrating=lambda frac, line: say(f"{setting.model} {setting.policy}: {line}"))
-    row = {"model": setting.model, "policy": setting.policy, "density": spec.density, "groups": list(setting.groups),
-           "perplexity": result.perplexity, "loss": result.loss, "tokens": result.tokens,
-           "mlp_density": result.mlp_density, **row_cost(loaded, result, model_facts(loaded)),
+    facts = model_facts(loaded)
+    row = {"model": setting.model, "policy": setting.policy, "scope": setting.scope, "allocation": setting.allocation,
+           "density": spec.density, "groups": list(setting.groups), "perplexity": result.perplexity,
+           "loss": result.loss, "tokens": result.tokens, "mlp_density": result.mlp_density,
+           "model_density": result.model_density, "kernel": spec.kernel,
+           **(row_cost(loaded, result, facts) if setting.scope == "mlp" else {}),
            "seconds": round(time.perf_counter() - t0, 1), "command": setting.command(max_tokens)}
-    say(f"{setting.model:14} {setting.policy:9} {spec.density:<5g} perplexity {row['perplexity']:9.3f}  "
-        f"mlp_density {row['mlp_density']:.4f}  ({row['seconds']:.0f} s)")
+    row["model_work"] = model_work(row, facts)
+    say(f"{setting.model:14} {setting.policy:9} {setting.scope:3} {setting.allocation or '':7} {spec.density:<5g} "
+        f"perplexity {row['perplexity']:9.3f}  model_work {row['model_work']:.4f}  ({row['seconds']:.0f} s)")
     return row
 
 
@@ -138,9 +195,30 @@ def measure_claims(load: Callable[[str], LoadedModel], max_tokens: int | None = 
     models = sorted({s.model for s in settings})
     return {"format": FORMAT, "text": "models/demo/heldout.txt" if text is None else "given text",
             "context": EvalSpec().context, "max_tokens": max_tokens, "trained_density": TRAINED_DENSITY,
-            "bar": {"perplexity_ratio": BAR_RATIO, "density": BAR_DENSITY},
+            "bar": {"perplexity_ratio": BAR_RATIO, "model_work": BAR_WORK},
             "weights": {m: weights_digest(m) for m in models if m in (SPARSE, DENSE)},
             "model": model_facts(load(models[0])), "rows": rows, "decode": []}
+
+
+def resume(raw: dict, load: Callable[[str], LoadedModel], save: Callable[[dict], None],
+           progress: Progress | None = None, first: Callable[[Setting], object] | None = None) -> dict:
+    """claims.json's `raw` completed: its model facts and its rows' computed columns brought up to date
+    (nothing measured again), then every setting of plan() it lacks measured, in plan
+    order (`first`: a sort key that measures some first), each saved as it arrives (a cut-off run
+    resumes where it stopped). The measured rows keep the file's token limit."""
+    settings = plan()
+    facts = model_facts(load(SPARSE))
+    raw = {**raw, "model": facts, "bar": {"perplexity_ratio": BAR_RATIO, "model_work": BAR_WORK}}
+    raw["rows"] = [complete(r, facts) if r.get("scope", "mlp") == "mlp" else r for r in raw["rows"]]
+    order = {s.key: i for i, s in enumerate(settings)}
+    for s in sorted(settings, key=first) if first else settings:
+        if s.key in {row_key(r) for r in raw["rows"]}:
+            continue
+        raw["rows"] = sorted(raw["rows"] + [measure(load(s.model), s, raw.get("max_tokens"), None, progress)],
+                             key=lambda r: order.get(row_key(r), len(order)))
+        save(raw)
+    save(raw)
+    return raw
 
 
 # ------------------------------------------------------------------------------ reading and verdict
@@ -155,14 +233,18 @@ def _number(value, low: float = 0.0, high: float = math.inf) -> float | None:
 def _valid_row(r) -> dict | None:
     if not isinstance(r, dict) or r.get("model") not in (SPARSE, DENSE) or r.get("policy") not in POLICIES:
         return None
-    numbers = {k: _number(r.get(k)) for k in ROW_NUMBERS}
+    scope, allocation = r.get("scope", "mlp"), r.get("allocation")
+    if scope not in ("mlp", "all") or allocation not in (None, "uniform", "greedy"):
+        return None
+    numbers = {k: _number(r.get(k)) for k in ROW_NUMBERS + (MLP_NUMBERS if scope == "mlp" else ())}
     if None in numbers.values() or not 0 < numbers["density"] <= 1 or not numbers["perplexity"] > 0:
         return None
     command = str(r.get("command", ""))[:200]
     groups = [g for g in r.get("groups", []) if g in GROUPS] if isinstance(r.get("groups"), list) else []
     tokens = _number(r.get("tokens"), 1)
-    return {"model": r["model"], "policy": r["policy"], **numbers, "groups": groups,
-            "tokens": int(tokens or 0), "command": command if command.startswith("python -m sam_viz eval ") else ""}
+    return {"model": r["model"], "policy": r["policy"], "scope": scope, "allocation": allocation, **numbers,
+            "groups": groups, "tokens": int(tokens or 0),
+            "command": command if command.startswith("python -m sam_viz eval ") else ""}
 
 
 def _valid_decode(r) -> dict | None:
@@ -220,21 +302,56 @@ def stale(claims: dict) -> list[str]:
             if m in (SPARSE, DENSE) and (DEMO_DIR / m / "model.safetensors").is_file() and weights_digest(m) != digest]
 
 
-def find(claims: dict, model: str, policy: str, density: float = 1.0) -> dict | None:
+def find(claims: dict, model: str, policy: str, density: float = 1.0, scope: str = "mlp",
+         allocation: str | None = None) -> dict | None:
     for r in claims["rows"]:
-        if r["model"] == model and r["policy"] == policy and (policy == "dense" or abs(r["density"] - density) < 1e-9):
+        if (r["model"] == model and r["policy"] == policy and r["scope"] == scope and r["allocation"] == allocation
+                and (policy == "dense" or abs(r["density"] - density) < 1e-9)):
             return r
     return None
 
 
+def label(row: dict) -> str:
+    """The policy of a row in words: `threshold (MLP only)`, `teal greedy (every projection)`."""
+    if row["scope"] == "mlp":
+        return f"{row['policy']} (MLP only)"
+    return f"{row['policy']}{' ' + row['allocation'] if row['allocation'] else ''} (every projection)"
+
+
+def claim(claims: dict) -> dict[str, dict]:
+    """Per policy (label()), over both models and every density: whether some row reaches comparable
+    accuracy (perplexity within BAR_RATIO of the dense twin's) at under BAR_WORK of the whole-model
+    matrix work; `best`: the comparable row with the least work under the bar if one is, else the one
+    with the lowest perplexity under it (None when no row is under it); `least`: the row with the least
+    work; `comparable`: the comparable row with the least work (None when none is)."""
+    base = find(claims, DENSE, "dense")
+    out: dict[str, dict] = {}
+    if base is None:
+        return out
+    for r in claims["rows"]:
+        if r["policy"] != "dense":
+            out.setdefault(label(r), {"rows": []})["rows"].append({**r, "ratio": r["perplexity"] / base["perplexity"]})
+    for v in out.values():
+        rows = v.pop("rows")
+        ok = [r for r in rows if r["ratio"] <= BAR_RATIO]
+        under = [r for r in rows if r["model_work"] < BAR_WORK]
+        hold = [r for r in under if r["ratio"] <= BAR_RATIO]
+        v.update(holds=bool(hold), least=min(rows, key=lambda r: r["model_work"]),
+                 comparable=min(ok, key=lambda r: r["model_work"]) if ok else None,
+                 best=(min(hold, key=lambda r: (r["model_work"], r["ratio"])) if hold else
+                       min(under, key=lambda r: r["ratio"]) if under else None))
+    return out
+
+
 def verdict(claims: dict) -> dict:
-    """How far the claim holds: per policy at the trained density, demo-lm's perplexity relative to
-    the dense twin's, the neurons and MLP FLOPs it computes, whether it meets the bar, and how much
-    each model loses to that policy against its own every-neuron perplexity; and plain sentences
-    computed from those numbers."""
+    """How far the claim holds. `claim`: per policy, against whole-model matrix work (claim()).
+    `policies`: per MLP policy at the trained density, demo-lm's perplexity relative to the dense
+    twin's, the neurons and MLP FLOPs it computes, and how much each model loses to that policy
+    against its own every-neuron perplexity. `sentence`: plain sentences computed from those numbers."""
     base, d = find(claims, DENSE, "dense"), claims["trained_density"]
     if base is None:
-        return {"policies": {}, "sentence": "The claims file has no dense-twin row, so nothing can be compared."}
+        return {"policies": {}, "claim": {}, "sentence": "The claims file has no dense-twin row, so nothing can be "
+                "compared."}
     own = {m: find(claims, m, "dense") for m in (SPARSE, DENSE)}
     out = {}
     for p in SPARSE_POLICIES:
@@ -243,31 +360,48 @@ def verdict(claims: dict) -> dict:
             continue
         ratio, flops = r["perplexity"] / base["perplexity"], r["mlp_flops"] / r["dense_mlp_flops"]
         out[p] = {"perplexity": r["perplexity"], "ratio": ratio, "mlp_density": r["mlp_density"],
-                  "flops_ratio": flops, "model_ratio": r["model_ratio"],
-                  "meets_bar": ratio <= BAR_RATIO and r["mlp_density"] <= BAR_DENSITY,
+                  "flops_ratio": flops, "model_ratio": r["model_ratio"], "model_work": r["model_work"],
                   "loss_vs_own_dense": r["perplexity"] / own[SPARSE]["perplexity"] if own[SPARSE] else None,
                   "twin_loss_vs_dense": twin["perplexity"] / base["perplexity"] if twin else None}
-    return {"dense_perplexity": base["perplexity"], "policies": out, "sentence": _sentence(base, d, out)}
+    c = claim(claims)
+    return {"dense_perplexity": base["perplexity"], "policies": out, "claim": c,
+            "sentence": _sentence(base, d, out, c)}
+
+
+def _at(r: dict) -> str:
+    return f"{r['model']} at {r['density']:g}: {_pct(r['ratio'])} at {r['model_work']:.0%} of the work"
+
+
+def policy_sentence(name: str, v: dict) -> str:
+    """One sentence: whether the policy reaches comparable accuracy at under half the whole-model work."""
+    why = {"topk (MLP only)": " (it computes every h to choose)",
+           "threshold (MLP only)": " (it reads every gate row to choose)"}.get(name, "")
+    if v["holds"]:
+        return f"{name}: yes, {_at(v['best'])}."
+    if v["best"] is None:
+        return (f"{name}: no, it never goes under {BAR_WORK:.0%} of the work{why}; its least is "
+                f"{_at(v['least'])}.")
+    then = (f"; it stays comparable only down to {_at(v['comparable'])}" if v["comparable"] else
+            "; no row of it is comparable")
+    return f"{name}: no, under {BAR_WORK:.0%} of the work its best is {_at(v['best'])}{then}."
 
 
 def summary(claims: dict) -> list[str]:
-    """The verdict in three lines (markdown), each computed from verdict()'s numbers: whether the
-    claim holds and with which policy, what the oracle topk costs, and dynamic vs static."""
+    """The verdict in three lines (markdown), each computed from verdict()'s numbers: the policies with
+    which the claim holds against whole-model matrix work, those with which it does not, and dynamic vs
+    static at the trained density."""
     v, d = verdict(claims), claims["trained_density"]
-    p = v["policies"]
-    if not p:
+    c, p = v["claim"], v["policies"]
+    if not c:
         return [v["sentence"]]
-    cheap = {k: r for k, r in p.items() if k in SAVES_WORK}
-    holds = [k for k, r in cheap.items() if r["ratio"] <= BAR_RATIO and r["flops_ratio"] < 0.5]
-    each = [f"{k}: {_pct(cheap[k]['ratio'])} perplexity at {cheap[k]['flops_ratio']:.0%} of the dense MLP FLOPs"
-            for k in holds]
-    claim = ("**Claim holds** for the MLPs with " + ", ".join(each) if holds
-             else "**Claim does not hold** for any policy that saves work at inference")
-    lines = [claim + f" (bar: within {BAR_RATIO - 1:.0%} of the dense twin, under half the compute)."]
-    if "topk" in p:
-        t = p["topk"]
-        lines.append(f"**Oracle topk** at {d:g}: {_pct(t['ratio'])} perplexity, but {t['flops_ratio']:.0%} of the "
-                     "dense MLP FLOPs: it computes every neuron to choose.")
+    holds = [k for k, r in c.items() if r["holds"]]
+    bar = f"within {BAR_RATIO - 1:.0%} of the dense twin's perplexity at under {BAR_WORK:.0%} of the whole-model " \
+          "matrix work"
+    lines = [(f"**Claim holds** with {_names(holds)}" if holds else "**Claim does not hold** with any policy")
+             + f" ({bar})."]
+    misses = [k for k in c if k not in holds]
+    if misses:
+        lines.append(f"**Not** with {_names(misses)}.")
     if "predictor" in p and "static" in p:
         dyn, sta = p["predictor"]["perplexity"], p["static"]["perplexity"]
         lines.append(f"**Dynamic vs static** at {d:g}: predictor {dyn:.2f}, static {sta:.2f} perplexity: dynamic "
@@ -275,57 +409,66 @@ def summary(claims: dict) -> list[str]:
     return lines
 
 
+def _names(labels: list[str]) -> str:
+    """label()s grouped by scope: `threshold, static (MLP only); teal greedy (every projection)`."""
+    groups: dict[str, list[str]] = {}
+    for name in labels:
+        policy, scope = name[:-1].split(" (")
+        groups.setdefault(scope, []).append(policy)
+    return "; ".join(f"{', '.join(ps)} ({scope})" for scope, ps in groups.items())
+
+
 def _pct(ratio: float) -> str:
     return f"{(ratio - 1) * 100:+.1f}%"
 
 
-def _sentence(base: dict, density: float, v: dict) -> str:
-    parts = [f"The dense twin's held-out perplexity is {base['perplexity']:.2f}."]
-    if "topk" in v:
-        t = v["topk"]
-        parts.append(f"demo-lm with topk at its trained density {density:g} reaches {t['perplexity']:.2f} "
-                     f"({_pct(t['ratio'])}) computing {t['mlp_density']:.1%} of the MLP neurons, so it "
-                     f"{'meets' if t['meets_bar'] else 'misses'} the bar (within {BAR_RATIO - 1:.0%} of dense at "
-                     f"<= {BAR_DENSITY:.0%} of the neurons); but topk must compute every h to choose, so it "
-                     f"still costs {t['flops_ratio']:.0%} of the dense MLP FLOPs.")
-        if t["loss_vs_own_dense"] is not None and t["twin_loss_vs_dense"] is not None:
-            less = t["loss_vs_own_dense"] < t["twin_loss_vs_dense"]
-            parts.append(f"Against its own every-neuron perplexity, demo-lm under topk {density:g} changes by "
-                         f"{_pct(t['loss_vs_own_dense'])} and the dense twin under the same post-hoc topk by "
-                         f"{_pct(t['twin_loss_vs_dense'])}: the sparse-trained model degrades "
-                         f"{'less' if less else 'more'} than its twin.")
-    cheap = [(p, v[p]) for p in SAVES_WORK if p in v]
-    parts += [f"With {p} ({SAVES_WORK[p]}): {r['perplexity']:.2f} ({_pct(r['ratio'])}) at "
-              f"{r['flops_ratio']:.0%} of the dense MLP FLOPs ({r['model_ratio']:.0%} of the whole model's "
-              "matrix work per token)." for p, r in cheap]
+def _sentence(base: dict, density: float, v: dict, c: dict) -> str:
+    full = v.get("topk", {}).get("loss_vs_own_dense")
+    parts = [f"The dense twin's held-out perplexity is {base['perplexity']:.2f}. \"Comparable accuracy at under half "
+             f"the compute\", counting the whole model's matrix work (the blocks' weights read per token, "
+             f"embeddings excluded, with what a policy reads to choose): within {BAR_RATIO - 1:.0%} of it at under "
+             f"{BAR_WORK:.0%} of the work."]
+    parts += [policy_sentence(name, r) for name, r in c.items()]
     if "predictor" in v and "static" in v:
         beats = v["predictor"]["perplexity"] < v["static"]["perplexity"]
-        parts.append(f"Dynamic vs static at the same density: predictor {v['predictor']['perplexity']:.2f}, static "
-                     f"{v['static']['perplexity']:.2f}: dynamic {'beats' if beats else 'does not beat'} static here.")
-    holds = [p for p, r in cheap if r["ratio"] <= BAR_RATIO and r["flops_ratio"] < 0.5]
-    claim = "So at this scale \"comparable accuracy at under half the compute\""
-    if holds:
-        parts.append(f"{claim} holds for the MLPs with " + " and ".join(
-            f"{p} ({v[p]['flops_ratio']:.0%} of their FLOPs; {v[p]['model_ratio']:.0%} of the whole model's matrix "
-            "work)" for p in holds) + ".")
-    elif v.get("topk", {}).get("meets_bar"):
-        parts.append(f"{claim} holds only for the oracle topk, which saves no compute at inference; not for a "
-                     "policy that does.")
-    else:
-        parts.append(f"{claim} does not hold.")
+        parts.append(f"Dynamic vs static at {density:g} of the MLP neurons: predictor "
+                     f"{v['predictor']['perplexity']:.2f}, static {v['static']['perplexity']:.2f}: dynamic {'beats' if beats else 'does not beat'} static.")
+    if full is not None and v["topk"]["twin_loss_vs_dense"] is not None:
+        less = full < v["topk"]["twin_loss_vs_dense"]
+        parts.append(f"Against its own every-neuron perplexity, demo-lm under MLP topk {density:g} changes by "
+                     f"{_pct(full)} and the dense twin under the same post-hoc topk by "
+                     f"{_pct(v['topk']['twin_loss_vs_dense'])}: the sparse-trained model degrades "
+                     f"{'less' if less else 'more'} than its twin.")
+    holds = [k for k, r in c.items() if r["holds"]]
+    parts.append("So at this scale the claim " + (f"holds with {', '.join(holds)}, and not with the other policies."
+                                                  if holds else "holds with no policy measured here."))
     return " ".join(parts)
 
 
+def scoped(claims: dict, scope: str) -> dict:
+    """The claims with the rows of one scope only (the MLP-density curve draws scope mlp's)."""
+    return {**claims, "rows": [r for r in claims["rows"] if r["scope"] == scope]}
+
+
 def table_rows(claims: dict) -> list[dict]:
-    """The claims table, one dict per row, columns in display order."""
+    """The claims table, one dict per row, columns in display order (the MLP's columns blank under scope
+    all, where every neuron's h is computed and the MLP's share of the work is part of the whole's)."""
     base = find(claims, DENSE, "dense")
-    return [{"part": ", ".join(GROUPS[g] for g in r["groups"]), "model": r["model"], "policy": r["policy"],
-             "density": r["density"], "perplexity": round(r["perplexity"], 3),
+
+    def mlp(r: dict) -> dict:
+        if r["scope"] != "mlp":
+            return dict.fromkeys(("MLP neurons computed", "MLP MFLOPs/token", "MLP weight MB/token",
+                                  "MLP FLOPs vs dense"), "")
+        return {"MLP neurons computed": f"{r['mlp_density']:.1%}", "MLP MFLOPs/token": round(r["mlp_flops"] / 1e6, 3),
+                "MLP weight MB/token": round(r["mlp_bytes"] / 1e6, 3),
+                "MLP FLOPs vs dense": f"{r['mlp_flops'] / r['dense_mlp_flops']:.0%}"}
+    rows = [{"part": ", ".join(GROUPS[g] for g in r["groups"]), "model": r["model"], "policy": r["policy"],
+             "scope": r["scope"], "allocation": r["allocation"] or "", "density": r["density"],
+             "perplexity": round(r["perplexity"], 3),
              "vs dense twin": _pct(r["perplexity"] / base["perplexity"]) if base else "",
-             "MLP neurons computed": f"{r['mlp_density']:.1%}",
-             "MLP MFLOPs/token": round(r["mlp_flops"] / 1e6, 3), "MLP weight MB/token": round(r["mlp_bytes"] / 1e6, 3),
-             "MLP FLOPs vs dense": f"{r['mlp_flops'] / r['dense_mlp_flops']:.0%}", "command": r["command"]}
+             "whole-model matrix work": f"{r['model_work']:.1%}", **mlp(r), "command": r["command"]}
             for r in claims["rows"]]
+    return [{k: r[k] for k in PAGE_COLUMNS} for r in rows]
 
 
 def markdown_table(claims: dict) -> str:
@@ -354,11 +497,14 @@ def report_markdown(claims: dict) -> str:
     scope = (f"the first {claims['max_tokens']:,} tokens (whole windows: {min(tokens):,} predicted tokens)"
              if claims["max_tokens"] else f"all of it ({', '.join(f'{t:,}' for t in sorted(tokens))} predicted tokens)")
     out = [f"Held-out perplexity on `models/demo/heldout.txt`, {scope}; each row reproduces with its command. "
-           "MLP FLOPs and weight bytes are per token as a batch-1 decoder pays them (sam_viz/cost.py), "
-           f"{claims['model']['bytes_per_param']} bytes per weight as eval loads them; topk and threshold must "
-           "read weights to choose, so they save less than their density."
-           + (f" The whole run took {claims['seconds'] / 60:.1f} min with {claims['threads']} torch thread(s)."
-              if claims["seconds"] and claims["threads"] else ""), "", markdown_table(claims)]
+           "Scope `mlp` sparsifies the MLP's neurons only; scope `all` the input of every projection (q, k, v, o, "
+           "gate, up, down), `teal` and `wina` with the allocation named. *Whole-model matrix work* is the share "
+           "of the blocks' matrix weights read per token (embeddings and LM head excluded), counting what a "
+           "policy reads to choose: the MLP-only rows keep the attention dense, and MLP topk and threshold read "
+           "weights to choose, so they save less than their density. MLP FLOPs and weight bytes are per token as "
+           "a batch-1 decoder pays them (sam_viz/cost.py), "
+           f"{claims['model']['bytes_per_param']} bytes per weight as eval loads them; each row's time is in "
+           "claims.json (`seconds`).", "", markdown_table(claims)]
     decode = decode_table(claims)
     if decode:
         head = list(decode[0])

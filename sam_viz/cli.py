@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--input", action="store_true", help="kernels: the input kernel (a projection with a sparse "
                    "input, scope all) instead of the MLP's")
+    b.add_argument("--scope", default="mlp", choices=["mlp", "all"], help="decode: mlp (static on the MLPs, the "
+                   "default) or all (whole-model topk on every projection's input)")
     sub.add_parser("build-kernels", help="build the compiled cpu kernel now (make does), so that it is the "
                    "default kernel; without a C++ compiler, a warning and exit 0")
     e = sub.add_parser("eval", help="next-token perplexity of a causal LM on a text (default: the demo "
@@ -307,6 +309,10 @@ def cmd_bench(args) -> int:
         settings = kernels.QUICK if args.quick else kernels.FULL
         rows = kernels.run(**settings)
         lines = kernels.report(rows, settings["calls"])
+    elif args.scope == "all":
+        cfg = decode.QUICK if args.quick else decode.DecodeConfig()
+        rows = decode.run_all(cfg)
+        lines = decode.report_all(rows, cfg)
     else:
         cfg = decode.QUICK if args.quick else decode.DecodeConfig()
         rows = decode.run(cfg)

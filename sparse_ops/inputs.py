@@ -26,7 +26,7 @@ from sam_viz.models import InputError, LoadedModel, MLPAdapter, Proj
 from sam_viz.models.adapters import get_path, mlp_projections, set_path
 
 from .context import Run, current_run
-from .policy import mask_indices, topk_indices
+from .policy import mask_indices, topk_mask
 from .proj import ProjWeights
 
 
@@ -38,8 +38,7 @@ def keep_mask(run: Run, layer: int, name: str, x: torch.Tensor, weight: torch.Te
     if policy.is_full:
         return None
     if policy.kind == "topk":
-        idx = topk_indices(x, policy.k(d_in))                                 # [N, k]
-        return torch.zeros_like(x, dtype=torch.bool).scatter_(1, idx, True)
+        return topk_mask(x, policy.k(d_in))                                   # [N, d_in]
     t = run.input_threshold(layer, name)
     score = x.abs()
     if policy.kind == "wina":

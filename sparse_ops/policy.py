@@ -89,6 +89,20 @@ def topk_indices(h: torch.Tensor, k: int) -> torch.Tensor:
     return order[:, :k]
 
 
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, d] -> [N, d] bool: topk_indices' set as a mask, by the k-th largest abs(x) t instead of a
+    sort (several times faster on the CPU): every entry above t, then those equal to t in index order
+    until k are kept (a stable descending sort keeps ties to the lower index the same way)."""
+    d = x.shape[-1]
+    if k >= d:
+        return torch.ones_like(x, dtype=torch.bool)
+    a = x.abs()
+    t = a.kthvalue(d - k + 1, dim=-1, keepdim=True).values                  # [N, 1] the k-th largest
+    above, at = a > t, a == t
+    room = k - above.sum(-1, keepdim=True)                                   # >= 1 entries equal to t
+    return above | (at & (at.cumsum(-1) <= room))
+
+
 def selection_mask(idx: torch.Tensor, d_ff: int) -> torch.Tensor:
     """[N, k] int64 (-1 = none) -> [N, d_ff] bool: the inverse of mask_indices. (A plain scatter of
     `valid` could let a padding slot, clamped to 0, clear a selected neuron 0; adding cannot.)"""

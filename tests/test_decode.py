@@ -152,3 +152,44 @@ def test_cli_rejects_an_unknown_bench(capsys):
     assert cli.main(["bench", "nothing"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+# -- whole-model scope: `bench decode --scope all` ------------------------------------------------------
+
+def test_whole_model_ideal_is_amdahl_on_the_projections_share_by_hand():
+    r = decode.row_all(0.4, [0.02, 0.05, 0.03], [0.01, 0.012, 0.5], 0.8, 0.398, CFG)
+    assert r["ideal_speedup"] == pytest.approx(1 / ((1 - 0.8) + 0.8 * 0.398))
+    assert r["speedup"] == pytest.approx((1 / 0.012) / (1 / 0.03))
+    assert r["share_of_ideal"] == pytest.approx(r["speedup"] * ((1 - 0.8) + 0.8 * 0.398))
+    assert (r["scope"], r["policy"], r["kernel"], r["f_proj"], r["model_density"]) == ("all", "topk", "cpu", 0.8, 0.398)
+
+
+def test_projection_share_hooks_every_projection_and_leaves_no_hooks(bench):
+    loaded, _, ids = bench
+    mods = decode.linears(loaded)
+    assert len(mods) == 7 * CFG.layers and all(isinstance(m, torch.nn.Linear) for m in mods)
+    f = decode.projection_share(loaded, ids, 4)
+    assert 0 < f < 1
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in loaded.model.modules())
+
+
+def test_whole_model_model_density_by_hand(bench):
+    """topk keeps round(0.4 * d_in) of every projection's input: q, o [64, 64], k, v [32, 64], gate, up
+    [128, 64], down [64, 128] at test size."""
+    loaded, _, ids = bench
+    d_out = {"q": 64, "k": 32, "v": 32, "o": 64, "gate": 128, "up": 128, "down": 64}
+    d_in = {"q": 64, "k": 64, "v": 64, "o": 64, "gate": 64, "up": 64, "down": 128}
+    want = sum(d_out[n] * round(0.4 * d_in[n]) for n in d_in) / sum(d_out[n] * d_in[n] for n in d_in)
+    assert decode.model_density(loaded, Policy("topk", 0.4, scope="all"), ids) == pytest.approx(want, rel=1e-12)
+
+
+def test_cli_scope_all_quick_run_gives_a_row_per_whole_model_density(monkeypatch, capsys):
+    monkeypatch.setattr(decode, "QUICK", CFG)
+    assert cli.main(["bench", "decode", "--quick", "--json", "--scope", "all"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["density"] for r in rows] == list(decode.WHOLE_DENSITIES) == [0.25, 0.4, 0.5, 0.65]
+    for r in rows:
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("dense_tok_s", "sparse_tok_s", "speedup",
+                                                              "ideal_speedup", "share_of_ideal", "f_proj"))
+        assert r["ideal_speedup"] == pytest.approx(1 / (1 - r["f_proj"] + r["f_proj"] * r["model_density"]))
+        assert abs(r["model_density"] - r["density"]) < 0.02 and r["scope"] == "all"

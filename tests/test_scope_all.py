@@ -272,6 +272,18 @@ def test_teal_and_wina_everywhere_equal_threshold_hooks_on_a_fresh_model(kind, c
     assert {c[3] for c in cal.calls} == {"greedy"}                  # the default allocation reaches the calibration
 
 
+def test_topk_mask_equals_a_stable_sort_with_many_ties():
+    """Whole-model topk keeps topk_mask(x, k): the k largest abs(x) per row, ties to the lower index,
+    which is the set a stable descending sort gives (few distinct values here: ties everywhere)."""
+    from sam_viz.sparse_ops.policy import topk_mask
+
+    x = torch.randint(-3, 4, (50, 17), generator=torch.Generator().manual_seed(3)).float()
+    for k in (1, 5, 9, 16, 17, 20):
+        order = x.abs().sort(dim=-1, descending=True, stable=True).indices[:, :k]
+        want = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order, True)
+        assert torch.equal(topk_mask(x, k), want), k
+
+
 # -- density, by hand -----------------------------------------------------------------------------------
 
 def test_model_density_by_hand_for_tiny_llama():
