@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "minilm"
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
-DEMO_SPECS = ("demo-lm", "demo-lm-dense")
+DEMO_SPECS = ("demo-lm", "demo-lm-dense", "demo-lm-all")
 BUILTIN_SPECS = (DEFAULT_MODEL, *DEMO_SPECS, *TINY_CONFIGS)
 MAX_TOKENS = 512                      # analysis bound, whatever the model's context
 _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")

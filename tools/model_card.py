@@ -226,7 +226,12 @@ def card(name: str, manifest: dict, results: dict, claims: dict | None, body: li
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.model_card", description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-dir", type=Path, default=None, help="a tools/train_demo.py output folder to copy from")
+    ap.add_argument("--all", action="store_true", help="write demo-lm-all's card only (from --train-dir's runs/all, "
+                    "or models/demo/training/results-all.json and eval-all.json, measured when missing)")
     args = ap.parse_args(argv)
+    if args.all:
+        print(f"wrote {write_all_card(args.train_dir)}", file=sys.stderr)
+        return 0
     if args.train_dir is not None:
         copy_training(args.train_dir)
     manifest, results, curves = load_training()
@@ -238,6 +243,116 @@ def main(argv: list[str] | None = None) -> int:
         (DEMO_DIR / name / "README.md").write_text(card(name, manifest, results, claims, body), encoding="utf-8")
     print(f"wrote {PNG} and the cards of {', '.join(VARIANTS.values())}", file=sys.stderr)
     return 0
+
+
+
+# ------------------------------------------------------------------ demo-lm-all (issue 23)
+
+ALL = "demo-lm-all"
+ALL_EVALS = (("topk", 0.4, "all"), ("dense", 1.0, "mlp"))          # (policy, density, scope) on the card
+PREFIX_TOKENS = 4096                                                # the card's quick check: eval on a prefix
+
+
+def all_evals(max_tokens: int | None = None) -> list[dict]:
+    """`eval` of the shipped demo-lm-all weights (fp16 as shipped, computed in fp32), as the CLI prints it."""
+    from sam_viz.evaluate import EvalSpec, evaluate
+    from sam_viz.models import load_model
+
+    loaded = load_model(ALL)
+    return [evaluate(loaded, EvalSpec(model=ALL, policy=p, density=d, scope=s, max_tokens=max_tokens)).to_json()
+            for p, d, s in ALL_EVALS]
+
+
+def all_card(results: dict, evals: list[dict], prefix: list[dict]) -> str:
+    """The card of demo-lm-all from its training results (tools/train_demo.py --variant all) and the
+    shipped weights' `eval` rows (full held-out split, and the first PREFIX_TOKENS tokens)."""
+    c = results["config"]
+    row = {(e["policy"], e.get("scope", "mlp")): e for e in evals}
+    quick = {(e["policy"], e.get("scope", "mlp")): e for e in prefix}
+    sparse, dense = row[("topk", "all")], row[("dense", "mlp")]
+    lines = [f"# {ALL}", "",
+             "A small Llama-architecture causal LM trained in this repository on the Python 3.11 documentation "
+             f"with top-k on the input of every linear projection (Q-Sparse style): per token, each of q, k, v, o, "
+             f"gate, up and down reads only the {c['density']:.0%} of its input entries with the largest |x| "
+             "(ties to the lower index), so at most that share of each block's matrix weights is read. "
+             "A plain Hugging Face checkpoint: `AutoModelForCausalLM.from_pretrained` loads it, and so does "
+             f"`load_model(\"{ALL}\")` (spec `{ALL}`). Run it as trained with `--scope all --policy topk "
+             f"--density {c['density']:g}` (the app: Scope all, topk, {c['density']:g}). This card is written by "
+             "`python -m tools.model_card --all` from `../training/results-all.json` and "
+             "`../training/eval-all.json`; do not edit it by hand.", "",
+             "## Data, tokenizer, architecture", "",
+             "As demo-lm and demo-lm-dense (their cards): the same architecture (LlamaForCausalLM, d 256, 4 layers, "
+             "4 heads, d_ff 1024, SwiGLU, tied embeddings, vocab 4096), the same tokenizer (loaded from demo-lm), "
+             "the same split rule, initial weights (seed 0), data order (a function of seed and step) and schedule. "
+             "One difference: the Python documentation installed here (Debian python3.11-doc 3.11.2-6+deb12u8) "
+             "differs slightly from the one the two others trained on: its training split has 1,313,139 words "
+             "(2,908,268 tokens) against 1,313,384 (2,908,747); the held-out split is the same 25 documents "
+             "(191,329 tokens).", "",
+             "## Training", "",
+             f"- {results['steps']:,} steps of {c['batch']} x {c['context']} tokens, {results['tokens_seen']:,} "
+             f"tokens seen; AdamW (lr {c['lr']:g}, warmup {c['warmup']} steps then cosine to 10%, weight decay "
+             f"{c['weight_decay']:g}, beta2 {c['beta2']:g}, clip {c['clip']:g}), seed {c['seed']}, on CPU.",
+             f"- Sparsity in the loop (tools/topk_all.py): dense for the first 5% of the steps, then the input "
+             f"density of every projection is annealed from 1 to {c['density']:g} (linearly in log space) by 30% "
+             "of the steps, as demo-lm's MLP density was. The backward pass is straight-through: the gradient "
+             "with respect to x reaches every entry, W's gradient sees only the kept ones.",
+             f"- Wall time: {results['wall_time_s'] / 3600:.1f} h of training time on a shared 2-core machine, "
+             "one torch thread for most of it, beside other work (and 2 threads at 10x less speed for a while). "
+             f"Final train loss: {results['final_train_loss']:.3f}.", "",
+             "## Held-out perplexity", "",
+             "At the end of training (fp32, all held-out windows): "
+             + "; ".join(f"{label.replace('_', ' ')}: {v['perplexity']:.3f}" for label, v in results["heldout"].items())
+             + ".", "",
+             "The shipped fp16 weights through `eval` (full held-out split, models/demo/heldout.txt, windows of "
+             "128 + 1 tokens):", "",
+             "| command | perplexity | predicted tokens | whole-model matrix work |",
+             "|---|---|---|---|"]
+    for e, cmd in ((sparse, f"python -m sam_viz eval --model {ALL} --scope all --policy topk --density "
+                            f"{c['density']:g} --json"),
+                   (dense, f"python -m sam_viz eval --model {ALL} --policy dense --json")):
+        work = e.get("model_density")
+        lines.append(f"| `{cmd}` | {e['perplexity']:.4f} | {e['tokens']:,} | "
+                     f"{'n/a' if work is None else f'{work:.1%}'} |")
+    lines += ["", f"On the first {PREFIX_TOKENS:,} tokens (`--max-tokens {PREFIX_TOKENS}`), the check "
+              "tests/test_demo_lm_all.py repeats: "
+              + "; ".join(f"{p} ({s}): {e['perplexity']:.6f}" for (p, s), e in quick.items()) + ".", "",
+              *_twin_line(sparse), "",
+              "## Continuations at the start of a document", "",
+              "Greedy, 40 tokens at most, by the training script's fp32 model (tools/train_demo.py `continuation`)."]
+    for label, texts in results["continuations"].items():
+        lines += ["", f"**{label.replace('_', ' ')}**", ""]
+        for prompt, text in texts.items():
+            lines += [_fence(prompt + text), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _twin_line(sparse: dict) -> list[str]:
+    """demo-lm-all at its trained density against the dense twin's full-split perplexity (claims.json)."""
+    base = cl.find(cl.read_claims(), cl.DENSE, "dense")
+    if base is None:
+        return ["Compare with demo-lm-dense (its card, and the claims table in ../README.md)."]
+    ratio = sparse["perplexity"] / base["perplexity"] - 1
+    verdict = "within" if ratio <= 0.05 else "not within"
+    return [f"Against the dense twin (demo-lm-dense, every weight read: perplexity {base['perplexity']:.4f} in "
+            f"../claims.json), demo-lm-all reading {sparse['model_density']:.1%} of the blocks' matrix weights "
+            f"is {ratio:+.1%}: {verdict} the claim's 5%."]
+
+
+def write_all_card(train_dir: Path | None = None) -> Path:
+    if train_dir is not None:
+        res = json.loads((train_dir / "runs" / "all" / "results.json").read_text())
+        res.pop("export", None)
+        (TRAINING / "results-all.json").write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
+        curves = json.loads((train_dir / "runs" / "all" / "curves.json").read_text())
+        (TRAINING / "curves-all.json").write_text(json.dumps(curves) + "\n")
+    results = json.loads((TRAINING / "results-all.json").read_text())
+    path = TRAINING / "eval-all.json"
+    if not path.is_file():
+        path.write_text(json.dumps({"full": all_evals(), "prefix": all_evals(PREFIX_TOKENS)}, indent=1) + "\n")
+    evals = json.loads(path.read_text())
+    out = DEMO_DIR / ALL / "README.md"
+    out.write_text(all_card(results, evals["full"], evals["prefix"]), encoding="utf-8")
+    return out
 
 
 if __name__ == "__main__":
