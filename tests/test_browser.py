@@ -194,8 +194,8 @@ def test_a_saved_run_stays_the_saved_run_through_the_whole_menu(server, browser,
     page = _open(browser, f"{server}/?run={run_id}")
     links = page.locator("[data-testid='stSidebarNav'] a")
     names = [links.nth(i).inner_text().strip().splitlines()[-1] for i in range(links.count())]   # after the icon
-    assert names == ["Firing map", "Classroom tour", "Density", "Dense vs sparse", "Routing", "Attribution", "Speed",
-                     "Demo LM: the claim", "Corpus", "Runs and sharing"]
+    assert names == ["Firing map", "Classroom tour", "Density", "Dense vs sparse", "Routing", "Whole model",
+                     "Attribution", "Speed", "Demo LM: the claim", "Corpus", "Runs and sharing"]
     own_views = {"Classroom tour", "Demo LM: the claim", "Corpus"}     # pages that show runs (profiles) of their own
     for name in [n for n in names if n not in own_views] + ["Classroom tour", "Demo LM: the claim", "Corpus",
                                                             "Runs and sharing"]:
