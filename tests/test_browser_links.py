@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found; br
 SIDEBAR = dict(model="tiny-llama", prompt="The old lighthouse keeper counted ships.", policy="threshold",
                density="0.1", kernel="reference")
 PAGE = dict(layer="1", token="3", order="frequency")          # the firing map's selections
-MENU = ["Firing map", "Classroom tour", "Density", "Dense vs sparse", "Routing", "Attribution", "Speed",
+MENU = ["Firing map", "Classroom tour", "Density", "Dense vs sparse", "Routing", "Whole model", "Attribution", "Speed",
         "Demo LM: the claim", "Corpus", "Runs and sharing"]
 NO_SIDEBAR = {"Demo LM: the claim"}                          # draws no sidebar (its own fixed runs)
 OWN_VIEWS = {"Classroom tour", "Demo LM: the claim", "Corpus"}  # not views of the sidebar's analysis
