@@ -369,7 +369,7 @@ def verdict(claims: dict) -> dict:
 
 
 def _at(r: dict) -> str:
-    return f"{r['model']} at {r['density']:g}: {_pct(r['ratio'])} at {r['model_work']:.0%} of the work"
+    return f"{r['model']} at {r['density']:g}: {_pct(r['ratio'])} at {r['model_work']:.1%} of the work"
 
 
 def policy_sentence(name: str, v: dict) -> str:

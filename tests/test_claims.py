@@ -248,14 +248,14 @@ def test_verdict_per_policy_against_whole_model_work():
     s = v["sentence"]
     assert "within 5% of it at under 50% of the work" in s
     assert "topk (MLP only): no, it never goes under 50% of the work (it computes every h to choose); its least is " \
-           "demo-lm at 0.1: +10.0% at 80% of the work." in s
+           "demo-lm at 0.1: +10.0% at 80.0% of the work." in s
     assert "threshold (MLP only): no, it never goes under 50% of the work (it reads every gate row to choose)" in s
-    assert "predictor (MLP only): no, under 50% of the work its best is demo-lm at 0.1: +20.0% at 36% of the " \
+    assert "predictor (MLP only): no, under 50% of the work its best is demo-lm at 0.1: +20.0% at 36.0% of the " \
            "work; no row of it is comparable." in s
-    assert "static (MLP only): yes, demo-lm at 0.1: +4.0% at 32% of the work." in s
-    assert "teal greedy (every projection): yes, demo-lm at 0.4: +3.0% at 40% of the work." in s
-    assert "topk (every projection): no, under 50% of the work its best is demo-lm at 0.4: +6.0% at 40% of the " \
-           "work; it stays comparable only down to demo-lm at 0.65: +2.0% at 65% of the work." in s
+    assert "static (MLP only): yes, demo-lm at 0.1: +4.0% at 32.0% of the work." in s
+    assert "teal greedy (every projection): yes, demo-lm at 0.4: +3.0% at 40.0% of the work." in s
+    assert "topk (every projection): no, under 50% of the work its best is demo-lm at 0.4: +6.0% at 40.0% of the " \
+           "work; it stays comparable only down to demo-lm at 0.65: +2.0% at 65.0% of the work." in s
     assert "+7.8%" in s and "+30.0%" in s and "degrades less than its twin" in s
     assert "dynamic does not beat static" in s
     assert s.endswith("the claim holds with static (MLP only), teal greedy (every projection), and not with the "
