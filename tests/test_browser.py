@@ -221,7 +221,7 @@ def test_tour_step_opens_from_a_link(server, browser, tmp_path):
     """A teacher's link to step 4 of the classroom tour shows that step and its figure; Next moves the
     URL on; "Open this in the app" carries the step's settings to the page it names."""
     page = _open(browser, f"{server}/tour?step=4")
-    page.locator("strong", has_text="Step 4 of 8").wait_for(timeout=180_000)
+    page.locator("strong", has_text="Step 4 of 9").wait_for(timeout=180_000)
     _wait_for_titles(page, ["Next token at the last position"])
     _shot(page, tmp_path, "tour-step-4")
     assert page.locator(".js-plotly-plot").count() >= 1
@@ -230,10 +230,10 @@ def test_tour_step_opens_from_a_link(server, browser, tmp_path):
     assert "Classroom tour" in page.locator("[data-testid='stSidebarNav']").inner_text()
 
     page.get_by_role("button", name="Next").click()
-    page.locator("strong", has_text="Step 5 of 8").wait_for(timeout=120_000)
+    page.locator("strong", has_text="Step 5 of 9").wait_for(timeout=120_000)
     page.wait_for_url(re.compile(r"step=5"), timeout=30_000)
     page.get_by_role("button", name="Back").click()
-    page.locator("strong", has_text="Step 4 of 8").wait_for(timeout=120_000)
+    page.locator("strong", has_text="Step 4 of 9").wait_for(timeout=120_000)
     page.get_by_role("button", name="Open this in the app").click(timeout=120_000)
     page.locator("h2", has_text="Dense vs sparse").wait_for(timeout=120_000)
     page.wait_for_url(re.compile(r"/compare\?.*model=demo-lm"), timeout=30_000)
