@@ -9,7 +9,7 @@ from sam_viz.models import InputError, load_model
 
 EXPECTED = {  # (kind, n_layers, d_ff, n_experts)
     "minilm": ("encoder", 6, 1536, 0), "demo-lm": ("causal-lm", 4, 1024, 0),
-    "demo-lm-dense": ("causal-lm", 4, 1024, 0), "tiny-llama": ("causal-lm", 2, 128, 0),
+    "demo-lm-dense": ("causal-lm", 4, 1024, 0), "demo-lm-all": ("causal-lm", 4, 1024, 0), "tiny-llama": ("causal-lm", 2, 128, 0),
     "tiny-mistral": ("causal-lm", 2, 128, 0), "tiny-qwen2": ("causal-lm", 2, 128, 0),
     "tiny-gpt2": ("causal-lm", 2, 128, 0), "tiny-opt": ("causal-lm", 2, 128, 0),
     "tiny-bert": ("encoder", 2, 128, 0), "tiny-mixtral": ("causal-lm", 2, 64, 4),
